@@ -1,0 +1,29 @@
+"""relation_lens: trace and edit relational knowledge in GPT-style models (on TransformerLens).
+
+>>> import relation_lens as rl
+>>> model = rl.load_model()                      # the embedded default model, offline
+>>> result = rl.trace(model, "The capital of France is", subject="France")
+"""
+
+from relation_lens.errors import (
+    DataError,
+    EditError,
+    HubUnreachableError,
+    ModelLoadError,
+    NoiseError,
+    PromptError,
+    RelationLensError,
+    SpanError,
+    TargetError,
+    UnsupportedModelError,
+)
+from relation_lens.models import load_model
+from relation_lens.spans import find_spans
+from relation_lens.tracing import DatasetTraceResult, TraceResult, trace, trace_dataset
+
+__all__ = [
+    "load_model", "trace", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
+    "RelationLensError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",
+    "PromptError", "TargetError", "NoiseError", "EditError", "DataError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,189 @@
+"""The ``relation-lens`` command: argument parsing -> library call -> files. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_PROMPT = "Germany is located in the continent of"
+DEFAULT_SUBJECT = "Germany"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="'default' (the embedded model), a local HF GPT-2 folder, or a TransformerLens name")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
+
+
+def _trace_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corrupt", default="relation", choices=["relation", "subject"],
+                   help="which tokens to corrupt: the relation (relation tracing) or the subject (ROME)")
+    p.add_argument("--kinds", default="resid,mlp,attn", help="comma-separated sites to restore (default: all)")
+    p.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn (default 10)")
+    p.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
+    p.add_argument("--noise", type=float, default=None, help="noise std (default: 3 x std of token embeddings)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude-last", action="store_true", help="leave the last token out of the relation span")
+    p.add_argument("--batch-size", type=int, default=512, help="rows per patched batch (bounds memory)")
+    p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
+    p.add_argument("--formats", default="png", help="figure formats, comma-separated: png,pdf,svg")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relation-lens",
+        description="Trace and edit relational knowledge in GPT-style models (TransformerLens).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("trace", help="trace one prompt: write JSON, figures and an offline HTML view",
+                       description="Corrupt the relation (or subject) tokens with noise, restore clean states one "
+                                   "site at a time and write trace.json, trace.<fmt> and trace.html to --out.")
+    _common(p)
+    p.add_argument("--prompt", default=None, help=f"prompt ending before the answer (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--subject", default=None, help="subject substring of the prompt")
+    p.add_argument("--target", default=None, help="answer to score (default: the model's top prediction)")
+    _trace_args(p)
+
+    p = sub.add_parser("trace-dataset", help="average indirect effects over many facts of the default world",
+                       description="Trace facts of the default model's world (or a JSON/JSONL file of "
+                                   "{prompt, subject, target} records) and write the bucketed averages.")
+    _common(p)
+    p.add_argument("--facts", type=Path, default=None, help="JSON or JSONL file of {prompt, subject, target}")
+    p.add_argument("--relation", default=None, help="only this relation id of the world (e.g. P36)")
+    p.add_argument("--limit", type=int, default=50, help="at most this many facts (default 50)")
+    p.add_argument("--include-incorrect", action="store_true", help="average prompts the model gets wrong too")
+    _trace_args(p)
+
+    p = sub.add_parser("world", help="summarise the default model's world of facts",
+                       description="Print the relations of the world with their fact counts and templates.")
+    p.add_argument("--relation", default=None, help="list the facts of this relation id")
+    p.add_argument("--limit", type=int, default=20)
+
+    p = sub.add_parser("info", help="load a model and print its configuration",
+                       description="Load a model (default: the embedded one) and print its shape.")
+    _common(p)
+    return parser
+
+
+def _write_views(result, out: Path, stem: str, formats: str, quiet: bool) -> None:
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    result.to_json(out / f"{stem}.json")
+    for fmt in [f.strip() for f in formats.split(",") if f.strip()]:
+        if fmt not in ("png", "pdf", "svg"):
+            raise SystemExit(f"relation-lens: unknown figure format {fmt!r} (use png, pdf or svg)")
+        plt.close(result.plot(out / f"{stem}.{fmt}"))
+    (out / f"{stem}.html").write_text(result.to_html(), encoding="utf-8")
+    if not quiet:
+        print(f"wrote {out / stem}.json, .{formats.replace(',', ', .')} and .html")
+
+
+def _trace_kwargs(args) -> dict:
+    return dict(corrupt=args.corrupt, kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+                window=args.window, n_samples=args.samples, noise=args.noise, seed=args.seed,
+                include_last=not args.exclude_last, batch_size=args.batch_size, progress=not args.quiet)
+
+
+def _cmd_trace(args) -> None:
+    import relation_lens as rl
+
+    prompt = args.prompt or DEFAULT_PROMPT
+    subject = args.subject or (DEFAULT_SUBJECT if args.prompt is None else None)
+    if subject is None:
+        raise SystemExit("relation-lens trace: --subject is required with --prompt")
+    model = rl.load_model(args.model, device=args.device)
+    result = rl.trace(model, prompt, subject=subject, target=args.target, **_trace_kwargs(args))
+    if not args.quiet:
+        print(f"prompt {prompt!r}, subject {subject!r}, target {result.target!r}: "
+              f"P clean {result.clean_prob:.4f}, corrupted ({result.corrupt}) {result.corrupted_prob:.4f}")
+        for kind, grid in result.scores.items():
+            layer, pos = divmod(int(grid.argmax()), grid.shape[1])
+            print(f"  {kind:5s} max P {grid.max():.4f} at layer {layer}, token {pos} {result.tokens[pos]!r}")
+    _write_views(result, args.out, "trace", args.formats, args.quiet)
+
+
+def _load_facts(args) -> list:
+    if args.facts is not None:
+        from relation_lens.errors import DataError
+
+        if not args.facts.is_file():
+            raise DataError(f"facts file {str(args.facts)!r} does not exist")
+        text = args.facts.read_text(encoding="utf-8")
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        return rows[: args.limit]
+    from relation_lens.data import load_world
+
+    world = load_world()
+    facts = world.by_relation(args.relation) if args.relation else list(world)
+    facts = [f for f in facts if f.train_templates[0].startswith("{}")] or facts  # relation words after the subject
+    step = max(1, len(facts) // args.limit)
+    return [{"prompt": f.prompt(0), "subject": f.subject, "target": f.object} for f in facts[::step][: args.limit]]
+
+
+def _cmd_trace_dataset(args) -> None:
+    import relation_lens as rl
+
+    model = rl.load_model(args.model, device=args.device)
+    facts = _load_facts(args)
+    kw = _trace_kwargs(args)
+    result = rl.trace_dataset(model, facts, exclude_incorrect=not args.include_incorrect, **kw)
+    if not args.quiet:
+        print(f"{result.n_total} prompts, {result.n_incorrect} wrong, {result.n_used} averaged; "
+              f"mean P clean {result.clean_prob:.3f}, corrupted {result.corrupted_prob:.3f}")
+    _write_views(result, args.out, "trace_dataset", args.formats, args.quiet)
+
+
+def _cmd_world(args) -> None:
+    from collections import Counter
+
+    from relation_lens.data import load_world
+
+    world = load_world()
+    if args.relation:
+        for f in world.by_relation(args.relation)[: args.limit]:
+            print(f"{f.fact_id:6d}  {f.prompt(0)} -> {f.object}")
+        return
+    counts = Counter(f.relation_id for f in world)
+    subjects = Counter(f.subject for f in world)
+    multi = sum(1 for v in subjects.values() if v > 1)
+    print(f"{len(world)} facts, {len(world.relations)} relations, {len(subjects)} subjects "
+          f"({multi / len(subjects):.1%} in two or more relations)")
+    for rid, rel in world.relations.items():
+        print(f"  {rid:26s} {rel.name:30s} {counts[rid]:5d}  train: {rel.train_templates[0]!r} ... "
+              f"held out: {rel.heldout_templates[0]!r}")
+
+
+def _cmd_info(args) -> None:
+    import relation_lens as rl
+
+    model = rl.load_model(args.model, device=args.device)
+    c = model.cfg
+    print(f"{c.model_name}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, d_mlp {c.d_mlp}, "
+          f"vocab {c.d_vocab}, context {c.n_ctx}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"device {c.device}, dtype {c.dtype}")
+
+
+COMMANDS = {"trace": _cmd_trace, "trace-dataset": _cmd_trace_dataset, "world": _cmd_world, "info": _cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from relation_lens.errors import RelationLensError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except RelationLensError as exc:
+        print(f"relation-lens {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

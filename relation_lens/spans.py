@@ -1,0 +1,116 @@
+"""Token spans of the subject and the relation, from character offsets.
+
+All span finding goes through :func:`token_offsets` and :func:`char_span_to_tokens`: the
+prompt is tokenised the way the model tokenises it (``model.to_tokens``, BOS included when the
+model prepends one), each token gets the character range of the prompt it covers, and a
+character span maps to the tokens that overlap it. This works for any tokenizer: fast
+tokenizers give offsets directly; for others the offsets are rebuilt by decoding prefixes.
+
+Conventions (positions index ``model.to_tokens(prompt)[0]``, half-open ``(start, end)``):
+
+* subject span: the tokens overlapping the first occurrence of ``subject`` in the prompt (or
+  the ``occurrence``-th one).
+* relation span: the tokens after the subject up to the end of the prompt. By default the
+  last token of the prompt is part of it (``include_last=True``); pass ``include_last=False``
+  to leave it out, as when the last token is studied on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from relation_lens.errors import PromptError, SpanError
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PromptSpans:
+    """Tokenised prompt with its subject and relation spans (half-open token index ranges)."""
+
+    prompt: str
+    tokens: torch.Tensor  # [pos], int64
+    str_tokens: tuple[str, ...]
+    subject: str
+    subject_span: Span
+    relation_span: Span
+
+
+def token_offsets(model, prompt: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Tokens of ``prompt`` as the model sees them, and each token's character range.
+
+    Returns:
+        tokens: ``Int[Tensor, "pos"]``; offsets: one ``(start, end)`` character range per token
+        (``(0, 0)`` for a prepended BOS token).
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptError(f"prompt {prompt!r} is empty; give the text that ends right before the answer")
+    tokens = model.to_tokens(prompt, truncate=False)[0].cpu()
+    tok = model.tokenizer
+    ids = tokens.tolist()
+    if getattr(tok, "is_fast", False):
+        enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        body = enc["input_ids"]
+        shift = len(ids) - len(body)
+        if shift >= 0 and ids[shift:] == body:
+            return tokens, [(0, 0)] * shift + [tuple(o) for o in enc["offset_mapping"]]
+    # Fallback for any tokenizer: the decoded prefixes grow through the prompt.
+    offsets, prev = [], 0
+    strs = model.to_str_tokens(tokens)
+    text = ""
+    for i, s in enumerate(strs):
+        if i == 0 and model.cfg.default_prepend_bos and s == tok.bos_token:
+            offsets.append((0, 0))
+            continue
+        text += s
+        end = min(len(prompt), len(text))
+        offsets.append((prev, end))
+        prev = end
+    return tokens, offsets
+
+
+def char_span_to_tokens(offsets: list[tuple[int, int]], start: int, end: int) -> Span:
+    """The half-open token range whose character ranges overlap ``[start, end)``."""
+    hit = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if not hit:
+        return (0, 0)
+    return (hit[0], hit[-1] + 1)
+
+
+def find_spans(model, prompt: str, subject: str, *, include_last: bool = True, occurrence: int = 0,
+               require_relation: bool = True) -> PromptSpans:
+    """Find the subject and relation token spans of ``prompt``.
+
+    Args:
+        model: a HookedTransformer (its tokenizer and BOS convention are used).
+        prompt: text ending right before the answer, e.g. ``"The Space Needle is located in the city of"``.
+        subject: a substring of ``prompt``, e.g. ``"The Space Needle"``.
+        include_last: whether the relation span includes the prompt's last token.
+        occurrence: which occurrence of ``subject`` to use when it appears several times.
+        require_relation: raise when the relation span is empty (otherwise return it empty).
+
+    Raises:
+        SpanError: the subject is not in the prompt, or the relation span is empty.
+    """
+    if not isinstance(subject, str) or not subject.strip():
+        raise SpanError(f"subject {subject!r} is empty (prompt {prompt!r})")
+    tokens, offsets = token_offsets(model, prompt)
+    start = -1
+    for _ in range(occurrence + 1):
+        start = prompt.find(subject, start + 1)
+        if start < 0:
+            raise SpanError(f"subject {subject!r} does not occur in prompt {prompt!r}"
+                            + (f" {occurrence + 1} times" if occurrence else ""))
+    subj = char_span_to_tokens(offsets, start, start + len(subject))
+    if subj[1] <= subj[0]:
+        raise SpanError(f"subject {subject!r} maps to no token of prompt {prompt!r}")
+    rel_end = len(offsets) if include_last else len(offsets) - 1
+    rel = (subj[1], max(subj[1], rel_end))
+    if rel[1] <= rel[0] and require_relation:
+        where = "ends the prompt" if subj[1] == len(offsets) else "is followed only by the last token"
+        raise SpanError(f"relation span is empty in prompt {prompt!r}: the subject {subject!r} {where} "
+                        f"(include_last={include_last}); relation tracing needs relation words after the subject")
+    return PromptSpans(prompt=prompt, tokens=tokens, str_tokens=tuple(model.to_str_tokens(tokens)),
+                       subject=subject, subject_span=subj, relation_span=rel)

@@ -1,0 +1,45 @@
+"""A naive reference implementation of causal tracing: one forward pass per cell, exactly the
+ROME procedure (row 0 of each batch runs clean, rows 1..n run with noise on the corrupted span,
+and the hooked sites of rows 1..n are overwritten with row 0's values). Independent of the
+engine: it shares no code with relation_lens.tracing."""
+
+from __future__ import annotations
+
+import torch
+
+
+def window(layer, w, n_layers):
+    return range(max(0, layer - w // 2), min(n_layers, layer - (-w // 2)))
+
+
+@torch.no_grad()
+def naive_trace(model, tokens, span, noise, target, kinds=("resid", "mlp", "attn"), w=10):
+    L, T, n = model.cfg.n_layers, tokens.shape[0], noise.shape[0]
+    batch = tokens[None].expand(n + 1, -1)
+
+    def corrupt(act, hook):
+        act = act.clone()
+        act[1:, span[0]:span[1]] += noise
+        return act
+
+    def run(hooks):
+        logits = model.run_with_hooks(batch, fwd_hooks=[("hook_embed", corrupt)] + hooks)
+        return logits[1:, -1].softmax(-1)[:, target].mean().item()
+
+    def restore_at(p):
+        def fn(act, hook):
+            act = act.clone()
+            act[1:, p] = act[0, p]
+            return act
+        return fn
+
+    names = {"resid": "blocks.{}.hook_resid_post", "mlp": "blocks.{}.hook_mlp_out", "attn": "blocks.{}.hook_attn_out"}
+    grids = {}
+    for kind in kinds:
+        grid = torch.zeros(L, T)
+        for layer in range(L):
+            layers = [layer] if kind == "resid" else list(window(layer, w, L))
+            for p in range(T):
+                grid[layer, p] = run([(names[kind].format(j), restore_at(p)) for j in layers])
+        grids[kind] = grid
+    return grids, run([])

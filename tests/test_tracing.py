@@ -1,0 +1,222 @@
+import json
+import warnings
+
+import pytest
+import torch
+
+import relation_lens as rl
+from relation_lens.tracing import TargetWarning, make_noise, patched_probability, window_layers
+from conftest import all_hooks, checksum, same_weights
+from oracle import naive_trace
+
+PROMPT, SUBJECT = "The Space Needle is located in the city of", "The Space Needle"
+
+
+def _oracle_check(model, prompt, subject, target, corrupt, n, window, tol=1e-5):
+    res = rl.trace(model, prompt, subject=subject, target=target, corrupt=corrupt, n_samples=n, window=window,
+                   seed=3, batch_size=37)
+    noise, _ = make_noise(model, n, res.corrupt_span[1] - res.corrupt_span[0], None, 3)
+    grids, corrupted = naive_trace(model, model.to_tokens(prompt)[0], res.corrupt_span, noise, res.target_token,
+                                   w=window)
+    assert res.corrupted_prob == pytest.approx(corrupted, abs=tol)
+    for kind in ("resid", "mlp", "attn"):
+        assert res.scores[kind].shape == grids[kind].shape
+        assert torch.allclose(res.scores[kind], grids[kind], atol=tol), (kind, (res.scores[kind] - grids[kind]).abs().max())
+    return res
+
+
+@pytest.mark.parametrize("corrupt,window", [("relation", 3), ("subject", 2), ((1, 3), 10)])
+def test_engine_matches_naive_oracle_tiny(tiny_model, corrupt, window):
+    _oracle_check(tiny_model, PROMPT, SUBJECT, None, corrupt, n=4, window=window)
+
+
+@pytest.mark.parametrize("corrupt", ["relation", "subject"])
+def test_engine_matches_naive_oracle_default_model(default_model, corrupt):
+    from relation_lens.data import load_world
+
+    fact = load_world().by_relation("P30")[0]
+    _oracle_check(default_model, fact.prompt(0), fact.subject, fact.object, corrupt, n=3, window=4)
+
+
+def test_window_is_centred_and_clipped():
+    assert list(window_layers(0, 10, 12)) == list(range(0, 5))
+    assert list(window_layers(6, 10, 12)) == list(range(1, 11))
+    assert list(window_layers(11, 10, 12)) == list(range(6, 12))
+    assert list(window_layers(5, 3, 12)) == [4, 5, 6]
+    assert list(window_layers(5, 1, 12)) == [5]
+
+
+def test_invariants(tiny_model):
+    res = rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=5, seed=1)
+    tokens = tiny_model.to_tokens(PROMPT)[0]
+    T = len(tokens)
+    noise, _ = make_noise(tiny_model, 5, res.corrupt_span[1] - res.corrupt_span[0], None, 1)
+    # restoring every position at layer 0 gives the clean probability; restoring nothing, the corrupted one
+    everything = patched_probability(tiny_model, tokens, res.corrupt_span, noise, res.target_token,
+                                     [("blocks.0.hook_resid_pre", range(T))])
+    assert everything == pytest.approx(res.clean_prob, abs=1e-6)
+    nothing = patched_probability(tiny_model, tokens, res.corrupt_span, noise, res.target_token)
+    assert nothing == pytest.approx(res.corrupted_prob, abs=1e-6)
+    # the last residual state at the last position is the whole answer
+    assert res.scores["resid"][-1, -1].item() == pytest.approx(res.clean_prob, abs=1e-6)
+    # restoring a state before the corrupted span changes nothing
+    a = res.corrupt_span[0]
+    for kind in res.scores:
+        assert torch.allclose(res.scores[kind][:, :a], torch.tensor(res.corrupted_prob), atol=1e-6)
+    assert res.target == res.clean_top and res.correct
+
+
+def test_same_seed_same_numbers_and_batch_size_does_not_matter(tiny_model):
+    a = rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=3, seed=7, batch_size=512)
+    b = rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=3, seed=7, batch_size=3)
+    c = rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=3, seed=8)
+    for k in a.scores:
+        assert torch.allclose(a.scores[k], b.scores[k], atol=1e-6)
+    assert not torch.allclose(a.scores["resid"], c.scores["resid"])
+
+
+def test_explicit_noise_tensor_is_used_exactly(tiny_model):
+    a = rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=4, seed=5)
+    span_len = a.corrupt_span[1] - a.corrupt_span[0]
+    noise, std = make_noise(tiny_model, 4, span_len, None, 5)
+    b = rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=4, noise=noise)
+    for k in a.scores:
+        assert torch.equal(a.scores[k], b.scores[k])
+    assert b.noise_std is None and a.noise_std == pytest.approx(3 * tiny_model.W_E.std().item())
+    zero = rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2, noise=0.0, kinds=("resid",))
+    assert zero.corrupted_prob == pytest.approx(zero.clean_prob, abs=1e-6)
+
+
+def test_model_left_untouched(tiny_model):
+    saved = checksum(tiny_model)
+    rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2)
+    assert all_hooks(tiny_model) == 0
+    assert same_weights(tiny_model, saved)
+    with pytest.raises(rl.NoiseError):
+        rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2, noise=torch.zeros(3, 1, 64))
+    assert all_hooks(tiny_model) == 0
+
+
+def test_no_hook_left_when_engine_raises(tiny_model, monkeypatch):
+    import relation_lens.tracing as tr
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tiny_model.blocks[2], "forward", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        tr.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2)
+    monkeypatch.undo()
+    assert all_hooks(tiny_model) == 0
+
+
+def test_json_round_trip(tiny_model, tmp_path):
+    res = rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2, kinds=("resid", "mlp"))
+    back = rl.TraceResult.from_json(res.to_json(tmp_path / "t.json"))
+    assert back.tokens == res.tokens and back.subject_span == res.subject_span
+    for k in res.scores:
+        assert torch.allclose(back.scores[k], res.scores[k])
+    again = rl.TraceResult.from_json(tmp_path / "t.json")
+    assert again.to_dict() == back.to_dict()
+    json.loads(res.to_json())
+
+
+def test_views(tiny_model, tmp_path):
+    res = rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2)
+    for ext in ("png", "pdf", "svg"):
+        res.plot(tmp_path / f"t.{ext}")
+        assert (tmp_path / f"t.{ext}").stat().st_size > 1000
+    page = res.to_html()
+    assert "data:image/png;base64," in page
+    assert "unpkg.com" not in page and "cdn.jsdelivr" not in page  # inline bundle, works offline
+    assert "ColoredTokensMulti" in page and len(page) > 100_000
+
+
+def test_target_handling(tiny_model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = rl.trace(tiny_model, PROMPT, subject=SUBJECT, target="Seattle", n_samples=2, kinds=("resid",))
+    assert res.target == " Seattle" and res.target_n_tokens == 1
+    with pytest.warns(TargetWarning, match="first token"):
+        long = rl.trace(tiny_model, PROMPT, subject=SUBJECT, target="Seattle Washington rainy town", n_samples=2,
+                        kinds=("resid",))
+    assert long.target_n_tokens > 1 and long.target_token == tiny_model.to_tokens(" Seattle", prepend_bos=False)[0, 0]
+    with pytest.raises(rl.TargetError, match="empty"):
+        rl.trace(tiny_model, PROMPT, subject=SUBJECT, target="  ")
+
+
+def test_bad_input(tiny_model):
+    saved = checksum(tiny_model)
+    with pytest.raises(rl.SpanError, match="does not occur"):
+        rl.trace(tiny_model, PROMPT, subject="Eiffel Tower")
+    with pytest.raises(rl.SpanError, match="relation span is empty"):
+        rl.trace(tiny_model, "I visited the Space Needle", subject="the Space Needle")
+    # subject tracing does not need relation words
+    rl.trace(tiny_model, "I visited the Space Needle", subject="the Space Needle", corrupt="subject",
+             n_samples=2, kinds=("resid",))
+    with pytest.raises(rl.PromptError, match="longer than the model's context"):
+        rl.trace(tiny_model, "The Space Needle " + "is very tall and " * 20 + "in", subject=SUBJECT)
+    with pytest.raises(rl.SpanError, match="not a non-empty range"):
+        rl.trace(tiny_model, PROMPT, subject=SUBJECT, corrupt=(3, 99))
+    with pytest.raises(rl.SpanError, match="corrupt="):
+        rl.trace(tiny_model, PROMPT, subject=SUBJECT, corrupt="object")
+    with pytest.raises(rl.UnsupportedModelError, match="HookedTransformer"):
+        rl.trace(torch.nn.Linear(2, 2), PROMPT, subject=SUBJECT)
+    with pytest.raises(rl.UnsupportedModelError, match="unknown kind"):
+        rl.trace(tiny_model, PROMPT, subject=SUBJECT, kinds=("resid", "heads"))
+    with pytest.raises(rl.NoiseError, match="noise std"):
+        rl.trace(tiny_model, PROMPT, subject=SUBJECT, noise=float("nan"))
+    assert all_hooks(tiny_model) == 0 and same_weights(tiny_model, saved)
+
+
+def test_attention_only_model_has_no_mlp(tokenizer):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, n_ctx=32, d_vocab=len(tokenizer),
+                                  attn_only=True, act_fn="gelu", seed=1)
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    with pytest.raises(rl.UnsupportedModelError, match="attention-only"):
+        rl.trace(model, PROMPT, subject=SUBJECT)
+    res = rl.trace(model, PROMPT, subject=SUBJECT, kinds=("resid", "attn"), n_samples=2, window=2)
+    noise, _ = make_noise(model, 2, res.corrupt_span[1] - res.corrupt_span[0], None, 0)
+    grids, _ = naive_trace(model, model.to_tokens(PROMPT)[0], res.corrupt_span, noise, res.target_token,
+                           kinds=("resid", "attn"), w=2)
+    assert torch.allclose(grids["attn"], res.scores["attn"], atol=1e-5)
+
+
+def test_trace_dataset(tiny_model, tmp_path):
+    facts = [{"prompt": PROMPT, "subject": SUBJECT, "target": "Seattle"},
+             ("The capital of France is", "France"),
+             {"prompt": "Germany is located in the continent of", "subject": "Germany"}]
+    res = rl.trace_dataset(tiny_model, facts, n_samples=2, window=2)
+    # targets None are the model's own prediction, hence correct; "Seattle" is likely wrong for a random model
+    n_wrong = sum(not r.correct for r in res.results)
+    assert res.n_total == 3 and res.n_incorrect == n_wrong and res.n_used == 3 - n_wrong
+    kept = [r for r, u in zip(res.results, res.used) if u]
+    from relation_lens.tracing import bucketize
+    manual = torch.stack([bucketize(r, "mlp") for r in kept]).nanmean(0)
+    assert torch.allclose(res.mean["mlp"], manual, equal_nan=True, atol=1e-7)
+    assert res.mean["resid"].shape == (tiny_model.cfg.n_layers, len(res.buckets))
+    everything = rl.trace_dataset(tiny_model, facts, n_samples=2, window=2, exclude_incorrect=False)
+    assert everything.n_used == 3
+    assert int(everything.count[-1]) == 3  # every prompt has a last token
+    with_middle = sum(r.subject_span[1] - r.subject_span[0] > 2 for r in everything.results)
+    assert int(everything.count[1]) == with_middle >= 1  # "The Space Needle" has a middle token
+    res.plot(tmp_path / "d.png")
+    assert "data:image/png" in res.to_html()
+    back = rl.DatasetTraceResult.from_dict(json.loads(res.to_json()))
+    assert torch.allclose(back.mean["attn"], res.mean["attn"], equal_nan=True)
+
+
+def test_buckets():
+    from relation_lens.tracing import bucket_positions
+
+    class R:
+        tokens = tuple("abcdefghij")
+        subject_span = (1, 4)
+        relation_span = (4, 10)
+
+    b = bucket_positions(R)
+    assert b["first subject"] == [1] and b["middle subject"] == [2] and b["last subject"] == [3]
+    assert b["first relation"] == [4] and b["middle relation"] == [5, 6, 7] and b["last relation"] == [8]
+    assert b["last token"] == [9]
