@@ -1,0 +1,402 @@
+"""Rank-one editing: ROME and relation-ROME, written into ``HookedTransformer`` MLP weights.
+
+Both methods treat the output matrix of one MLP layer as a linear key-value memory. In
+TransformerLens' ``x @ W`` layout the MLP output is ``k @ W_out + b_out`` with the key
+``k = blocks.{l}.mlp.hook_post`` (``[d_mlp]``) and ``W_out`` of shape ``[d_mlp, d_model]``.
+
+1. key ``k*``: the key at the *key token*, averaged over the edit prompt behind a few short random
+   prefixes that the model itself generates. ROME (Meng et al. 2022) keys on the last subject
+   token; relation-ROME (Li, Chen & Wang 2024) keys on the last relation token (the prompt's last
+   token) in an early layer (index 4, the 5th MLP).
+2. value ``v*``: the MLP output at the key token is optimised (Adam on an additive ``delta``) so the
+   model predicts ``target_new`` on the prefixed prompts, with a KL term that keeps the
+   prediction on ``"{subject} is a"`` unchanged, weight decay on ``delta`` and a norm clamp.
+3. the update, closed form with ``C = E[k k^T]`` (:class:`~relation_lens.statistics.KeyStatistics`)::
+
+       u = C^-1 k*,   r = v* - (k* @ W_out + b_out),   W_out' = W_out + outer(u, r) / (u . k*)
+
+   so that ``k* @ W_out' + b_out = v*`` exactly, and keys orthogonal to ``u`` in the C-metric are
+   untouched. ``key_mode="symmetric"`` (default) uses the averaged ``k*`` in every term (the r-ROME
+   fix, Gupta et al. 2024); ``"asymmetric"`` reproduces ROME's original code, which used the
+   unprefixed prompt's key in the residual and the denominator, for comparison.
+
+:func:`compute_edit` never changes the model; :func:`apply_edit` writes the update in place and
+returns an :class:`Edit` that restores the saved weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from relation_lens.errors import EditError, SpanError, UnsupportedModelError
+from relation_lens.spans import char_span_to_tokens, token_offsets
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["relation_rome", "rome"]
+RELATION_ROME_LAYER = 4  # the 5th MLP layer, as in Li, Chen & Wang (2024)
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """What to write: ``prompt`` with ``{}`` for the subject (CounterFact style), the new object.
+
+    >>> EditRequest("{} is located in the city of", "The Space Needle", "Paris", target_true="Seattle")
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
+            raise EditError(f"prompt {self.prompt!r} must contain exactly one '{{}}' where the subject goes")
+        if not self.prompt.replace("{}", "").strip():
+            raise EditError(f"prompt {self.prompt!r} has no words besides the subject placeholder")
+        if not isinstance(self.subject, str) or not self.subject.strip():
+            raise EditError(f"subject {self.subject!r} is empty (prompt {self.prompt!r})")
+        if not isinstance(self.target_new, str) or not self.target_new.strip():
+            raise EditError(f"target_new {self.target_new!r} is empty or whitespace (prompt {self.prompt!r})")
+        if self.target_true is not None and (not isinstance(self.target_true, str) or not self.target_true.strip()):
+            raise EditError(f"target_true {self.target_true!r} is empty (prompt {self.prompt!r})")
+
+    @property
+    def text(self) -> str:
+        return self.prompt.format(self.subject)
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Algorithm settings (ROME's GPT-2 XL hyper-parameters as defaults where they apply)."""
+
+    v_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    kl_prompt: str = "{} is a"
+    early_stop_loss: float = 5e-2
+    prefix_lengths: tuple[tuple[int, int], ...] = ((5, 5), (10, 5))  # (tokens, how many)
+    key_mode: Literal["symmetric", "asymmetric"] = "symmetric"
+    ridge: float = 0.0  # relative ridge added to C before solving
+    stats_n_texts: int | None = 10_000
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.key_mode not in ("symmetric", "asymmetric"):
+            raise EditError(f"key_mode {self.key_mode!r} is not 'symmetric' or 'asymmetric'")
+        if self.v_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0 or self.kl_factor < 0:
+            raise EditError(f"invalid optimisation settings in {self}")
+        if "{}" not in self.kl_prompt:
+            raise EditError(f"kl_prompt {self.kl_prompt!r} must contain '{{}}'")
+
+
+@dataclass(frozen=True)
+class RankOneUpdate:
+    """``W_out' = W_out + outer(left, right)`` at ``layer``; a value, applying it is separate."""
+
+    layer: int
+    left: Float[Tensor, "d_mlp"]
+    right: Float[Tensor, "d_model"]
+    key: Float[Tensor, "d_mlp"]  # k*
+    value: Float[Tensor, "d_model"]  # v*
+    method: str
+    request: EditRequest
+    key_positions: tuple[int, ...]  # key token in each prefixed prompt
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def delta(self) -> Float[Tensor, "d_mlp d_model"]:
+        return torch.outer(self.left, self.right)
+
+
+def _check_model(model, layer: int) -> None:
+    from transformer_lens import HookedTransformer
+
+    if not isinstance(model, HookedTransformer):
+        raise UnsupportedModelError(f"expected a HookedTransformer, got {type(model).__name__}")
+    if model.cfg.attn_only or model.cfg.d_mlp is None:
+        raise UnsupportedModelError(f"model {model.cfg.model_name!r} has no MLP layers to edit")
+    if getattr(model.cfg, "gated_mlp", False):
+        raise UnsupportedModelError(f"model {model.cfg.model_name!r} has gated MLPs; the key is then not hook_post alone")
+    if model.cfg.dtype not in (torch.float32, torch.float64):
+        raise EditError(f"model {model.cfg.model_name!r} is in {model.cfg.dtype}; rank-one edits need float32 "
+                        "(load it with dtype='float32'); the model was not changed")
+    if not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
+        raise EditError(f"layer {layer!r} is out of range: the model has layers 0..{model.cfg.n_layers - 1}")
+
+
+def default_layer(model, method: str, request: EditRequest | None = None) -> int:
+    """relation-ROME: index 4 (the 5th MLP; the middle layer for models of 4 layers or fewer).
+    ROME: the layer where subject tracing of the MLPs peaks at the last subject token of the request."""
+    if method == "relation_rome":
+        return RELATION_ROME_LAYER if model.cfg.n_layers > RELATION_ROME_LAYER else model.cfg.n_layers // 2
+    if method == "rome":
+        if request is None:
+            raise EditError("ROME's default layer is found by tracing a request; pass one or a layer")
+        from relation_lens.tracing import trace
+
+        res = trace(model, request.text, subject=request.subject, target=request.target_true, corrupt="subject",
+                    kinds=("mlp",), n_samples=5, window=min(10, max(1, model.cfg.n_layers // 4)),
+                    include_last=True)
+        last_subject = res.subject_span[1] - 1
+        return int(res.scores["mlp"][:, last_subject].argmax())
+    raise EditError(f"method {method!r} is not 'relation_rome' or 'rome'")
+
+
+def _key_position(model, text: str, subject_start: int, subject: str, method: str) -> tuple[Tensor, int]:
+    tokens, offsets = token_offsets(model, text)
+    span = char_span_to_tokens(offsets, subject_start, subject_start + len(subject))
+    if span[1] <= span[0]:
+        raise SpanError(f"subject {subject!r} maps to no token of prompt {text!r}")
+    if method == "rome":
+        return tokens, span[1] - 1
+    if span[1] >= len(tokens):
+        raise SpanError(f"prompt {text!r} has no relation tokens after the subject {subject!r}; relation-ROME keys "
+                        "on the last relation token")
+    return tokens, len(tokens) - 1
+
+
+@torch.no_grad()
+def generate_prefixes(model, config: EditConfig) -> list[str]:
+    """Short random texts the model generates itself (seeded), as ROME's context templates: ``"{}"`` first."""
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    out = ["{}"]
+    bos = model.tokenizer.bos_token_id
+    for length, count in config.prefix_lengths:
+        toks = torch.full((count, 1), bos, dtype=torch.long)
+        for _ in range(length):
+            logits = model(toks.to(model.cfg.device))[:, -1].float().cpu()
+            probs = logits.softmax(-1)
+            top = probs.topk(min(5, probs.shape[-1]))  # ROME samples from the top 5
+            pick = torch.multinomial(top.values / top.values.sum(-1, keepdim=True), 1, generator=gen)
+            toks = torch.cat([toks, top.indices.gather(1, pick)], dim=1)
+        for row in toks[:, 1:]:
+            text = model.tokenizer.decode(row).replace("{", " ").replace("}", " ").strip()
+            out.append(text + ". {}")
+    return out
+
+
+def _pad(seqs: list[Tensor], pad: int) -> Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return out
+
+
+def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome", layer: int | None = None,
+                 stats=None, config: EditConfig | None = None, progress: bool = False) -> RankOneUpdate:
+    """Compute the rank-one update that makes ``model`` answer ``request.target_new``.
+
+    Pure: the model's weights, hooks and gradients are as they were afterwards.
+
+    Args:
+        method: ``"relation_rome"`` (key at the last relation token, default layer 4) or ``"rome"``
+            (key at the last subject token, default layer from subject tracing).
+        layer: the MLP layer to edit; ``None`` for the method's default (:func:`default_layer`).
+        stats: :class:`KeyStatistics` of that layer; ``None`` computes or loads them from the disk cache
+            over the default corpus.
+        config: :class:`EditConfig`.
+
+    Raises:
+        EditError: bad layer, half-precision model, a target the model already predicts, NaN/Inf.
+        SpanError: the subject is not in the tokenised prompt, or no relation token follows it.
+    """
+    from relation_lens.statistics import KeyStatistics
+
+    if not isinstance(request, EditRequest):
+        raise EditError(f"expected an EditRequest, got {type(request).__name__}")
+    config = config or EditConfig()
+    if method not in ("relation_rome", "rome"):
+        raise EditError(f"method {method!r} is not 'relation_rome' or 'rome'")
+    if layer is None:
+        _check_model(model, 0)
+        layer = default_layer(model, method, request)
+    _check_model(model, layer)
+    if stats is not None and stats.layer != layer:
+        raise EditError(f"key statistics are for layer {stats.layer}, but the edit is at layer {layer}")
+    new_ids = model.to_tokens(" " + request.target_new.strip(), prepend_bos=False)[0]
+    prompt_text = request.text
+    with torch.no_grad():
+        clean_logits = model(model.to_tokens(prompt_text))[0, -1]
+    if int(clean_logits.argmax()) == int(new_ids[0]) and len(new_ids) == 1:
+        raise EditError(f"the model already predicts {request.target_new!r} for {prompt_text!r}; nothing to edit")
+
+    # prompts: each prefix + the edit prompt (+ target tokens but the last, teacher-forced)
+    prefixes = generate_prefixes(model, config)
+    contexts, positions, plens = [], [], []
+    for prefix in prefixes:
+        head = prefix.replace("{}", "")
+        text = head + prompt_text
+        toks, pos = _key_position(model, text, len(head) + request.prompt.index("{}"), request.subject, method)
+        contexts.append(toks)
+        positions.append(pos)
+        plens.append(len(toks))
+    kl_text = config.kl_prompt.format(request.subject)
+    kl_toks, kl_pos = _key_position(model, kl_text, config.kl_prompt.index("{}"), request.subject,
+                                    "rome" if method == "rome" or kl_text.endswith(request.subject) else method)
+    hook_post, hook_out = f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    dev = model.cfg.device
+
+    # 1. the key k*: average of hook_post at the key token over the prefixed prompts
+    with torch.no_grad():
+        _, cache = model.run_with_cache(_pad(contexts, pad).to(dev), names_filter=[hook_post, hook_out],
+                                        stop_at_layer=layer + 1)
+    rows = torch.arange(len(contexts))
+    keys = cache[hook_post][rows, torch.tensor(positions)].double().cpu()
+    k_star = keys.mean(0)
+    k_plain = keys[0]  # the unprefixed prompt, as ROME's original code uses in part of the update
+    target_init = cache[hook_out][0, positions[0]].detach().clone()
+
+    # 2. the value v*: optimise delta on the MLP output at the key token
+    seqs = [torch.cat([c, new_ids[:-1].cpu()]) for c in contexts] + [kl_toks]
+    batch = _pad(seqs, pad).to(dev)
+    lookup = torch.tensor(positions + [kl_pos], device=dev)
+    n_rw = len(contexts)
+    delta = torch.zeros(model.cfg.d_model, device=dev, dtype=target_init.dtype, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=config.v_lr)
+    max_norm = config.clamp_norm_factor * target_init.norm()
+
+    def add_delta(act, hook):
+        act = act.clone()
+        act[torch.arange(act.shape[0], device=dev), lookup] += delta
+        return act
+
+    tgt_pos = torch.stack([torch.arange(len(new_ids)) + p - 1 for p in plens]).to(dev)  # [rw, n_tgt]
+    kl_init = None
+    history = []
+    saved_flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for step in range(config.v_steps):
+            logits = model.run_with_hooks(batch, fwd_hooks=[(hook_out, add_delta)])
+            logp = logits.float().log_softmax(-1)
+            rw = logp[:n_rw].gather(1, tgt_pos[..., None].expand(-1, -1, logp.shape[-1]))
+            nll = -rw.gather(2, new_ids.to(dev)[None, :, None].expand(n_rw, -1, 1)).squeeze(-1).mean()
+            kl_logp = logp[n_rw, kl_pos]
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            kl = (kl_init.exp() * (kl_init - kl_logp)).sum()
+            decay = config.v_weight_decay * (delta.norm() / target_init.norm()) ** 2
+            loss = nll + config.kl_factor * kl + decay
+            history.append({"step": step, "nll": nll.item(), "kl": kl.item(), "decay": decay.item(),
+                            "p_new": math.exp(-nll.item())})
+            if nll.item() < config.early_stop_loss:
+                break
+            if step == config.v_steps - 1:
+                break
+            (grad,) = torch.autograd.grad(loss, [delta])
+            delta.grad = grad
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        for p, flag in zip(model.parameters(), saved_flags):
+            p.requires_grad_(flag)
+    v_star = (target_init + delta.detach()).double().cpu()
+
+    # 3. the closed form
+    if stats is None:
+        stats = KeyStatistics.compute(model, layer, n_texts=config.stats_n_texts, progress=progress)
+    W = model.blocks[layer].mlp.W_out.detach().double().cpu()
+    b = model.blocks[layer].mlp.b_out.detach().double().cpu()
+    u = stats.inverse_times(k_star, config.ridge)
+    k_res = k_star if config.key_mode == "symmetric" else k_plain
+    right = (v_star - (k_res @ W + b)) / torch.dot(u, k_res)
+    if not (torch.isfinite(u).all() and torch.isfinite(right).all()):
+        raise EditError(f"the update for {prompt_text!r} -> {request.target_new!r} holds NaN or Inf "
+                        "(singular key statistics? try EditConfig(ridge=1e-4)); the model was not changed")
+    return RankOneUpdate(
+        layer=layer, left=u.to(W.dtype), right=right, key=k_star, value=v_star, method=method, request=request,
+        key_positions=tuple(positions),
+        info={"history": history, "prefixes": prefixes, "key_mode": config.key_mode,
+              "v_norm_ratio": (delta.detach().norm() / target_init.norm()).item()})
+
+
+class Edit:
+    """A handle on an update written into a model; ``undo()`` restores the saved weights bit for bit.
+
+    Use as a context manager to undo on exit::
+
+        with rl.apply_edit(model, update):
+            ...  # the edited model
+    """
+
+    def __init__(self, model, update: RankOneUpdate):
+        self.model = model
+        self.update = update
+        self.layer = update.layer
+        param = model.blocks[update.layer].mlp.W_out
+        self._original = param.detach().clone()
+        delta = update.delta().to(param.device, param.dtype)
+        with torch.no_grad():
+            new = param.detach() + delta
+            if not torch.isfinite(new).all():
+                raise EditError("applying the update would put NaN or Inf into W_out; the model was not changed")
+            param.copy_(new)
+        self._edited = param.detach().clone()
+        self.active = True
+
+    def undo(self) -> None:
+        if not self.active:
+            raise EditError(f"this edit (layer {self.layer}, {self.update.request.text!r}) was already undone")
+        param = self.model.blocks[self.layer].mlp.W_out
+        if not torch.equal(param.detach(), self._edited):
+            raise EditError(
+                f"blocks.{self.layer}.mlp.W_out changed since this edit was applied (another edit or training); "
+                "undo the later changes first (edits are undone in reverse order)")
+        with torch.no_grad():
+            param.copy_(self._original)
+        self.active = False
+
+    def __enter__(self) -> "Edit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            self.undo()
+
+    def __repr__(self) -> str:
+        r = self.update.request
+        return (f"Edit({self.update.method}, layer {self.layer}: {r.text!r} -> {r.target_new!r}, "
+                f"{'active' if self.active else 'undone'})")
+
+
+def apply_edit(model, update: RankOneUpdate) -> Edit:
+    """Write ``update`` into ``model.blocks[layer].mlp.W_out`` in place; returns the undo handle."""
+    if not isinstance(update, RankOneUpdate):
+        raise EditError(f"expected a RankOneUpdate, got {type(update).__name__}")
+    _check_model(model, update.layer)
+    shape = tuple(model.blocks[update.layer].mlp.W_out.shape)
+    if (update.left.shape[0], update.right.shape[0]) != shape:
+        raise EditError(f"update of shape {(update.left.shape[0], update.right.shape[0])} does not fit "
+                        f"blocks.{update.layer}.mlp.W_out of shape {shape}")
+    return Edit(model, update)
+
+
+def edit(model, request: EditRequest, **kwargs) -> Edit:
+    """``apply_edit(model, compute_edit(model, request, **kwargs))``."""
+    return apply_edit(model, compute_edit(model, request, **kwargs))
+
+
+@torch.no_grad()
+def predict(model, prompts: Sequence[str], k: int = 1) -> list[list[tuple[str, float]]]:
+    """Top-``k`` next tokens and probabilities for each prompt."""
+    out = []
+    for p in prompts:
+        probs = model(model.to_tokens(p))[0, -1].float().softmax(-1)
+        top = probs.topk(k)
+        out.append([(model.tokenizer.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)])
+    return out

@@ -1,0 +1,171 @@
+"""Second moment of MLP keys, ``C = E[k k^T]``, for the rank-one editors.
+
+A key is the MLP hidden activation ``blocks.{layer}.mlp.hook_post`` at one token. ``C`` is
+accumulated streaming in float64 over a text corpus (every token of every text, BOS excluded),
+so memory stays at one ``[d_mlp, d_mlp]`` matrix plus one batch of activations. Results are cached
+on disk, keyed by a fingerprint of the model, the layer, the corpus and the number of texts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from relation_lens.errors import DataError, EditError
+
+logger = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Where statistics are cached: ``$RELATION_LENS_CACHE`` or ``~/.cache/relation_lens``."""
+    return Path(os.environ.get("RELATION_LENS_CACHE", Path.home() / ".cache" / "relation_lens")) / "stats"
+
+
+def model_fingerprint(model, upto_layer: int | None = None) -> str:
+    """A short hash of the model's name, shape and the weights that determine keys up to ``upto_layer``."""
+    h = hashlib.sha256(json.dumps([model.cfg.model_name, model.cfg.n_layers, model.cfg.d_model, model.cfg.d_mlp,
+                                   model.cfg.d_vocab, str(model.cfg.dtype)]).encode())
+    for name, p in model.named_parameters():
+        if upto_layer is not None and name.startswith("blocks."):
+            if int(name.split(".")[1]) > upto_layer:
+                continue
+        flat = p.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def default_corpus() -> list[str]:
+    """The default model's own training text: every fact under every training template."""
+    from relation_lens.data import load_world
+
+    return [f"{t.format(f.subject)} {f.object}." for f in load_world() for t in f.train_templates]
+
+
+def _texts(corpus, n_texts: int | None) -> list[str]:
+    if corpus is None:
+        texts = default_corpus()
+    elif hasattr(corpus, "column_names"):  # datasets.Dataset
+        if "text" not in corpus.column_names:
+            raise DataError(f"corpus dataset has columns {corpus.column_names}; it needs a 'text' column")
+        texts = list(corpus["text"])
+    elif isinstance(corpus, str):
+        raise DataError("corpus must be a list of strings or a datasets.Dataset, not a single string")
+    else:
+        texts = list(corpus)
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise DataError("the corpus for key statistics holds no non-empty text")
+    if n_texts is not None:
+        # a fixed, seeded spread over the corpus
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randperm(len(texts), generator=g)[:n_texts].sort().values.tolist()
+        texts = [texts[i] for i in idx]
+    return texts
+
+
+def _corpus_hash(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KeyStatistics:
+    """``C = E[k k^T]`` of the keys at one layer, with how it was computed."""
+
+    layer: int
+    moment: Float[Tensor, "d_mlp d_mlp"]  # float64
+    count: int  # tokens averaged
+    model_fingerprint: str
+    corpus_hash: str
+    n_texts: int
+
+    @classmethod
+    def compute(cls, model, layer: int, corpus: Iterable[str] | None = None, *, n_texts: int | None = 10_000,
+                batch_size: int = 64, cache: bool = True, progress: bool = True,
+                directory: str | Path | None = None) -> "KeyStatistics":
+        """Compute (or load from the disk cache) the key statistics of ``layer``.
+
+        Args:
+            corpus: texts (list of strings or a ``datasets.Dataset`` with a ``text`` column); default:
+                the default model's training text.
+            n_texts: use at most this many texts (a seeded sample); ``None`` for all.
+            cache: read and write the disk cache (``directory`` or :func:`cache_dir`).
+        """
+        if not 0 <= layer < model.cfg.n_layers:
+            raise EditError(f"layer {layer} is out of range for a model with {model.cfg.n_layers} layers")
+        texts = _texts(corpus, n_texts)
+        fp, ch = model_fingerprint(model, layer), _corpus_hash(texts)
+        path = Path(directory) if directory else cache_dir()
+        file = path / f"{fp}_L{layer}_{ch}_{len(texts)}.safetensors"
+        if cache and file.is_file():
+            from safetensors.torch import load_file
+
+            data = load_file(file)
+            logger.info("loaded key statistics from %s", file)
+            return cls(layer, data["moment"], int(data["count"].item()), fp, ch, len(texts))
+        moment, count = _accumulate(model, layer, texts, batch_size, progress)
+        stats = cls(layer, moment, count, fp, ch, len(texts))
+        if cache:
+            from safetensors.torch import save_file
+
+            path.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_suffix(".tmp")
+            save_file({"moment": moment.contiguous(), "count": torch.tensor([count])}, tmp)
+            tmp.replace(file)
+        return stats
+
+    def inverse_times(self, k: Float[Tensor, "d_mlp"], ridge: float = 0.0) -> Float[Tensor, "d_mlp"]:
+        """``C^-1 k`` (float64 solve), with ``ridge x mean(diag C)`` added to the diagonal."""
+        C = self.moment
+        if ridge:
+            C = C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
+        return torch.linalg.solve(C, k.to(C.dtype).cpu())
+
+
+@torch.no_grad()
+def _accumulate(model, layer: int, texts: list[str], batch_size: int, progress: bool) -> tuple[Tensor, int]:
+    name = f"blocks.{layer}.mlp.hook_post"
+    d = model.cfg.d_mlp
+    moment = torch.zeros(d, d, dtype=torch.float64)
+    count = 0
+    tok = model.tokenizer
+    for i in tqdm(range(0, len(texts), batch_size), desc=f"key statistics L{layer}", disable=not progress):
+        chunk = texts[i:i + batch_size]
+        ids = [model.to_tokens(t, truncate=True)[0] for t in chunk]
+        width = max(len(x) for x in ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        batch = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(ids), width, dtype=torch.bool)
+        for r, x in enumerate(ids):
+            batch[r, :len(x)] = x
+            mask[r, :len(x)] = True
+        if model.cfg.default_prepend_bos:
+            mask[:, 0] = False  # the BOS state is the same for every text
+        stored = {}
+
+        def grab(act, hook):
+            stored["k"] = act.detach()
+
+        # right padding under causal attention leaves real tokens untouched
+        model.run_with_hooks(batch.to(model.cfg.device), fwd_hooks=[(name, grab)], stop_at_layer=layer + 1)
+        k = stored["k"][mask.to(stored["k"].device)].double().cpu()
+        moment += k.T @ k
+        count += k.shape[0]
+    if count == 0:
+        raise DataError("the corpus gave no tokens to accumulate key statistics over")
+    return moment / count, count

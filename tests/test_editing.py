@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+
+import relation_lens as rl
+from relation_lens.editing import EditConfig, EditRequest, RankOneUpdate, apply_edit, compute_edit, predict
+from relation_lens.statistics import KeyStatistics
+from conftest import all_hooks, checksum, same_weights
+
+FAST = EditConfig(v_steps=12, prefix_lengths=((4, 3),))
+TEXTS = [f"{a} is located in the country of {b}." for a in ("Paris", "Lyon", "Berlin", "Rome", "Oslo", "Tokyo")
+         for b in ("France", "Germany", "Italy", "Norway", "Japan")] * 4
+
+
+@pytest.fixture(scope="module")
+def tiny_stats(tiny_model, tmp_path_factory):
+    return {layer: KeyStatistics.compute(tiny_model, layer, TEXTS, n_texts=None, progress=False,
+                                         directory=tmp_path_factory.mktemp("stats"))
+            for layer in range(tiny_model.cfg.n_layers)}
+
+
+def test_key_statistics_match_direct_computation(tiny_model, tmp_path):
+    stats = KeyStatistics.compute(tiny_model, 1, TEXTS[:10], n_texts=None, progress=False, directory=tmp_path,
+                                  batch_size=3)
+    keys = []
+    for t in TEXTS[:10]:
+        _, cache = tiny_model.run_with_cache(t, names_filter="blocks.1.mlp.hook_post")
+        keys.append(cache["blocks.1.mlp.hook_post"][0, 1:].double())  # BOS excluded
+    k = torch.cat(keys)
+    assert stats.count == k.shape[0]
+    assert torch.allclose(stats.moment, k.T @ k / k.shape[0], atol=1e-9)
+    again = KeyStatistics.compute(tiny_model, 1, TEXTS[:10], n_texts=None, progress=False, directory=tmp_path)
+    assert torch.equal(again.moment, stats.moment)  # from the disk cache
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_compute_edit_is_pure_and_update_is_exact(tiny_model, tiny_stats):
+    req = EditRequest("{} is located in the country of", "Paris", "Japan")
+    saved = checksum(tiny_model)
+    flags = [p.requires_grad for p in tiny_model.parameters()]
+    upd = compute_edit(tiny_model, req, method="relation_rome", layer=2, stats=tiny_stats[2], config=FAST)
+    assert same_weights(tiny_model, saved) and all_hooks(tiny_model) == 0
+    assert [p.requires_grad for p in tiny_model.parameters()] == flags
+    assert all(p.grad is None for p in tiny_model.parameters())
+    assert torch.linalg.matrix_rank(upd.delta()) == 1
+    W = tiny_model.blocks[2].mlp.W_out.detach().double()
+    b = tiny_model.blocks[2].mlp.b_out.detach().double()
+    assert torch.allclose(upd.key @ (W + upd.delta()) + b, upd.value, atol=1e-6)
+    # the key is at the prompt's last token for relation-ROME
+    for pos, pre in zip(upd.key_positions, upd.info["prefixes"]):
+        text = pre.replace("{}", "") + req.text
+        assert pos == len(tiny_model.to_tokens(text)[0]) - 1
+
+
+def test_rome_keys_on_last_subject_token(tiny_model, tiny_stats):
+    req = EditRequest("{} is located in the country of", "The Space Needle", "Japan")
+    upd = compute_edit(tiny_model, req, method="rome", layer=1, stats=tiny_stats[1], config=FAST)
+    toks = tiny_model.to_str_tokens(req.text)
+    assert "".join(toks[1:upd.key_positions[0] + 1]) == "The Space Needle"
+
+
+def test_apply_and_undo_bit_exact_and_sequential(tiny_model, tiny_stats):
+    saved = checksum(tiny_model)
+    reqs = [EditRequest("{} is located in the country of", s, t) for s, t in
+            (("Paris", "Japan"), ("Berlin", "Norway"), ("Rome", "France"))]
+    edits = []
+    for i, r in enumerate(reqs):
+        upd = compute_edit(tiny_model, r, layer=2, stats=tiny_stats[2], config=FAST)
+        before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+        edits.append(apply_edit(tiny_model, upd))
+        changed = [k for k, v in tiny_model.state_dict().items() if not torch.equal(v, before[k])]
+        assert changed == ["blocks.2.mlp.W_out"]
+    with pytest.raises(rl.EditError, match="changed since"):
+        edits[0].undo()  # out of order
+    for e in reversed(edits):
+        e.undo()
+    assert same_weights(tiny_model, saved)
+    with pytest.raises(rl.EditError, match="already undone"):
+        edits[0].undo()
+    upd = compute_edit(tiny_model, reqs[0], layer=2, stats=tiny_stats[2], config=FAST)
+    with apply_edit(tiny_model, upd) as e:
+        assert not same_weights(tiny_model, saved)
+    assert not e.active and same_weights(tiny_model, saved)
+
+
+def test_asymmetric_keys_differ(tiny_model, tiny_stats):
+    req = EditRequest("{} is located in the country of", "Paris", "Japan")
+    a = compute_edit(tiny_model, req, layer=2, stats=tiny_stats[2], config=FAST)
+    b = compute_edit(tiny_model, req, layer=2, stats=tiny_stats[2],
+                     config=EditConfig(v_steps=12, prefix_lengths=((4, 3),), key_mode="asymmetric"))
+    assert torch.allclose(a.left, b.left) and not torch.allclose(a.right, b.right)
+
+
+def test_bad_requests():
+    with pytest.raises(rl.EditError, match="exactly one"):
+        EditRequest("Paris is located in", "Paris", "Rome")
+    with pytest.raises(rl.EditError, match="empty or whitespace"):
+        EditRequest("{} is in", "Paris", "   ")
+    with pytest.raises(rl.EditError, match="subject"):
+        EditRequest("{} is in", "", "Rome")
+    with pytest.raises(rl.EditError, match="key_mode"):
+        EditConfig(key_mode="sideways")
+
+
+def test_bad_edits_leave_model_unchanged(tiny_model, tiny_stats):
+    saved = checksum(tiny_model)
+    req = EditRequest("{} is located in the country of", "Paris", "Japan")
+    with pytest.raises(rl.EditError, match="out of range"):
+        compute_edit(tiny_model, req, layer=7, stats=tiny_stats[2], config=FAST)
+    with pytest.raises(rl.EditError, match="statistics are for layer"):
+        compute_edit(tiny_model, req, layer=1, stats=tiny_stats[2], config=FAST)
+    with pytest.raises(rl.SpanError, match="no relation tokens"):
+        compute_edit(tiny_model, EditRequest("I saw {}", "Paris", "Japan"), layer=2, stats=tiny_stats[2], config=FAST)
+    nan_stats = KeyStatistics(2, torch.full_like(tiny_stats[2].moment, float("nan")), 1, "", "", 1)
+    with pytest.raises(rl.EditError, match="NaN or Inf"):
+        compute_edit(tiny_model, req, layer=2, stats=nan_stats, config=FAST)
+    upd = compute_edit(tiny_model, req, layer=2, stats=tiny_stats[2], config=FAST)
+    bad = RankOneUpdate(2, upd.left * float("inf"), upd.right, upd.key, upd.value, upd.method, req, ())
+    with pytest.raises(rl.EditError, match="NaN or Inf"):
+        apply_edit(tiny_model, bad)
+    assert same_weights(tiny_model, saved) and all_hooks(tiny_model) == 0
+
+
+def test_half_precision_is_refused(tokenizer):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=32,
+                                  d_vocab=len(tokenizer), act_fn="gelu", seed=1, dtype=torch.float16)
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    saved = checksum(model)
+    with pytest.raises(rl.EditError, match="float16"):
+        compute_edit(model, EditRequest("{} is in", "Paris", "Japan"), layer=1)
+    assert same_weights(model, saved)
