@@ -58,6 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-incorrect", action="store_true", help="average prompts the model gets wrong too")
     _trace_args(p)
 
+    p = sub.add_parser("edit", help="edit a fact with ROME or relation-ROME and show predictions before/after",
+                       description="Compute and apply a rank-one edit, print the top predictions before and after on "
+                                   "the edit prompt, a paraphrase and an unrelated prompt, and save the edited "
+                                   "weights only when --save is given.")
+    _common(p)
+    p.add_argument("--prompt", default="{} is located in the continent of",
+                   help="prompt with {} for the subject (default: '{} is located in the continent of')")
+    p.add_argument("--subject", default="Germany", help="the subject (default: Germany)")
+    p.add_argument("--target-new", default="Asia", help="the new object (default: Asia)")
+    p.add_argument("--method", default="relation_rome", choices=["relation_rome", "rome"])
+    p.add_argument("--layer", type=int, default=None, help="MLP layer (default: 4 for relation-ROME, traced for ROME)")
+    p.add_argument("--key-mode", default="symmetric", choices=["symmetric", "asymmetric"],
+                   help="symmetric: r-ROME keys (default); asymmetric: ROME's original code")
+    p.add_argument("--paraphrase", default=None, help="a paraphrase prompt (default: a held-out template)")
+    p.add_argument("--unrelated", default=None, help="an unrelated prompt (default: another fact of the world)")
+    p.add_argument("--save", type=Path, default=None,
+                   help="folder to save the edited weights (model.safetensors) and the edit (edit.json)")
+
     p = sub.add_parser("world", help="summarise the default model's world of facts",
                        description="Print the relations of the world with their fact counts and templates.")
     p.add_argument("--relation", default=None, help="list the facts of this relation id")
@@ -138,6 +156,53 @@ def _cmd_trace_dataset(args) -> None:
     _write_views(result, args.out, "trace_dataset", args.formats, args.quiet)
 
 
+def _edit_prompts(args) -> tuple[str, str]:
+    from relation_lens.data import load_world
+
+    world = load_world()
+    paraphrase, unrelated = args.paraphrase, args.unrelated
+    rel = next((r for r in world.relations.values() if args.prompt in r.train_templates + r.heldout_templates), None)
+    if paraphrase is None:
+        if rel is None:
+            raise SystemExit("relation-lens edit: --paraphrase is needed for a prompt that is not a world template")
+        others = [t for t in rel.heldout_templates + rel.train_templates if t != args.prompt]
+        paraphrase = others[0].format(args.subject)
+    if unrelated is None:
+        fact = next(f for f in world if f.subject != args.subject and (rel is None or f.relation_id != rel.relation_id))
+        unrelated = fact.prompt(0)
+    return paraphrase, unrelated
+
+
+def _cmd_edit(args) -> None:
+    import relation_lens as rl
+    from relation_lens.editing import EditConfig, predict
+
+    model = rl.load_model(args.model, device=args.device)
+    request = rl.EditRequest(args.prompt, args.subject, args.target_new)
+    paraphrase, unrelated = _edit_prompts(args)
+    prompts = {"edit prompt": request.text, "paraphrase": paraphrase, "unrelated": unrelated}
+    before = predict(model, list(prompts.values()), k=3)
+    update = rl.compute_edit(model, request, method=args.method, layer=args.layer,
+                             config=EditConfig(key_mode=args.key_mode), progress=not args.quiet)
+    with rl.apply_edit(model, update):
+        after = predict(model, list(prompts.values()), k=3)
+        if args.save is not None:
+            from safetensors.torch import save_file
+
+            args.save.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.save / "model.safetensors")
+            (args.save / "edit.json").write_text(json.dumps({
+                "base_model": args.model, "method": args.method, "layer": update.layer, "key_mode": args.key_mode,
+                "request": {"prompt": request.prompt, "subject": request.subject, "target_new": request.target_new},
+            }, indent=1))
+    print(f"{args.method} edit at layer {update.layer}: {request.text!r} -> {request.target_new!r}")
+    for (name, prompt), b, a in zip(prompts.items(), before, after):
+        fmt = lambda top: ", ".join(f"{t!r} {p:.2f}" for t, p in top)  # noqa: E731
+        print(f"  {name:11s} {prompt!r}\n      before: {fmt(b)}\n      after:  {fmt(a)}")
+    if args.save is not None:
+        print(f"saved the edited weights to {args.save / 'model.safetensors'}")
+
+
 def _cmd_world(args) -> None:
     from collections import Counter
 
@@ -168,7 +233,7 @@ def _cmd_info(args) -> None:
           f"device {c.device}, dtype {c.dtype}")
 
 
-COMMANDS = {"trace": _cmd_trace, "trace-dataset": _cmd_trace_dataset, "world": _cmd_world, "info": _cmd_info}
+COMMANDS = {"trace": _cmd_trace, "trace-dataset": _cmd_trace_dataset, "edit": _cmd_edit, "world": _cmd_world, "info": _cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

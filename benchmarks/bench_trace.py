@@ -1,0 +1,154 @@
+"""Time the tracing engine against the naive one-run-per-site loop, in one process.
+
+    python benchmarks/bench_trace.py [--repeats 3] [--write docs/benchmarks.md]
+
+For each model (the embedded default model, and a randomly initialised GPT-2-small-shaped model)
+and a 12-token prompt it times:
+
+* ``naive``: the ROME procedure, one forward pass of batch 1 + n_samples per (kind, layer, position)
+  (``tests/oracle.py``, the oracle the engine is tested against);
+* ``engine``: ``relation_lens.trace`` (same numbers, checked here too);
+* ``tl.patching``: ``transformer_lens.patching``'s single-site activation patching (resid_pre,
+  attn_out, mlp_out per layer and position) with the same noise, where it applies: it has no
+  windowed restoration, so it is compared on single sites only.
+
+It also counts the arithmetic (matmul FLOPs) each approach does, so the measured speed-up can be
+read against what skipping work can give at most. Ratios, not absolute times, are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import torch  # noqa: E402
+
+import relation_lens as rl  # noqa: E402
+from relation_lens.tracing import make_noise, window_layers  # noqa: E402
+from oracle import naive_trace  # noqa: E402
+
+PROMPT = "The Space Needle is located in the city of Seattle in the state of"
+SUBJECT = "The Space Needle"
+
+
+def gpt2_small_shaped(tokenizer):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
+                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LN", seed=0,
+                                  model_name="gpt2-small-shaped-random", default_prepend_bos=True)
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    return model.eval()
+
+
+def flops(model, T: int, n: int, window: int, span: tuple[int, int]) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of the naive loop and of the engine for a full 3-kind grid."""
+    c = model.cfg
+    d, dm, L, V = c.d_model, c.d_mlp, c.n_layers, c.d_vocab
+
+    def layer(tokens: int, ctx: int) -> float:  # one block on `tokens` new positions attending to `ctx` keys
+        return 2 * tokens * (4 * d * d + 2 * d * dm) + 2 * 2 * tokens * ctx * d
+
+    full = L * layer(T, T)
+    naive_cells = 3 * L * T
+    naive = naive_cells * (n + 1) * (full + 2 * T * d * V)
+    engine = full + 2 * T * d * V + n * (full + 2 * d * V)  # clean run, corrupted run
+    for kind in ("resid", "mlp", "attn"):
+        for l in range(L):
+            start = l + 1 if kind == "resid" else window_layers(l, window, L).start
+            for p in range(T):
+                engine += n * ((L - start) * layer(T - p, T) + 2 * d * V)
+    return {"naive": naive, "engine": engine}
+
+
+def time_it(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def tl_patching(model, tokens, span, noise, target):
+    from transformer_lens import patching
+
+    n = noise.shape[0]
+    clean_tokens = tokens[None].expand(n, -1)
+    _, clean_cache = model.run_with_cache(clean_tokens)
+
+    def add_noise(act, hook):
+        act = act.clone()
+        act[:, span[0]:span[1]] += noise
+        return act
+
+    def metric(logits):
+        return logits[:, -1].softmax(-1)[:, target].mean()
+
+    with model.hooks(fwd_hooks=[("hook_embed", add_noise)]):
+        return [fn(model, clean_tokens, clean_cache, metric) for fn in (
+            patching.get_act_patch_resid_pre, patching.get_act_patch_attn_out, patching.get_act_patch_mlp_out)]
+
+
+def run(name, model, repeats, n=10, window=10):
+    tokens = model.to_tokens(PROMPT)[0]
+    T = len(tokens)
+    res = rl.trace(model, PROMPT, subject=SUBJECT, n_samples=n, window=window)
+    noise, _ = make_noise(model, n, res.corrupt_span[1] - res.corrupt_span[0], None, 0)
+    grids, _ = naive_trace(model, tokens, res.corrupt_span, noise, res.target_token, w=window)
+    err = max((grids[k] - res.scores[k]).abs().max().item() for k in grids)
+    t_engine = time_it(lambda: rl.trace(model, PROMPT, subject=SUBJECT, n_samples=n, window=window), repeats)
+    t_naive = time_it(lambda: naive_trace(model, tokens, res.corrupt_span, noise, res.target_token, w=window),
+                      max(1, repeats - 2))
+    with torch.no_grad():
+        t_tl = time_it(lambda: tl_patching(model, tokens, res.corrupt_span, noise, res.target_token),
+                       max(1, repeats - 2))
+    f = flops(model, T, n, window, res.corrupt_span)
+    return {"model": name, "tokens": T, "n": n, "window": window, "naive_s": t_naive, "engine_s": t_engine,
+            "tl_s": t_tl, "speedup": t_naive / t_engine, "flop_fraction": f["engine"] / f["naive"],
+            "max_abs_diff": err}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--write", type=Path, default=None, help="append a results section to this markdown file")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    default = rl.load_model()
+    rows = [run("default (6L, d192)", default, args.repeats),
+            run("GPT-2-small-shaped random (12L, d768)", gpt2_small_shaped(default.tokenizer), args.repeats)]
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+               f"({torch.get_num_threads()} threads), {'CUDA' if torch.cuda.is_available() else 'no GPU'}")
+    lines = [f"### Tracing engine vs naive loop — {datetime.date.today()} — {machine}", "",
+             f"Full grid, 3 kinds (resid, MLP window, attention window), prompt {PROMPT!r}, "
+             "10 noise samples, window 10; medians.", "",
+             "| model | tokens | naive loop (s) | engine (s) | speed-up | engine arithmetic / naive | "
+             "arithmetic bound on speed-up | tl.patching, single sites only (s) | max abs diff vs naive |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['tokens']} | {r['naive_s']:.2f} | {r['engine_s']:.2f} | "
+                     f"**{r['speedup']:.1f}x** | {r['flop_fraction']:.3f} | {1 / r['flop_fraction']:.1f}x | "
+                     f"{r['tl_s']:.2f} | {r['max_abs_diff']:.1e} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        with open(args.write, "a") as fh:
+            fh.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

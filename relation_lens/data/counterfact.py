@@ -1,0 +1,115 @@
+"""The counterfactual relation dataset: CounterFact-style records built from facts a model knows.
+
+From a world of facts (default: the default model's), each record asks to rewrite one fact
+(subject, relation) from its true object to ``target_new``, another object of the same relation,
+and carries what measures the edit:
+
+* ``paraphrase_prompts``: the same fact under templates held out of training (where the model has
+  them), for generalisation;
+* ``neighborhood_prompts``/``neighborhood_targets``: other subjects with the same relation and the
+  same true object, which must keep it (ROME's neighborhood specificity);
+* ``relation_prompts``/``relation_targets``: the same subject under its other relations, with
+  their answers, which must be kept (relation specificity, as in RETS);
+* ``generation_prompts``: prompts to generate from, for fluency.
+
+Only facts the model predicts correctly (top-1 on the first training template) become records,
+and only neighbour and relation prompts it predicts correctly are kept, so the specificity metrics
+measure damage done by the edit rather than what the model never knew.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from relation_lens.data.loaders import COUNTERFACT_FIELDS, validate_counterfact
+from relation_lens.errors import DataError
+
+
+@torch.no_grad()
+def known_mask(model, prompts: list[str], targets: list[str], batch_size: int = 128) -> list[bool]:
+    """Whether the model's top next token after each prompt is the first token of its target."""
+    out = []
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    for i in range(0, len(prompts), batch_size):
+        ids = [model.to_tokens(p)[0] for p in prompts[i:i + batch_size]]
+        width = max(len(x) for x in ids)
+        batch = torch.full((len(ids), width), pad, dtype=torch.long)
+        for r, x in enumerate(ids):
+            batch[r, :len(x)] = x
+        logits = model(batch.to(model.cfg.device))  # right padding: real positions are unaffected
+        last = torch.tensor([len(x) - 1 for x in ids], device=logits.device)
+        pred = logits[torch.arange(len(ids), device=logits.device), last].argmax(-1).tolist()
+        gold = [int(model.to_tokens(" " + t.strip(), prepend_bos=False)[0, 0]) for t in targets[i:i + batch_size]]
+        out += [p == g for p, g in zip(pred, gold)]
+    return out
+
+
+def build_counterfactual(model, world=None, *, n: int = 500, seed: int = 0, n_neighbors: int = 5,
+                         n_relations: int = 5) -> list[dict]:
+    """Build ``n`` CounterFact-style records (see the module docstring) from facts ``model`` knows.
+
+    Records are ordered and chosen by ``seed``; fields are :data:`~relation_lens.data.loaders.COUNTERFACT_FIELDS`.
+    """
+    from relation_lens.data import load_world
+
+    world = world or load_world()
+    facts = list(world)
+    knows = known_mask(model, [f.prompt(0) for f in facts], [f.object for f in facts])
+    known = [f for f, k in zip(facts, knows) if k]
+    by_rel: dict[str, list] = {}
+    by_subject: dict[str, list] = {}
+    for f in known:
+        by_rel.setdefault(f.relation_id, []).append(f)
+        by_subject.setdefault(f.subject, []).append(f)
+    objects = {rid: sorted({f.object for f in world.by_relation(rid)}) for rid in world.relations}
+    rng = random.Random(seed)
+    pool = [f for f in known if len(objects[f.relation_id]) > 1]
+    rng.shuffle(pool)
+    records = []
+    for f in pool:
+        if len(records) >= n:
+            break
+        new = rng.choice([o for o in objects[f.relation_id] if o != f.object])
+        neighbours = [g for g in by_rel[f.relation_id] if g.object == f.object and g.subject != f.subject]
+        neighbours = rng.sample(neighbours, min(n_neighbors, len(neighbours)))
+        others = [g for g in by_subject[f.subject] if g.relation_id != f.relation_id]
+        others = rng.sample(others, min(n_relations, len(others)))
+        records.append({
+            "case_id": len(records), "prompt": f.train_templates[0], "subject": f.subject, "target_new": new,
+            "target_true": f.object, "relation_id": f.relation_id,
+            "paraphrase_prompts": f.prompts(heldout=True) + [t.format(f.subject) for t in f.train_templates[1:]],
+            "neighborhood_prompts": [g.prompt(0) for g in neighbours],
+            "neighborhood_targets": [g.object for g in neighbours],
+            "relation_prompts": [g.prompt(0) for g in others], "relation_targets": [g.object for g in others],
+            "generation_prompts": [f.train_templates[0].format(f.subject), f"{f.subject} is"],
+        })
+    if not records:
+        raise DataError("the model knows none of the world's facts: no counterfactual record could be built")
+    return validate_counterfact(records, "built")
+
+
+def counterfactual_path() -> Path:
+    return Path(str(resources.files("relation_lens") / "data" / "world" / "counterfactual.jsonl"))
+
+
+def load_counterfactual(path: str | Path | None = None):
+    """The shipped, seeded build for the default model (or the JSONL file at ``path``), as a ``datasets.Dataset``."""
+    import datasets
+
+    path = Path(path) if path else counterfactual_path()
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    validate_counterfact(rows, str(path))
+    return datasets.Dataset.from_list([{k: r[k] for k in COUNTERFACT_FIELDS} for r in rows])
+
+
+def save_records(records: list[dict], path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps({k: r[k] for k in COUNTERFACT_FIELDS}, ensure_ascii=False) + "\n")

@@ -1,0 +1,96 @@
+import json
+import time
+
+import pytest
+import torch
+
+import relation_lens as rl
+from relation_lens.models import default_model_path
+
+
+def test_default_model_loads_offline(default_model):
+    cfg = default_model.cfg
+    assert cfg.n_layers >= 6 and cfg.model_name == "relation-lens-default"
+    assert default_model.tokenizer is not None and cfg.default_prepend_bos
+
+
+def test_default_model_files_are_hf_format_and_small():
+    path = default_model_path()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (path / name).is_file(), name
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size <= 15 * 2 ** 20, size
+
+
+def test_hf_and_transformer_lens_log_probs_match(default_model):
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(default_model_path(), dtype=torch.float32).eval()
+    tokens = default_model.to_tokens(["The capital of France is Paris.", "Germany is located in the continent of"],
+                                      padding_side="right")
+    with torch.no_grad():
+        a = hf(tokens).logits.log_softmax(-1)
+        b = default_model(tokens).log_softmax(-1)
+    assert (a - b).abs().max().item() < 1e-4
+
+
+def test_local_gpt2_folder_converts_offline(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = rl.load_model(tmp_path)
+    tokens = model.to_tokens("The capital of France is")
+    with torch.no_grad():
+        assert (hf(tokens).logits.log_softmax(-1) - model(tokens).log_softmax(-1)).abs().max() < 1e-4
+    assert model.cfg.n_layers == 2
+
+
+def test_unknown_name():
+    with pytest.raises(rl.ModelLoadError, match="unknown model name 'gpt2-xxl'.*Did you mean"):
+        rl.load_model("gpt2-xxl")
+
+
+def test_hub_unreachable_fails_at_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.monotonic()
+    with pytest.raises(rl.HubUnreachableError, match="cannot be reached"):
+        rl.load_model("gpt2-xl")
+    assert time.monotonic() - start < 5  # no retries
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(rl.ModelLoadError, match="no config.json"):
+        rl.load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(rl.ModelLoadError, match="'bert' model"):
+        rl.load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(rl.ModelLoadError, match="no weights"):
+        rl.load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(rl.ModelLoadError, match="not valid JSON"):
+        rl.load_model(tmp_path)
+    with pytest.raises(rl.ModelLoadError, match="does not exist"):
+        rl.load_model(tmp_path / "nothing")
+    with pytest.raises(rl.ModelLoadError, match="is a file"):
+        rl.load_model(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("device,match", [("tpu", "not a valid torch device|not supported"),
+                                          ("cuda:7", "CUDA|does not exist"), ("banana", "not a valid")])
+def test_bad_device(device, match):
+    with pytest.raises(rl.ModelLoadError, match=match):
+        rl.load_model(device=device)
+
+
+def test_bad_dtype():
+    with pytest.raises(rl.ModelLoadError, match="dtype"):
+        rl.load_model(dtype="float8")
