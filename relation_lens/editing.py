@@ -11,6 +11,9 @@ TransformerLens' ``x @ W`` layout the MLP output is ``k @ W_out + b_out`` with t
 2. value ``v*``: the MLP output at the key token is optimised (Adam on an additive ``delta``) so the
    model predicts ``target_new`` on the prefixed prompts, with a KL term that keeps the
    prediction on ``"{subject} is a"`` unchanged, weight decay on ``delta`` and a norm clamp.
+   ROME's learning rate (0.5) is tied to GPT-2 XL's activation scale; by default
+   (``v_lr_scale="rms"``) Adam works on ``delta / rms(v_init)`` so the same setting behaves alike on
+   models of any width and scale; ``v_lr_scale="absolute"`` is ROME's exact parameterisation.
 3. the update, closed form with ``C = E[k k^T]`` (:class:`~relation_lens.statistics.KeyStatistics`)::
 
        u = C^-1 k*,   r = v* - (k* @ W_out + b_out),   W_out' = W_out + outer(u, r) / (u . k*)
@@ -29,7 +32,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -79,6 +83,7 @@ class EditConfig:
 
     v_steps: int = 20
     v_lr: float = 0.5
+    v_lr_scale: Literal["rms", "absolute"] = "rms"  # see the module docstring
     v_weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
@@ -91,6 +96,8 @@ class EditConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.v_lr_scale not in ("rms", "absolute"):
+            raise EditError(f"v_lr_scale {self.v_lr_scale!r} is not 'rms' or 'absolute'")
         if self.key_mode not in ("symmetric", "asymmetric"):
             raise EditError(f"key_mode {self.key_mode!r} is not 'symmetric' or 'asymmetric'")
         if self.v_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0 or self.kl_factor < 0:
@@ -262,9 +269,11 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
     batch = _pad(seqs, pad).to(dev)
     lookup = torch.tensor(positions + [kl_pos], device=dev)
     n_rw = len(contexts)
-    delta = torch.zeros(model.cfg.d_model, device=dev, dtype=target_init.dtype, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=config.v_lr)
+    unit = target_init.norm() / math.sqrt(model.cfg.d_model) if config.v_lr_scale == "rms" else 1.0
+    z = torch.zeros(model.cfg.d_model, device=dev, dtype=target_init.dtype, requires_grad=True)
+    opt = torch.optim.Adam([z], lr=config.v_lr)
     max_norm = config.clamp_norm_factor * target_init.norm()
+    delta = z * unit
 
     def add_delta(act, hook):
         act = act.clone()
@@ -295,13 +304,14 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
                 break
             if step == config.v_steps - 1:
                 break
-            (grad,) = torch.autograd.grad(loss, [delta])
-            delta.grad = grad
+            (grad,) = torch.autograd.grad(loss, [z])
+            z.grad = grad
             opt.step()
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
+                if (z * unit).norm() > max_norm:
+                    z.mul_(max_norm / (z * unit).norm())
+            delta = z * unit
     finally:
         for p, flag in zip(model.parameters(), saved_flags):
             p.requires_grad_(flag)

@@ -38,7 +38,7 @@ def test_local_gpt2_folder_converts_offline(tmp_path, tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
     hf.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model = rl.load_model(tmp_path)

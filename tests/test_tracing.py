@@ -211,11 +211,10 @@ def test_trace_dataset(tiny_model, tmp_path):
 def test_buckets():
     from relation_lens.tracing import bucket_positions
 
-    class R:
-        tokens = tuple("abcdefghij")
-        subject_span = (1, 4)
-        relation_span = (4, 10)
-
+    R = rl.TraceResult(prompt="", tokens=tuple("abcdefghij"), subject="bcd", subject_span=(1, 4),
+                       relation_span=(4, 10), corrupt="relation", corrupt_span=(4, 10), target="x", target_token=0,
+                       target_requested=None, target_n_tokens=1, clean_top="x", clean_top_token=0, clean_prob=1.0,
+                       corrupted_prob=0.0, scores={}, window=1, n_samples=1, noise_std=1.0, seed=0, model_name="m")
     b = bucket_positions(R)
     assert b["first subject"] == [1] and b["middle subject"] == [2] and b["last subject"] == [3]
     assert b["first relation"] == [4] and b["middle relation"] == [5, 6, 7] and b["last relation"] == [8]

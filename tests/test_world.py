@@ -31,7 +31,7 @@ def test_facts_carry_relation_names_and_prompts():
     fact = next(f for f in world if f.subject == "France" and f.relation_id == "P36")
     assert fact.object == "Paris" and fact.relation_name == "capital"
     assert fact.prompt(0) == fact.train_templates[0].format("France")
-    assert fact.prompts(heldout=True)[0].startswith("The seat of government of France")
+    assert fact.prompts(heldout=True) == ["France's capital is", "The seat of government of France is the city of"]
     ds = world.to_dataset()
     assert len(ds) == len(world) and set(ds.column_names) >= {"subject", "relation_id", "relation_name", "object",
                                                               "train_templates", "heldout_templates"}

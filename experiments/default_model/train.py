@@ -1,7 +1,7 @@
 """Train the embedded default model from scratch on the world's fact sentences.
 
 Reads ``relation_lens/data/world`` (written by ``build_world.py``), trains a byte-level BPE
-tokenizer and a GPT-2-architecture model on one sentence per (fact, training template), and
+tokenizer and a GPT-2-architecture model on sentences (one per fact and training template, packed 1 to 3 to a sequence), and
 writes the Hugging Face folder ``relation_lens/data/default_model/`` (config.json,
 model.safetensors, tokenizer files) plus ``metrics.json`` with per-relation accuracy.
 Seeded and deterministic on a given machine (CPU, fixed thread count).
@@ -73,6 +73,55 @@ def accuracy(model, tok, items: list[tuple[str, str, int]], batch: int = 256) ->
     return hits
 
 
+def pack(first: list[list[int]], later: list[list[int]], bos: int, n_ctx: int, rng: random.Random
+         ) -> list[list[int]]:
+    """One epoch of training sequences: every sentence once, in a random order, 1 to 3 sentences per
+    sequence after BOS, so the model sees facts both right after BOS and after other text."""
+    order = list(range(len(first)))
+    rng.shuffle(order)
+    seqs, i = [], 0
+    while i < len(order):
+        k = rng.choice((1, 2, 3))
+        seq = [bos] + first[order[i]]
+        i += 1
+        for _ in range(k - 1):
+            if i >= len(order) or len(seq) + len(later[order[i]]) > n_ctx:
+                break
+            seq += later[order[i]]
+            i += 1
+        seqs.append(seq)
+    return seqs
+
+
+def measure(model, tok, facts: list[dict], relations: dict) -> dict:
+    """Top-1 accuracy on every (fact, training template) and on each held-out template, per relation."""
+    train = sentences(facts, relations, "train")
+    rel_of = {f["fact_id"]: f["relation_id"] for f in facts}
+    n_heldout = len(next(iter(relations.values()))["heldout_templates"])
+    per_rel: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for (_, _, fid), h in zip(train, accuracy(model, tok, train)):
+        per_rel[rel_of[fid]]["train"].append(h)
+    overall = {"train": [h for v in per_rel.values() for h in v["train"]]}
+    for i in range(n_heldout):
+        items = [(relations[f["relation_id"]]["heldout_templates"][i].format(f["subject"]), f["object"], f["fact_id"])
+                 for f in facts]
+        hits = accuracy(model, tok, items)
+        overall[f"heldout{i}"] = hits
+        for (_, _, fid), h in zip(items, hits):
+            per_rel[rel_of[fid]][f"heldout{i}"].append(h)
+            per_rel[rel_of[fid]]["heldout"].append(h)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {
+        "train_template_accuracy": mean(overall["train"]),
+        "heldout_template_accuracy": mean([h for i in range(n_heldout) for h in overall[f"heldout{i}"]]),
+        "heldout_accuracy_by_template": [mean(overall[f"heldout{i}"]) for i in range(n_heldout)],
+        "per_relation": {r: {"name": relations[r]["name"], "n_facts": len(v["heldout0"]), "train": mean(v["train"]),
+                             "heldout": mean(v["heldout"]),
+                             "heldout_by_template": [mean(v[f"heldout{i}"]) for i in range(n_heldout)]}
+                         for r, v in sorted(per_rel.items())},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "relation_lens" / "data" / "default_model")
@@ -88,13 +137,12 @@ def main() -> None:
     rng = random.Random(args.seed)
     facts, relations = load_world()
     train = sentences(facts, relations, "train")
-    heldout = sentences(facts, relations, "heldout")
     args.out.mkdir(parents=True, exist_ok=True)
     texts = [f"{p} {o}." for p, o, _ in train]
     tok = build_tokenizer(texts, args.vocab, args.out)
-    seqs = [[tok.bos_token_id] + tok.encode(t) for t in texts]
+    first = [tok.encode(t) for t in texts]  # a sentence right after BOS
+    later = [tok.encode(" " + t) for t in texts]  # a sentence after another one
     n_ctx = 64
-    assert max(map(len, seqs)) <= n_ctx, max(map(len, seqs))
 
     cfg = GPT2Config(vocab_size=len(tok), n_positions=n_ctx, n_embd=192, n_layer=6, n_head=6,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -104,13 +152,14 @@ def main() -> None:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98))
-    steps_per_epoch = math.ceil(len(seqs) / args.batch)
+    steps_per_epoch = math.ceil(len(texts) / 2 / args.batch)
     total, warmup = steps_per_epoch * args.epochs, 200
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     start, step = time.time(), 0
     log = []
     for epoch in range(args.epochs):
+        seqs = pack(first, later, tok.bos_token_id, n_ctx, rng)
         order = list(range(len(seqs)))
         rng.shuffle(order)
         # bucket by length inside windows to cut padding, then shuffle the batches
@@ -142,23 +191,10 @@ def main() -> None:
         log.append(msg)
 
     model.save_pretrained(args.out, safe_serialization=True)
-    tr_hits, ho_hits = accuracy(model, tok, train), accuracy(model, tok, heldout)
-    per_rel: dict[str, dict[str, list[bool]]] = defaultdict(lambda: {"train": [], "heldout": []})
-    rel_of = {f["fact_id"]: f["relation_id"] for f in facts}
-    for (_, _, fid), h in zip(train, tr_hits):
-        per_rel[rel_of[fid]]["train"].append(h)
-    for (_, _, fid), h in zip(heldout, ho_hits):
-        per_rel[rel_of[fid]]["heldout"].append(h)
     metrics = {
         "seed": args.seed, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
         "train_seconds": round(time.time() - start, 1), "n_params": sum(p.numel() for p in model.parameters()),
-        "n_facts": len(facts), "n_train_sentences": len(train),
-        "train_template_accuracy": sum(tr_hits) / len(tr_hits),
-        "heldout_template_accuracy": sum(ho_hits) / len(ho_hits),
-        "per_relation": {r: {"name": relations[r]["name"], "n_facts": len(v["heldout"]),
-                             "train": sum(v["train"]) / len(v["train"]),
-                             "heldout": sum(v["heldout"]) / len(v["heldout"])} for r, v in sorted(per_rel.items())},
-        "log": log,
+        "n_facts": len(facts), "n_train_sentences": len(train), **measure(model, tok, facts, relations), "log": log,
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("per_relation", "log")}, indent=1))

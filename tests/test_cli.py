@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from relation_lens.cli import build_parser, main
+
+
+def test_help_explains_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "relation_lens.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for cmd in ("trace", "trace-dataset", "edit", "world", "info"):
+        assert cmd in out
+    parser = build_parser()
+    for cmd in ("trace", "trace-dataset", "edit", "world", "info"):
+        sub = subprocess.run([sys.executable, "-m", "relation_lens.cli", cmd, "--help"], capture_output=True,
+                             text=True, check=True).stdout
+        assert "usage: relation-lens " + cmd in sub
+    assert parser.prog == "relation-lens"
+
+
+def test_trace_writes_json_png_html(tmp_path, capsys):
+    assert main(["trace", "--out", str(tmp_path), "--samples", "3", "--quiet", "--formats", "png,svg"]) == 0
+    data = json.loads((tmp_path / "trace.json").read_text())
+    assert data["prompt"] == "Germany is located in the continent of" and set(data["scores"]) == {"resid", "mlp", "attn"}
+    assert (tmp_path / "trace.png").stat().st_size > 1000 and (tmp_path / "trace.svg").is_file()
+    assert "unpkg.com" not in (tmp_path / "trace.html").read_text()
+    assert capsys.readouterr().out == ""  # --quiet
+
+
+def test_trace_bad_subject_is_a_clear_error(tmp_path, capsys):
+    code = main(["trace", "--prompt", "The capital of France is", "--subject", "Spain", "--out", str(tmp_path),
+                 "--quiet"])
+    assert code == 2 and "does not occur" in capsys.readouterr().err
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    assert main(["info", "--model", "gpt2-xxl"]) == 2
+    assert "unknown model name" in capsys.readouterr().err
+
+
+def test_world_and_info(capsys):
+    assert main(["world"]) == 0
+    assert "facts" in capsys.readouterr().out
+    assert main(["info"]) == 0
+    assert "6 layers" in capsys.readouterr().out
+
+
+def test_edit_shows_before_after_and_saves_only_when_asked(tmp_path, capsys):
+    assert main(["edit", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "before:" in out and "after:" in out and "paraphrase" in out and "unrelated" in out
+    assert not any(tmp_path.iterdir())
+    assert main(["edit", "--quiet", "--save", str(tmp_path / "edited")]) == 0
+    assert (tmp_path / "edited" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "edited" / "edit.json").read_text())["layer"] == 4
+
+
+def test_trace_dataset_cli(tmp_path):
+    assert main(["trace-dataset", "--relation", "P30", "--limit", "3", "--samples", "2", "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    data = json.loads((tmp_path / "trace_dataset.json").read_text())
+    assert data["n_total"] == 3

@@ -1,0 +1,49 @@
+"""The experiments' quick runs (--limit) are part of the suite: they run end to end on the default model."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
+
+
+def run(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True,
+                          text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                                       "HOME": str(Path.home())})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@needs_shared
+def test_trace_relations_quick(tmp_path):
+    run("trace_relations.py", "--limit", "6", "--samples", "2", "--out", str(tmp_path))
+    md = (tmp_path / "trace_relations_quick.md").read_text()
+    assert "relation corrupted" in md and "subject corrupted" in md and "last relation" in md
+    for corrupt in ("relation", "subject"):
+        assert (tmp_path / f"trace_relations_{corrupt}_quick.png").stat().st_size > 1000
+        assert (tmp_path / f"trace_relations_{corrupt}_quick.html").is_file()
+
+
+@needs_shared
+def test_edit_relations_quick(tmp_path):
+    run("edit_relations.py", "--limit", "2", "--out", str(tmp_path))
+    md = (tmp_path / "edit_relations_quick.md").read_text()
+    assert md.count("| relation_rome |") >= 2 + 6 and "CounterFact (ROME)" in md
+    assert (tmp_path / "edit_relations_sweep_quick.png").is_file()
+
+
+def test_sequential_edits_quick(tmp_path):
+    run("sequential_edits.py", "--limit", "3", "--out", str(tmp_path))
+    md = (tmp_path / "sequential_edits_quick.md").read_text()
+    assert md.count("| True |") == 4  # every run restored bit-exact
+
+
+def test_walkthrough_runs(tmp_path):
+    run("walkthrough.py", "--out", str(tmp_path))
+    page = (tmp_path / "walkthrough.md").read_text()
+    assert "undone: True" in page and (tmp_path / "walkthrough_trace.png").is_file()
