@@ -39,10 +39,13 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=100, help="records per dataset in the main table")
     ap.add_argument("--sweep-n", type=int, default=30, help="records per layer in the sweep")
     ap.add_argument("--limit", type=int, default=None, help="quick run: this many records everywhere")
+    ap.add_argument("--stats-texts", type=int, default=None,
+                    help="texts for key statistics (default 10,000; 2,000 with --limit)")
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     n, sweep_n = (args.limit, args.limit) if args.limit else (args.n, args.sweep_n)
+    n_texts = args.stats_texts or (2000 if args.limit else 10_000)
     suffix = "_quick" if args.limit else ""
     model = rl.load_model(args.model)
     start = time.perf_counter()
@@ -60,7 +63,7 @@ def main(argv=None) -> None:
 
     def stats_for(layer):
         if layer not in stats:
-            stats[layer] = rl.KeyStatistics.compute(model, layer, progress=False)
+            stats[layer] = rl.KeyStatistics.compute(model, layer, n_texts=n_texts, progress=False)
         return stats[layer]
 
     lines = [f"# Experiment 2: ROME vs relation-ROME ({model.cfg.model_name})", "",

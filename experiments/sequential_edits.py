@@ -59,7 +59,7 @@ def run(model, reqs, untouched, method, layer, key_mode, stats):
     for fact, req in reqs:
         try:
             upd = rl.compute_edit(model, req, method=method, layer=layer, stats=stats,
-                                  config=EditConfig(key_mode=key_mode))
+                                  config=EditConfig.default_for(model, key_mode=key_mode))
             edits.append((req, rl.apply_edit(model, upd)))
         except rl.EditError:
             skipped += 1  # e.g. the model already predicts the new object after earlier edits
@@ -95,7 +95,7 @@ def main() -> None:
     rows = []
     for method in ("relation_rome", "rome"):
         layer = default_layer(model, method, reqs[0][1])
-        stats = rl.KeyStatistics.compute(model, layer, progress=False)
+        stats = rl.KeyStatistics.compute(model, layer, n_texts=2000 if args.limit else 10_000, progress=False)
         for key_mode in ("symmetric", "asymmetric"):
             rows.append(run(model, reqs, untouched, method, layer, key_mode, stats))
             print(rows[-1], flush=True)

@@ -76,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", type=Path, default=None,
                    help="folder to save the edited weights (model.safetensors) and the edit (edit.json)")
 
+    p = sub.add_parser("evaluate", help="evaluate an editing method on N CounterFact-style records",
+                       description="Edit, measure (ES, PS, NS, RS, Score, fluency) and undo, record by record; "
+                                   "write evaluation.json (every record's numbers) and a markdown row to --out.")
+    _common(p)
+    p.add_argument("--method", default="relation_rome", choices=["relation_rome", "rome", "none"])
+    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--records", type=Path, default=None,
+                   help="CounterFact file (ROME or MEND layout, or JSONL); default: the shipped counterfactual "
+                        "relation dataset of the default model")
+    p.add_argument("--n", type=int, default=50, help="records to evaluate (default 50)")
+    p.add_argument("--no-fluency", action="store_true", help="skip the generation fluency metric")
+    p.add_argument("--key-mode", default="symmetric", choices=["symmetric", "asymmetric"])
+    p.add_argument("--out", type=Path, default=Path("out"))
+
     p = sub.add_parser("world", help="summarise the default model's world of facts",
                        description="Print the relations of the world with their fact counts and templates.")
     p.add_argument("--relation", default=None, help="list the facts of this relation id")
@@ -183,7 +197,7 @@ def _cmd_edit(args) -> None:
     prompts = {"edit prompt": request.text, "paraphrase": paraphrase, "unrelated": unrelated}
     before = predict(model, list(prompts.values()), k=3)
     update = rl.compute_edit(model, request, method=args.method, layer=args.layer,
-                             config=EditConfig(key_mode=args.key_mode), progress=not args.quiet)
+                             config=EditConfig.default_for(model, key_mode=args.key_mode), progress=not args.quiet)
     with rl.apply_edit(model, update):
         after = predict(model, list(prompts.values()), k=3)
         if args.save is not None:
@@ -201,6 +215,30 @@ def _cmd_edit(args) -> None:
         print(f"  {name:11s} {prompt!r}\n      before: {fmt(b)}\n      after:  {fmt(a)}")
     if args.save is not None:
         print(f"saved the edited weights to {args.save / 'model.safetensors'}")
+
+
+def _cmd_evaluate(args) -> None:
+    import relation_lens as rl
+    from relation_lens.editing import EditConfig
+    from relation_lens.evaluate import EvaluationResult, evaluate
+
+    model = rl.load_model(args.model, device=args.device)
+    if args.records is None:
+        from relation_lens.data.counterfact import load_counterfactual
+
+        records = list(load_counterfactual())[: args.n]
+    else:
+        from relation_lens.data.loaders import load_counterfact
+
+        records = list(load_counterfact(args.records, limit=args.n))
+    result = evaluate(model, records, method=args.method, layer=args.layer, fluency=not args.no_fluency,
+                      config=EditConfig.default_for(model, key_mode=args.key_mode), progress=not args.quiet)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result.to_json(args.out / "evaluation.json")
+    table = EvaluationResult.header() + "\n" + result.row() + "\n"
+    (args.out / "evaluation.md").write_text(table)
+    if not args.quiet:
+        print(table + f"{result.n_failed} of {len(records)} records could not be edited; wrote {args.out}/evaluation.json")
 
 
 def _cmd_world(args) -> None:
@@ -233,13 +271,18 @@ def _cmd_info(args) -> None:
           f"device {c.device}, dtype {c.dtype}")
 
 
-COMMANDS = {"trace": _cmd_trace, "trace-dataset": _cmd_trace_dataset, "edit": _cmd_edit, "world": _cmd_world, "info": _cmd_info}
+COMMANDS = {"trace": _cmd_trace, "trace-dataset": _cmd_trace_dataset, "edit": _cmd_edit, "evaluate": _cmd_evaluate, "world": _cmd_world, "info": _cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
     from relation_lens.errors import RelationLensError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

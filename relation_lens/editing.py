@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 Method = Literal["relation_rome", "rome"]
 RELATION_ROME_LAYER = 4  # the 5th MLP layer, as in Li, Chen & Wang (2024)
+# Settings for the embedded default model (used by EditConfig.default_for): it is tiny and was trained
+# to near-certainty on its facts, so a value vector needs more room than GPT-2 XL's (docs/editing.md).
+DEFAULT_MODEL_PRESET: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,15 @@ class EditConfig:
     ridge: float = 0.0  # relative ridge added to C before solving
     stats_n_texts: int | None = 10_000
     seed: int = 0
+
+    @classmethod
+    def default_for(cls, model, **overrides) -> "EditConfig":
+        """ROME's settings, except on the embedded default model, which gets :data:`DEFAULT_MODEL_PRESET`
+        (see docs/editing.md); ``overrides`` replace fields either way."""
+        from relation_lens.models import DEFAULT_MODEL_NAME
+
+        base = DEFAULT_MODEL_PRESET if model.cfg.model_name == DEFAULT_MODEL_NAME else {}
+        return cls(**{**base, **overrides})
 
     def __post_init__(self):
         if self.v_lr_scale not in ("rms", "absolute"):
@@ -221,7 +233,7 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
 
     if not isinstance(request, EditRequest):
         raise EditError(f"expected an EditRequest, got {type(request).__name__}")
-    config = config or EditConfig()
+    config = config or EditConfig.default_for(model)
     if method not in ("relation_rome", "rome"):
         raise EditError(f"method {method!r} is not 'relation_rome' or 'rome'")
     if layer is None:

@@ -174,7 +174,7 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
     records = [dict(r) for r in records]
     if method not in ("relation_rome", "rome", "none"):
         raise EditError(f"method {method!r} is not 'relation_rome', 'rome' or 'none'")
-    config = config or EditConfig()
+    config = config or EditConfig.default_for(model)
     if method != "none":
         if layer is None:
             first = records[0]

@@ -63,8 +63,17 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
-def check_model(model, kinds: Sequence[str] = KINDS) -> None:
+def check_model(model, kinds: Sequence[str] = KINDS, prompt: str | None = None) -> None:
     """Raise :class:`UnsupportedModelError` unless tracing can run on ``model``."""
+    try:
+        _check_model(model, kinds)
+    except UnsupportedModelError as exc:
+        if prompt is not None:
+            raise UnsupportedModelError(f"{exc} (prompt {prompt!r})") from None
+        raise
+
+
+def _check_model(model, kinds: Sequence[str]) -> None:
     from transformer_lens import HookedTransformer
 
     if not isinstance(model, HookedTransformer):
@@ -433,7 +442,7 @@ def trace(model, prompt: str, *, subject: str, target: str | int | None = None,
     Returns:
         TraceResult with ``scores[kind]`` a ``[n_layers, n_pos]`` grid of P(target).
     """
-    check_model(model, kinds)
+    check_model(model, kinds, prompt)
     if not kinds:
         raise UnsupportedModelError("kinds is empty; choose some of " + str(list(KINDS)))
     if not isinstance(window, int) or window < 1:
