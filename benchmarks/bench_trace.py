@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+from functools import partial
 import os
 import platform
 import statistics
@@ -37,8 +38,8 @@ import relation_lens as rl  # noqa: E402
 from relation_lens.tracing import make_noise, window_layers  # noqa: E402
 from oracle import naive_trace  # noqa: E402
 
-PROMPT = "The Space Needle is located in the city of Seattle in the state of"
-SUBJECT = "The Space Needle"
+PROMPT = "Space Needle is located in the city of"
+SUBJECT = "Space Needle"
 
 
 def gpt2_small_shaped(tokenizer):
@@ -100,6 +101,14 @@ def tl_patching(model, tokens, span, noise, target):
             patching.get_act_patch_resid_pre, patching.get_act_patch_attn_out, patching.get_act_patch_mlp_out)]
 
 
+def _quiet_tqdm():
+    """transformer_lens.patching draws a progress bar per call; keep the benchmark's output readable."""
+    import transformer_lens.patching as p
+    from tqdm.auto import tqdm
+
+    p.tqdm = partial(tqdm, disable=True)
+
+
 def run(name, model, repeats, n=10, window=10):
     tokens = model.to_tokens(PROMPT)[0]
     T = len(tokens)
@@ -128,6 +137,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    _quiet_tqdm()
     default = rl.load_model()
     rows = [run("default (6L, d192)", default, args.repeats),
             run("GPT-2-small-shaped random (12L, d768)", gpt2_small_shaped(default.tokenizer), args.repeats)]

@@ -27,6 +27,7 @@ import relation_lens as rl  # noqa: E402
 from relation_lens.data import load_world  # noqa: E402
 from relation_lens.data.counterfact import known_mask  # noqa: E402
 from relation_lens.data.loaders import fewrel_prompts, load_fewrel  # noqa: E402
+from relation_lens.tracing import depth_scaled_window  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "results"
@@ -67,14 +68,15 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=200, help="prompts to trace (default 200)")
     ap.add_argument("--limit", type=int, default=None, help="quick run with this many prompts")
     ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--window", type=int, default=None, help="default: 10, or n_layers // 2 for small models")
+    ap.add_argument("--window", type=int, default=None,
+                    help="default: ROME's 10 of 48 layers scaled to the model's depth (1 for the default model)")
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     n = args.limit or args.n
     suffix = "_quick" if args.limit else ""
     model = rl.load_model(args.model)
-    window = args.window or min(10, max(1, model.cfg.n_layers // 2))
+    window = args.window or depth_scaled_window(model.cfg.n_layers)
     facts, stats = collect(model, args.shared, n)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -23,7 +23,9 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corrupt", default="relation", choices=["relation", "subject"],
                    help="which tokens to corrupt: the relation (relation tracing) or the subject (ROME)")
     p.add_argument("--kinds", default="resid,mlp,attn", help="comma-separated sites to restore (default: all)")
-    p.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn (default 10)")
+    p.add_argument("--window", type=int, default=None,
+                   help="layers restored together for mlp/attn (default: ROME's 10 of 48 layers scaled to the "
+                        "model's depth, i.e. 10 for gpt2-xl, 1 for the 6-layer default model)")
     p.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
     p.add_argument("--noise", type=float, default=None, help="noise std (default: 3 x std of token embeddings)")
     p.add_argument("--seed", type=int, default=0)
@@ -115,9 +117,12 @@ def _write_views(result, out: Path, stem: str, formats: str, quiet: bool) -> Non
         print(f"wrote {out / stem}.json, .{formats.replace(',', ', .')} and .html")
 
 
-def _trace_kwargs(args) -> dict:
+def _trace_kwargs(args, model) -> dict:
+    from relation_lens.tracing import depth_scaled_window
+
     return dict(corrupt=args.corrupt, kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
-                window=args.window, n_samples=args.samples, noise=args.noise, seed=args.seed,
+                window=args.window or depth_scaled_window(model.cfg.n_layers), n_samples=args.samples,
+                noise=args.noise, seed=args.seed,
                 include_last=not args.exclude_last, batch_size=args.batch_size, progress=not args.quiet)
 
 
@@ -129,7 +134,7 @@ def _cmd_trace(args) -> None:
     if subject is None:
         raise SystemExit("relation-lens trace: --subject is required with --prompt")
     model = rl.load_model(args.model, device=args.device)
-    result = rl.trace(model, prompt, subject=subject, target=args.target, **_trace_kwargs(args))
+    result = rl.trace(model, prompt, subject=subject, target=args.target, **_trace_kwargs(args, model))
     if not args.quiet:
         print(f"prompt {prompt!r}, subject {subject!r}, target {result.target!r}: "
               f"P clean {result.clean_prob:.4f}, corrupted ({result.corrupt}) {result.corrupted_prob:.4f}")
@@ -162,7 +167,7 @@ def _cmd_trace_dataset(args) -> None:
 
     model = rl.load_model(args.model, device=args.device)
     facts = _load_facts(args)
-    kw = _trace_kwargs(args)
+    kw = _trace_kwargs(args, model)
     result = rl.trace_dataset(model, facts, exclude_incorrect=not args.include_incorrect, **kw)
     if not args.quiet:
         print(f"{result.n_total} prompts, {result.n_incorrect} wrong, {result.n_used} averaged; "

@@ -48,7 +48,9 @@ Method = Literal["relation_rome", "rome"]
 RELATION_ROME_LAYER = 4  # the 5th MLP layer, as in Li, Chen & Wang (2024)
 # Settings for the embedded default model (used by EditConfig.default_for): it is tiny and was trained
 # to near-certainty on its facts, so a value vector needs more room than GPT-2 XL's (docs/editing.md).
-DEFAULT_MODEL_PRESET: dict[str, Any] = {}
+# Chosen on records 400-429 of the shipped counterfactual dataset, disjoint from those the experiments
+# report (experiments/tune_edit_preset.py, experiments/results/edit_preset_tuning.md).
+DEFAULT_MODEL_PRESET: dict[str, Any] = {"v_weight_decay": 0.05, "clamp_norm_factor": 10.0, "v_steps": 40}
 
 
 @dataclass(frozen=True)
@@ -154,17 +156,22 @@ def _check_model(model, layer: int) -> None:
 
 def default_layer(model, method: str, request: EditRequest | None = None) -> int:
     """relation-ROME: index 4 (the 5th MLP; the middle layer for models of 4 layers or fewer).
-    ROME: the layer where subject tracing of the MLPs peaks at the last subject token of the request."""
+    ROME: the layer where subject tracing of the MLPs (window scaled to depth, 5 noise samples) peaks at the
+    last subject token of the request."""
     if method == "relation_rome":
         return RELATION_ROME_LAYER if model.cfg.n_layers > RELATION_ROME_LAYER else model.cfg.n_layers // 2
     if method == "rome":
         if request is None:
             raise EditError("ROME's default layer is found by tracing a request; pass one or a layer")
-        from relation_lens.tracing import trace
+        import warnings
 
-        res = trace(model, request.text, subject=request.subject, target=request.target_true, corrupt="subject",
-                    kinds=("mlp",), n_samples=5, window=min(10, max(1, model.cfg.n_layers // 4)),
-                    include_last=True)
+        from relation_lens.tracing import TargetWarning, depth_scaled_window, trace
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TargetWarning)
+            res = trace(model, request.text, subject=request.subject, target=request.target_true,
+                        corrupt="subject", kinds=("mlp",), n_samples=5,
+                        window=depth_scaled_window(model.cfg.n_layers), include_last=True)
         last_subject = res.subject_span[1] - 1
         return int(res.scores["mlp"][:, last_subject].argmax())
     raise EditError(f"method {method!r} is not 'relation_rome' or 'rome'")

@@ -63,6 +63,12 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
+def depth_scaled_window(n_layers: int) -> int:
+    """ROME's window (10 layers of GPT-2 XL's 48) as the same fraction of another model's depth:
+    10 for 48 layers, 2 for 12, 1 for the 6-layer default model. The CLI and experiments use it."""
+    return max(1, round(10 * n_layers / 48))
+
+
 def check_model(model, kinds: Sequence[str] = KINDS, prompt: str | None = None) -> None:
     """Raise :class:`UnsupportedModelError` unless tracing can run on ``model``."""
     try:
