@@ -52,11 +52,11 @@ print(len(html) // 1000, "kB, CDN-free:", "unpkg.com" not in html)
     ("Edit: relation-ROME writes a rank-one update into MLP layer 4 (the 5th), keyed on the last "
      "relation token. `compute_edit` leaves the model unchanged; `apply_edit` returns an undo handle.",
      """
-request = rl.EditRequest("{} is located in the continent of", "Germany", "Asia", target_true="Europe")
+request = rl.EditRequest("{} is located in the country of", "Paris", "Italy", target_true="France")
 update = rl.compute_edit(model, request, method="relation_rome")
 print("layer", update.layer, "rank", int(__import__("torch").linalg.matrix_rank(update.delta())))
-prompts = ["Germany is located in the continent of", "Germany is a part of the continent of",
-           "France is located in the continent of", "The capital of Germany is"]
+prompts = ["Paris is located in the country of", "Paris can be found in the country of",
+           "Lyon is located in the country of", "Paris is located in the continent of"]
 before = predict(model, prompts)
 with rl.apply_edit(model, update) as handle:
     after = predict(model, prompts)

@@ -65,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the edit prompt, a paraphrase and an unrelated prompt, and save the edited "
                                    "weights only when --save is given.")
     _common(p)
-    p.add_argument("--prompt", default="{} is located in the continent of",
-                   help="prompt with {} for the subject (default: '{} is located in the continent of')")
-    p.add_argument("--subject", default="Germany", help="the subject (default: Germany)")
-    p.add_argument("--target-new", default="Asia", help="the new object (default: Asia)")
+    p.add_argument("--prompt", default="{} is located in the country of",
+                   help="prompt with {} for the subject (default: '{} is located in the country of')")
+    p.add_argument("--subject", default="Paris", help="the subject (default: Paris)")
+    p.add_argument("--target-new", default="Italy", help="the new object (default: Italy)")
     p.add_argument("--method", default="relation_rome", choices=["relation_rome", "rome"])
     p.add_argument("--layer", type=int, default=None, help="MLP layer (default: 4 for relation-ROME, traced for ROME)")
     p.add_argument("--key-mode", default="symmetric", choices=["symmetric", "asymmetric"],

@@ -11,7 +11,7 @@ def test_quick_start_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README quick start", "exec"), {})
     assert (tmp_path / "trace.png").is_file() and (tmp_path / "trace.html").is_file()
-    assert "Asia" in capsys.readouterr().out  # the edit took effect inside the block
+    assert "Italy" in capsys.readouterr().out  # the edit took effect inside the block
 
 
 def test_readme_commands_match_ci():
