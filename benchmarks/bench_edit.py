@@ -9,27 +9,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+from _report import emit, machine, median_time  # noqa: E402
 
 import relation_lens as rl  # noqa: E402
 from relation_lens.editing import default_layer  # noqa: E402
-
-
-def timed(fn, repeats):
-    out, times = None, []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return out, statistics.median(times)
 
 
 def main() -> None:
@@ -43,31 +31,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         for method in ("relation_rome", "rome"):
             layer = default_layer(model, method, request)
-            stats, t_stats = timed(lambda: rl.KeyStatistics.compute(model, layer, directory=cache, progress=False,
+            stats, t_stats = median_time(lambda: rl.KeyStatistics.compute(model, layer, directory=cache, progress=False,
                                                                      cache=False), 1)
             rl.KeyStatistics.compute(model, layer, directory=cache, progress=False)  # write the cache
-            _, t_load = timed(lambda: rl.KeyStatistics.compute(model, layer, directory=cache, progress=False),
+            _, t_load = median_time(lambda: rl.KeyStatistics.compute(model, layer, directory=cache, progress=False),
                               args.repeats)
-            _, t_edit = timed(lambda: rl.compute_edit(model, request, method=method, layer=layer, stats=stats),
+            _, t_edit = median_time(lambda: rl.compute_edit(model, request, method=method, layer=layer, stats=stats),
                               args.repeats)
             upd = rl.compute_edit(model, request, method=method, layer=layer, stats=stats)
-            _, t_apply = timed(lambda: rl.apply_edit(model, upd).undo(), args.repeats)
+            _, t_apply = median_time(lambda: rl.apply_edit(model, upd).undo(), args.repeats)
             rows.append((method, layer, stats.count, stats.n_texts, t_stats, t_load, t_edit, t_apply))
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-               f"({torch.get_num_threads()} threads)")
-    lines = [f"### Editing timings — {datetime.date.today()} — {machine}", "",
+    lines = [f"### Editing timings — {datetime.date.today()} — {machine()}", "",
              "Default model; statistics over the default corpus (a seeded sample of the training text); one edit "
-             "= compute_edit with cached statistics (prefix generation, key, 20-step value optimisation, closed "
-             "form); medians.", "",
+             "= compute_edit with cached statistics (prefix generation, key, value optimisation with the default "
+             "model's preset, closed form); medians.", "",
              "| method | layer | keys (tokens) | texts | compute statistics (s) | load cached (s) | one edit (s) | "
              "apply + undo (s) |", "|---|---|---|---|---|---|---|---|"]
     for m, layer, count, n, ts, tl, te, ta in rows:
         lines.append(f"| {m} | {layer} | {count:,} | {n:,} | {ts:.2f} | {tl:.4f} | {te:.2f} | {ta:.5f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        with open(args.write, "a") as fh:
-            fh.write("\n" + text)
+    emit(lines, args.write)
 
 
 if __name__ == "__main__":

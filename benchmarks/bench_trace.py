@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-from functools import partial
 import os
-import platform
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,6 +34,7 @@ import torch  # noqa: E402
 import relation_lens as rl  # noqa: E402
 from relation_lens.tracing import make_noise, window_layers  # noqa: E402
 from oracle import naive_trace  # noqa: E402
+from _report import emit, machine, median_time  # noqa: E402
 
 PROMPT = "Space Needle is located in the city of"
 SUBJECT = "Space Needle"
@@ -73,12 +71,7 @@ def flops(model, T: int, n: int, window: int, span: tuple[int, int]) -> dict[str
 
 
 def time_it(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_time(fn, repeats)[1]
 
 
 def tl_patching(model, tokens, span, noise, target):
@@ -141,9 +134,7 @@ def main() -> None:
     default = rl.load_model()
     rows = [run("default (6L, d192)", default, args.repeats),
             run("GPT-2-small-shaped random (12L, d768)", gpt2_small_shaped(default.tokenizer), args.repeats)]
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-               f"({torch.get_num_threads()} threads), {'CUDA' if torch.cuda.is_available() else 'no GPU'}")
-    lines = [f"### Tracing engine vs naive loop — {datetime.date.today()} — {machine}", "",
+    lines = [f"### Tracing engine vs naive loop — {datetime.date.today()} — {machine()}", "",
              f"Full grid, 3 kinds (resid, MLP window, attention window), prompt {PROMPT!r}, "
              "10 noise samples, window 10; medians.", "",
              "| model | tokens | naive loop (s) | engine (s) | speed-up | engine arithmetic / naive | "
@@ -153,11 +144,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['tokens']} | {r['naive_s']:.2f} | {r['engine_s']:.2f} | "
                      f"**{r['speedup']:.1f}x** | {r['flop_fraction']:.3f} | {1 / r['flop_fraction']:.1f}x | "
                      f"{r['tl_s']:.2f} | {r['max_abs_diff']:.1e} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        with open(args.write, "a") as fh:
-            fh.write("\n" + text)
+    emit(lines, args.write)
 
 
 if __name__ == "__main__":

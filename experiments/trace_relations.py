@@ -6,8 +6,12 @@ relations FewRel's validation split lacks. Prompts with relation words after the
 traced twice: corrupting the relation (Li, Chen & Wang 2024) and corrupting the subject (ROME).
 Prompts the model gets wrong are traced, counted and left out of the averages.
 
+Three runs: the relation corrupted (last token included, the library's default), the relation
+corrupted with the last token kept clean (``include_last=False``: where does relation information
+reach the last token from?), and the subject corrupted (ROME).
+
 Writes ``experiments/results/trace_relations{_quick}.md`` (tables of average indirect effects with
-95% intervals), ``trace_relations_{relation,subject}.png`` and ``.html``, and the JSON of both runs.
+95% intervals), a PNG per run, and the HTML view and JSON of each run (not committed: regenerate them).
 
     python experiments/trace_relations.py [--model default] [--limit N] [--shared ../shared/data]
 """
@@ -54,7 +58,7 @@ def collect(model, shared: Path, n: int, seed: int = 0) -> tuple[list[dict], dic
 
 
 def table(result, kind: str) -> str:
-    lines = [f"| layer | " + " | ".join(result.buckets) + " |", "|---" * (len(result.buckets) + 1) + "|"]
+    lines = ["| layer | " + " | ".join(result.buckets) + " |", "|---" * (len(result.buckets) + 1) + "|"]
     for layer in range(result.mean[kind].shape[0]):
         cells = [f"{result.mean[kind][layer, b]:+.3f} ± {result.ci95[kind][layer, b]:.3f}"
                  for b in range(len(result.buckets))]
@@ -80,20 +84,24 @@ def main(argv=None) -> None:
     facts, stats = collect(model, args.shared, n)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for corrupt in ("relation", "subject"):
+    runs = {"relation": ("relation", True), "relation, last token kept clean": ("relation", False),
+            "subject": ("subject", True)}
+    for name, (corrupt, include_last) in runs.items():
         res = rl.trace_dataset(model, facts, corrupt=corrupt, window=window, n_samples=args.samples,
-                               progress=not args.limit)
-        results[corrupt] = res
-        res.to_json(args.out / f"trace_relations_{corrupt}{suffix}.json")
-        plt.close(res.plot(args.out / f"trace_relations_{corrupt}{suffix}.png"))
-        (args.out / f"trace_relations_{corrupt}{suffix}.html").write_text(res.to_html(), encoding="utf-8")
+                               include_last=include_last, progress=not args.limit)
+        stem = f"trace_relations_{corrupt}{'' if include_last else '_lastclean'}{suffix}"
+        res.to_json(args.out / f"{stem}.json")
+        plt.close(res.plot(args.out / f"{stem}.png"))
+        (args.out / f"{stem}.html").write_text(res.to_html(), encoding="utf-8")
+        results[name] = (res, stem)
     lines = [f"# Experiment 1: relation vs subject tracing ({model.cfg.model_name})", "",
              f"FewRel-derived prompts with relation words after the subject: {stats['fewrel_prompts']}, of which the "
              f"model gets {stats['fewrel_known']} right; world facts it gets right: {stats['world_known']}.",
-             f"Traced: {len(facts)} prompts ({results['relation'].n_incorrect} that the model gets wrong, excluded "
+             f"Traced: {len(facts)} prompts ({results['relation'][0].n_incorrect} that the model gets wrong, excluded "
              f"from the averages); {args.samples} noise samples, window {window}.", ""]
-    for corrupt, res in results.items():
-        lines += [f"## {corrupt} corrupted: mean P clean {res.clean_prob:.3f}, corrupted {res.corrupted_prob:.3f}", ""]
+    for name, (res, stem) in results.items():
+        lines += [f"## {name} corrupted: mean P clean {res.clean_prob:.3f}, corrupted {res.corrupted_prob:.3f}", "",
+                  f"![{name}]({stem}.png)", ""]
         for kind in res.mean:
             lines += [f"### average indirect effect, restoring {kind}", "", table(res, kind), ""]
     (args.out / f"trace_relations{suffix}.md").write_text("\n".join(lines), encoding="utf-8")

@@ -3,7 +3,7 @@ counterfactual relation dataset), disjoint from the records the experiments repo
 
     python experiments/tune_edit_preset.py > experiments/results/edit_preset_tuning.md
 """
-import os, sys, time
+import os, time
 os.environ["HF_HUB_OFFLINE"]="1"
 import relation_lens as rl
 from relation_lens.editing import EditConfig, default_layer, EditRequest

@@ -1,10 +1,8 @@
-import math
-
 import pytest
 import torch
 
 import relation_lens as rl
-from relation_lens.editing import EditConfig, EditRequest, RankOneUpdate, apply_edit, compute_edit, predict
+from relation_lens.editing import EditConfig, EditRequest, RankOneUpdate, apply_edit, compute_edit
 from relation_lens.statistics import KeyStatistics
 from conftest import all_hooks, checksum, same_weights
 
