@@ -101,6 +101,7 @@ def main(argv=None) -> None:
              f"from the averages); {args.samples} noise samples, window {window}.", ""]
     for name, (res, stem) in results.items():
         lines += [f"## {name} corrupted: mean P clean {res.clean_prob:.3f}, corrupted {res.corrupted_prob:.3f}", "",
+                  f"{res.n_used} prompts averaged, {len(res.skipped)} skipped (no relation token left to corrupt).", "",
                   f"![{name}]({stem}.png)", ""]
         for kind in res.mean:
             lines += [f"### average indirect effect, restoring {kind}", "", table(res, kind), ""]

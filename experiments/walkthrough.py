@@ -55,8 +55,10 @@ print(len(html) // 1000, "kB, CDN-free:", "unpkg.com" not in html)
 request = rl.EditRequest("{} is located in the country of", "Paris", "Italy", target_true="France")
 update = rl.compute_edit(model, request, method="relation_rome")
 print("layer", update.layer, "rank", int(__import__("torch").linalg.matrix_rank(update.delta())))
-prompts = ["Paris is located in the country of", "Paris can be found in the country of",
-           "Lyon is located in the country of", "Paris is located in the continent of"]
+prompts = ["Paris is located in the country of",   # the edit prompt
+           "Paris, located in the country of",     # a held-out paraphrase
+           "Marseille is located in the country of",  # a neighbour: same relation, same object
+           "Paris is located in the continent of"]    # the same subject, another relation
 before = predict(model, prompts)
 with rl.apply_edit(model, update) as handle:
     after = predict(model, prompts)

@@ -139,10 +139,11 @@ class EvaluationResult:
 
     def row(self) -> str:
         """One markdown table row: method, layer, Score, ES, PS, NS, RS, fluency (mean ± CI)."""
-        cells = [f"{self.summary['Score'][0]:.1f}", f"{self.summary['ScoreROME'][0]:.1f}"]
+        na = lambda v, fmt: "n/a" if math.isnan(v) else format(v, fmt)  # noqa: E731
+        cells = [na(self.summary["Score"][0], ".1f"), na(self.summary["ScoreROME"][0], ".1f")]
         for k in ("ES", "PS", "NS", "RS"):
             mu, ci = self.summary[k]
-            cells.append(f"{mu:.1f} ± {ci:.1f}")
+            cells.append("n/a" if math.isnan(mu) else f"{mu:.1f} ± {na(ci, '.1f')}")
         mu, ci = self.summary["fluency"]
         cells.append(f"{mu:.2f} ± {ci:.2f}" if not math.isnan(mu) else "n/a")
         return f"| {self.method} | {self.layer if self.layer is not None else '-'} | " + " | ".join(cells) + " |"

@@ -574,9 +574,10 @@ class DatasetTraceResult:
     model_name: str
     results: tuple[TraceResult, ...]
     used: tuple[bool, ...]
+    skipped: tuple[tuple[int, str], ...] = ()  # (index of the fact, why it could not be traced)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        return {"skipped": [list(x) for x in self.skipped],
             "buckets": list(self.buckets), "mean": {k: v.tolist() for k, v in self.mean.items()},
             "ci95": {k: v.tolist() for k, v in self.ci95.items()}, "count": self.count.tolist(),
             "clean_prob": self.clean_prob, "corrupted_prob": self.corrupted_prob, "n_total": self.n_total,
@@ -594,6 +595,7 @@ class DatasetTraceResult:
         d["count"] = torch.tensor(d["count"])
         d["results"] = tuple(TraceResult.from_dict(r) for r in d["results"])
         d["used"] = tuple(d["used"])
+        d["skipped"] = tuple((int(i), str(m)) for i, m in d.get("skipped", ()))
         return cls(**d)
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -631,7 +633,8 @@ def _fact_fields(item: Any, index: int) -> tuple[str, str, str | int | None]:
 
 def trace_dataset(model, facts, *, corrupt: str = "relation", kinds: Sequence[str] = KINDS, window: int = 10,
                   n_samples: int = 10, noise: float | None = None, seed: int = 0, include_last: bool = True,
-                  exclude_incorrect: bool = True, batch_size: int = 512, progress: bool = False) -> DatasetTraceResult:
+                  exclude_incorrect: bool = True, batch_size: int = 512, progress: bool = False,
+                  skip_invalid: bool = True) -> DatasetTraceResult:
     """Trace many prompts and average the indirect effects by layer and position bucket.
 
     Args:
@@ -640,6 +643,8 @@ def trace_dataset(model, facts, *, corrupt: str = "relation", kinds: Sequence[st
             ``datasets.Dataset``.
         exclude_incorrect: leave out of the averages the prompts whose clean top prediction is not
             the target (they are traced and kept in ``results`` either way, and counted).
+        skip_invalid: a fact that cannot be traced (e.g. no relation words left with
+            ``include_last=False``) is recorded in ``skipped`` with the reason instead of raising.
         Other arguments as in :func:`trace`; the noise std is computed once for all prompts.
 
     Returns:
@@ -650,13 +655,18 @@ def trace_dataset(model, facts, *, corrupt: str = "relation", kinds: Sequence[st
     if not items:
         raise SpanError("trace_dataset got no facts")
     std = noise_std(model) if noise is None else float(noise)
-    results = []
+    results, skipped = [], []
     for i, (prompt, subject, target) in enumerate(tqdm(items, desc="prompts", disable=not progress)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TargetWarning)
-            results.append(trace(model, prompt, subject=subject, target=target, corrupt=corrupt, kinds=kinds,
-                                 window=window, n_samples=n_samples, noise=std, seed=seed + i,
-                                 include_last=include_last, batch_size=batch_size))
+            try:
+                results.append(trace(model, prompt, subject=subject, target=target, corrupt=corrupt, kinds=kinds,
+                                     window=window, n_samples=n_samples, noise=std, seed=seed + i,
+                                     include_last=include_last, batch_size=batch_size))
+            except (SpanError, PromptError, TargetError) as exc:
+                if not skip_invalid:
+                    raise
+                skipped.append((i, str(exc)))
     used = tuple(r.correct or not exclude_incorrect for r in results)
     chosen = [r for r, u in zip(results, used) if u]
     mean, ci = {}, {}
@@ -681,4 +691,4 @@ def trace_dataset(model, facts, *, corrupt: str = "relation", kinds: Sequence[st
         corrupted_prob=float(sum(r.corrupted_prob for r in chosen) / max(1, len(chosen))),
         n_total=len(results), n_used=len(chosen), n_incorrect=sum(not r.correct for r in results),
         exclude_incorrect=exclude_incorrect, corrupt=corrupt, window=window, model_name=model.cfg.model_name,
-        results=tuple(results), used=used)
+        results=tuple(results), used=used, skipped=tuple(skipped))

@@ -206,6 +206,12 @@ def test_trace_dataset(tiny_model, tmp_path):
     assert "data:image/png" in res.to_html()
     back = rl.DatasetTraceResult.from_dict(json.loads(res.to_json()))
     assert torch.allclose(back.mean["attn"], res.mean["attn"], equal_nan=True)
+    # a fact that cannot be traced is skipped with its reason, or raises when asked to
+    bad = facts + [("I visited Paris", "Paris")]
+    part = rl.trace_dataset(tiny_model, bad, n_samples=2, window=2, kinds=("resid",))
+    assert part.n_total == 3 and part.skipped[0][0] == 3 and "relation span is empty" in part.skipped[0][1]
+    with pytest.raises(rl.SpanError):
+        rl.trace_dataset(tiny_model, bad, n_samples=2, window=2, kinds=("resid",), skip_invalid=False)
 
 
 def test_buckets():
