@@ -40,7 +40,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from relation_lens.errors import EditError, SpanError, UnsupportedModelError
-from relation_lens.spans import char_span_to_tokens, token_offsets
+from relation_lens.spans import char_span_to_tokens, right_pad, token_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -210,14 +210,6 @@ def generate_prefixes(model, config: EditConfig) -> list[str]:
     return out
 
 
-def _pad(seqs: list[Tensor], pad: int) -> Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = s
-    return out
-
-
 def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome", layer: int | None = None,
                  stats=None, config: EditConfig | None = None, progress: bool = False) -> RankOneUpdate:
     """Compute the rank-one update that makes ``model`` answer ``request.target_new``.
@@ -270,12 +262,11 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
     kl_toks, kl_pos = _key_position(model, kl_text, config.kl_prompt.index("{}"), request.subject,
                                     "rome" if method == "rome" or kl_text.endswith(request.subject) else method)
     hook_post, hook_out = f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     dev = model.cfg.device
 
     # 1. the key k*: average of hook_post at the key token over the prefixed prompts
     with torch.no_grad():
-        _, cache = model.run_with_cache(_pad(contexts, pad).to(dev), names_filter=[hook_post, hook_out],
+        _, cache = model.run_with_cache(right_pad(model, contexts).to(dev), names_filter=[hook_post, hook_out],
                                         stop_at_layer=layer + 1)
     rows = torch.arange(len(contexts))
     keys = cache[hook_post][rows, torch.tensor(positions)].double().cpu()
@@ -285,7 +276,7 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
 
     # 2. the value v*: optimise delta on the MLP output at the key token
     seqs = [torch.cat([c, new_ids[:-1].cpu()]) for c in contexts] + [kl_toks]
-    batch = _pad(seqs, pad).to(dev)
+    batch = right_pad(model, seqs).to(dev)
     lookup = torch.tensor(positions + [kl_pos], device=dev)
     n_rw = len(contexts)
     unit = target_init.norm() / math.sqrt(model.cfg.d_model) if config.v_lr_scale == "rms" else 1.0

@@ -114,3 +114,14 @@ def find_spans(model, prompt: str, subject: str, *, include_last: bool = True, o
                         f"(include_last={include_last}); relation tracing needs relation words after the subject")
     return PromptSpans(prompt=prompt, tokens=tokens, str_tokens=tuple(model.to_str_tokens(tokens)),
                        subject=subject, subject_span=subj, relation_span=rel)
+
+
+def right_pad(model, seqs: list[torch.Tensor]) -> torch.Tensor:
+    """Stack token sequences into one ``[batch, max_len]`` tensor, padded on the right with the
+    tokenizer's pad token. Under causal attention, right padding leaves every real position's
+    states as they would be alone, so callers read positions ``< len(seq)`` only."""
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    out = torch.full((len(seqs), max(len(x) for x in seqs)), pad, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        out[i, :len(x)] = x
+    return out

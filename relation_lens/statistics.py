@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from relation_lens.errors import DataError, EditError
+from relation_lens.spans import right_pad
 
 logger = logging.getLogger(__name__)
 
@@ -143,16 +144,11 @@ def _accumulate(model, layer: int, texts: list[str], batch_size: int, progress: 
     d = model.cfg.d_mlp
     moment = torch.zeros(d, d, dtype=torch.float64)
     count = 0
-    tok = model.tokenizer
     for i in tqdm(range(0, len(texts), batch_size), desc=f"key statistics L{layer}", disable=not progress):
-        chunk = texts[i:i + batch_size]
-        ids = [model.to_tokens(t, truncate=True)[0] for t in chunk]
-        width = max(len(x) for x in ids)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        batch = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(ids), width, dtype=torch.bool)
+        ids = [model.to_tokens(t, truncate=True)[0].cpu() for t in texts[i:i + batch_size]]
+        batch = right_pad(model, ids)
+        mask = torch.zeros(batch.shape, dtype=torch.bool)
         for r, x in enumerate(ids):
-            batch[r, :len(x)] = x
             mask[r, :len(x)] = True
         if model.cfg.default_prepend_bos:
             mask[:, 0] = False  # the BOS state is the same for every text

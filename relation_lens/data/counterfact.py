@@ -28,20 +28,16 @@ import torch
 
 from relation_lens.data.loaders import COUNTERFACT_FIELDS, validate_counterfact
 from relation_lens.errors import DataError
+from relation_lens.spans import right_pad
 
 
 @torch.no_grad()
 def known_mask(model, prompts: list[str], targets: list[str], batch_size: int = 128) -> list[bool]:
     """Whether the model's top next token after each prompt is the first token of its target."""
     out = []
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     for i in range(0, len(prompts), batch_size):
-        ids = [model.to_tokens(p)[0] for p in prompts[i:i + batch_size]]
-        width = max(len(x) for x in ids)
-        batch = torch.full((len(ids), width), pad, dtype=torch.long)
-        for r, x in enumerate(ids):
-            batch[r, :len(x)] = x
-        logits = model(batch.to(model.cfg.device))  # right padding: real positions are unaffected
+        ids = [model.to_tokens(p)[0].cpu() for p in prompts[i:i + batch_size]]
+        logits = model(right_pad(model, ids).to(model.cfg.device))  # right padding: real positions are unaffected
         last = torch.tensor([len(x) - 1 for x in ids], device=logits.device)
         pred = logits[torch.arange(len(ids), device=logits.device), last].argmax(-1).tolist()
         gold = [int(model.to_tokens(" " + t.strip(), prepend_bos=False)[0, 0]) for t in targets[i:i + batch_size]]
