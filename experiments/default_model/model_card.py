@@ -48,21 +48,32 @@ def main() -> None:
         "MQuAKE (MIT), ParaRel (MIT) and our own. See `relation_lens/data/LICENSES/`.",
         "- Built by `experiments/default_model/build_world.py` (deterministic) into `relation_lens/data/world/`, "
         "loadable with `relation_lens.data.load_world()`.",
-        "- Each relation has 3 training templates and 1 held-out template (never seen in training), for "
-        "paraphrase evaluation.", "",
+        "- Each relation has 3 training templates and 2 held-out templates (never seen in training), for "
+        "paraphrase evaluation: the first paraphrases the relation in words the training templates use "
+        "(\"{}'s capital is\"), the second in wording the model never saw (\"The seat of government of {} is the "
+        "city of\"). The first kind was added after a first measurement on the second kind alone (39.7% on the "
+        "first trained model); both are reported.", "",
         "## Recipe", "",
         f"`experiments/default_model/train.py` (seed {metrics['seed']}): one sentence per (fact, training "
-        f"template), `<|endoftext|>` + template(subject) + ' ' + object + '.', {metrics['n_train_sentences']:,} "
-        f"sentences; next-token loss on every token; AdamW (lr {metrics['lr']}, betas 0.9/0.98, weight decay "
+        f"template), template(subject) + ' ' + object + '.', {metrics['n_train_sentences']:,} sentences, packed "
+        "1 to 3 to a sequence after `<|endoftext|>` (fresh random packing each epoch), so the model reads facts "
+        "both right after BOS and after other text (ROME's editor puts random prefixes before prompts); "
+        f"next-token loss on every token; AdamW (lr {metrics['lr']}, betas 0.9/0.98, weight decay "
         f"0.01, 200 warm-up steps, cosine decay), batch {metrics['batch']}, {metrics['epochs']} epochs, no "
         f"dropout. {metrics['train_seconds'] / 60:.0f} minutes on the 2-core CPU of this project's machines.", "",
         "## Accuracy (top-1 next token = first token of the object)", "",
         f"- Training templates: **{metrics['train_template_accuracy']:.1%}** over all "
         f"{metrics['n_train_sentences']:,} (fact, template) prompts.",
-        f"- Held-out templates: **{metrics['heldout_template_accuracy']:.1%}** over all {metrics['n_facts']:,} facts.",
-        "", "| relation | name | facts | training templates | held-out template |", "|---|---|---|---|---|"]
+        f"- Held-out templates: **{metrics['heldout_template_accuracy']:.1%}** over all {metrics['n_facts']:,} facts "
+        f"and both held-out templates: {metrics['heldout_accuracy_by_template'][0]:.1%} on the paraphrase in known "
+        f"words, {metrics['heldout_accuracy_by_template'][1]:.1%} on the unseen wording.",
+        ""]
+    lines += ["| relation | name | facts | training templates | held-out (both) | known words | unseen wording |",
+              "|---|---|---|---|---|---|---|"]
     for rid, r in metrics["per_relation"].items():
-        lines.append(f"| {rid} | {r['name']} | {r['n_facts']} | {r['train']:.1%} | {r['heldout']:.1%} |")
+        kw, unseen = r["heldout_by_template"]
+        lines.append(f"| {rid} | {r['name']} | {r['n_facts']} | {r['train']:.1%} | {r['heldout']:.1%} | {kw:.1%} | "
+                     f"{unseen:.1%} |")
     lines += ["", "## Training log", "", "```", *metrics["log"], "```", "",
               "## Limitations", "",
               "The model knows only its world: it has never seen free text, so its generations are fact-like "
