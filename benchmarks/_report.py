@@ -22,6 +22,8 @@ def median_time(fn, repeats: int):
     for _ in range(repeats):
         t = time.perf_counter()
         out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return out, statistics.median(times)
 

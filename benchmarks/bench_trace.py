@@ -40,12 +40,12 @@ PROMPT = "Space Needle is located in the city of"
 SUBJECT = "Space Needle"
 
 
-def gpt2_small_shaped(tokenizer):
+def gpt2_small_shaped(tokenizer, device: str):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
                                   d_vocab=50257, act_fn="gelu_new", normalization_type="LN", seed=0,
-                                  model_name="gpt2-small-shaped-random", default_prepend_bos=True)
+                                  model_name="gpt2-small-shaped-random", default_prepend_bos=True, device=device)
     model = HookedTransformer(cfg, tokenizer=tokenizer)
     return model.eval()
 
@@ -125,15 +125,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: the GPU comparison")
     ap.add_argument("--write", type=Path, default=None, help="append a results section to this markdown file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     _quiet_tqdm()
-    default = rl.load_model()
+    default = rl.load_model(device=args.device)
     rows = [run("default (6L, d192)", default, args.repeats),
-            run("GPT-2-small-shaped random (12L, d768)", gpt2_small_shaped(default.tokenizer), args.repeats)]
+            run("GPT-2-small-shaped random (12L, d768)", gpt2_small_shaped(default.tokenizer, args.device),
+                args.repeats)]
     lines = [f"### Tracing engine vs naive loop — {datetime.date.today()} — {machine()}", "",
              f"Full grid, 3 kinds (resid, MLP window, attention window), prompt {PROMPT!r}, "
              "10 noise samples, window 10; medians.", "",
