@@ -23,18 +23,15 @@ import torch
 
 import relation_lens as rl
 from relation_lens.data import load_world
+from relation_lens.data.counterfact import known_mask
 from relation_lens.editing import EditConfig, default_layer
 
 OUT = Path(__file__).resolve().parent / "results"
 
 
-@torch.no_grad()
 def top1_accuracy(model, facts) -> float:
-    hits = 0
-    for f in facts:
-        pred = int(model(model.to_tokens(f.prompt(0)))[0, -1].argmax())
-        hits += pred == int(model.to_tokens(" " + f.object, prepend_bos=False)[0, 0])
-    return hits / max(1, len(facts))
+    hits = known_mask(model, [f.prompt(0) for f in facts], [f.object for f in facts])
+    return sum(hits) / max(1, len(hits))
 
 
 def make_requests(world, n: int, seed: int = 0):
@@ -64,9 +61,7 @@ def run(model, reqs, untouched, method, layer, key_mode, stats):
         except rl.EditError:
             skipped += 1  # e.g. the model already predicts the new object after earlier edits
     seconds = time.perf_counter() - t0
-    with torch.no_grad():
-        eff = sum(int(model(model.to_tokens(r.text))[0, -1].argmax()) ==
-                  int(model.to_tokens(" " + r.target_new, prepend_bos=False)[0, 0]) for r, _ in edits) / len(edits)
+    eff = sum(known_mask(model, [r.text for r, _ in edits], [r.target_new for r, _ in edits])) / len(edits)
     after_acc = top1_accuracy(model, untouched)
     change = ((model.blocks[layer].mlp.W_out.detach() - W0).norm() / W0.norm()).item()
     for _, e in reversed(edits):

@@ -40,7 +40,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from relation_lens.errors import EditError, SpanError, UnsupportedModelError
-from relation_lens.spans import char_span_to_tokens, right_pad, token_offsets
+from relation_lens.spans import char_span_to_tokens, object_tokens, right_pad, token_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
     _check_model(model, layer)
     if stats is not None and stats.layer != layer:
         raise EditError(f"key statistics are for layer {stats.layer}, but the edit is at layer {layer}")
-    new_ids = model.to_tokens(" " + request.target_new.strip(), prepend_bos=False)[0]
+    new_ids = object_tokens(model, request.target_new)
     prompt_text = request.text
     with torch.no_grad():
         clean_logits = model(model.to_tokens(prompt_text))[0, -1]

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from relation_lens.editing import EditConfig, EditRequest, apply_edit, compute_edit
 from relation_lens.errors import EditError, SpanError
+from relation_lens.spans import object_tokens
 
 METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "RS", "RM", "fluency")
 
@@ -43,7 +44,7 @@ def target_probs(model, prompts: Sequence[str], targets: Sequence[str]) -> torch
     out = []
     for p, t in zip(prompts, targets):
         ctx = model.to_tokens(p)[0]
-        tgt = model.to_tokens(" " + t.strip(), prepend_bos=False)[0]
+        tgt = object_tokens(model, t)
         logits = model(torch.cat([ctx, tgt[:-1]])[None])[0]
         logp = logits[len(ctx) - 1:].float().log_softmax(-1)
         out.append(logp.gather(1, tgt[:, None]).mean().exp())

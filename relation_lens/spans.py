@@ -125,3 +125,9 @@ def right_pad(model, seqs: list[torch.Tensor]) -> torch.Tensor:
     for i, x in enumerate(seqs):
         out[i, :len(x)] = x
     return out
+
+
+def object_tokens(model, obj: str) -> torch.Tensor:
+    """Tokens of ``obj`` as it follows a prompt that ends without a space: ``" " + obj.strip()``,
+    no BOS. Shape ``[n_tokens]``."""
+    return model.to_tokens(" " + obj.strip(), prepend_bos=False)[0]

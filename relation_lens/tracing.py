@@ -268,17 +268,20 @@ def _final_logits(model, resid_last: Float[Tensor, "batch 1 d_model"]) -> Float[
     return logits
 
 
-def _embed_with_noise(model, tokens: Tensor, span: Span, noise: Tensor) -> Tensor:
-    """Residual stream entering block 0, with ``noise`` added to ``hook_embed`` on ``span``."""
-    n = noise.shape[0]
-
+def _noise_hook(span: Span, noise: Tensor):
+    """A ``hook_embed`` hook adding ``noise`` ``[sample, span, d_model]`` to the tokens of ``span``."""
     def add_noise(act, hook):
         act = act.clone()
         act[:, span[0]:span[1]] += noise
         return act
 
-    with model.hooks(fwd_hooks=[("hook_embed", add_noise)]):
-        return model(tokens.expand(n, -1), stop_at_layer=0)
+    return add_noise
+
+
+def _embed_with_noise(model, tokens: Tensor, span: Span, noise: Tensor) -> Tensor:
+    """Residual stream entering block 0, with ``noise`` added to ``hook_embed`` on ``span``."""
+    with model.hooks(fwd_hooks=[("hook_embed", _noise_hook(span, noise))]):
+        return model(tokens.expand(noise.shape[0], -1), stop_at_layer=0)
 
 
 def _corrupted_run(model, tokens: Tensor, span: Span, noise: Tensor):
@@ -499,12 +502,6 @@ def patched_probability(model, tokens: Tensor, corrupt_span: Span, noise: Tensor
     """
     names = {name for name, _ in restore}
     _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
-    span = corrupt_span
-
-    def add_noise(act, hook):
-        act = act.clone()
-        act[:, span[0]:span[1]] += noise
-        return act
 
     def restorer(positions):
         pos = list(positions)
@@ -515,7 +512,7 @@ def patched_probability(model, tokens: Tensor, corrupt_span: Span, noise: Tensor
             return act
         return fn
 
-    hooks = [("hook_embed", add_noise)] + [(name, restorer(pos)) for name, pos in restore]
+    hooks = [("hook_embed", _noise_hook(corrupt_span, noise))] + [(name, restorer(pos)) for name, pos in restore]
     logits = model.run_with_hooks(tokens.expand(noise.shape[0], -1), fwd_hooks=hooks)
     return logits[:, -1].float().softmax(-1)[:, target].mean().item()
 

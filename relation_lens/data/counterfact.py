@@ -28,7 +28,7 @@ import torch
 
 from relation_lens.data.loaders import COUNTERFACT_FIELDS, validate_counterfact
 from relation_lens.errors import DataError
-from relation_lens.spans import right_pad
+from relation_lens.spans import object_tokens, right_pad
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def known_mask(model, prompts: list[str], targets: list[str], batch_size: int = 
         logits = model(right_pad(model, ids).to(model.cfg.device))  # right padding: real positions are unaffected
         last = torch.tensor([len(x) - 1 for x in ids], device=logits.device)
         pred = logits[torch.arange(len(ids), device=logits.device), last].argmax(-1).tolist()
-        gold = [int(model.to_tokens(" " + t.strip(), prepend_bos=False)[0, 0]) for t in targets[i:i + batch_size]]
+        gold = [int(object_tokens(model, t)[0]) for t in targets[i:i + batch_size]]
         out += [p == g for p, g in zip(pred, gold)]
     return out
 
