@@ -34,12 +34,27 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model(tokenizer):
     """A deterministic random 4-layer GPT-2-style HookedTransformer with the default tokenizer."""
+    return random_model(tokenizer, "tiny-random", n_layers=4, d_mlp=128, act_fn="gelu_new",
+                        normalization_type="LN")
+
+
+def random_model(tokenizer, name: str, *, n_layers: int = 3, d_model: int = 64, n_heads: int = 4, d_mlp: int = 96,
+                 sharpen: float = 10.0, **cfg_kwargs):
+    """A deterministic random HookedTransformer of any architecture TransformerLens describes.
+
+    The unembedding is multiplied by ``sharpen`` so that the model is confident (its top token
+    on the tracing prompt has P ~ 0.98 at 10x): then a trace spans most of [0, 1] and an oracle
+    tolerance of 1e-5 is tight, where an unscaled random model's probabilities (~1e-3) would make
+    it nearly vacuous.
+    """
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=4, d_model=64, n_heads=4, d_head=16, d_mlp=128, n_ctx=64,
-                                  d_vocab=len(tokenizer), act_fn="gelu_new", normalization_type="LN", seed=0,
-                                  model_name="tiny-random", default_prepend_bos=True)
+    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_model // n_heads,
+                                  d_mlp=d_mlp, n_ctx=64, d_vocab=len(tokenizer), seed=0, model_name=name,
+                                  default_prepend_bos=True, **cfg_kwargs)
     model = HookedTransformer(cfg, tokenizer=tokenizer)
+    with torch.no_grad():
+        model.W_U.mul_(sharpen)
     model.eval()
     return model
 
