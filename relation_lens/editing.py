@@ -145,8 +145,6 @@ def _check_model(model, layer: int) -> None:
         raise UnsupportedModelError(f"expected a HookedTransformer, got {type(model).__name__}")
     if model.cfg.attn_only or model.cfg.d_mlp is None:
         raise UnsupportedModelError(f"model {model.cfg.model_name!r} has no MLP layers to edit")
-    if getattr(model.cfg, "gated_mlp", False):
-        raise UnsupportedModelError(f"model {model.cfg.model_name!r} has gated MLPs; the key is then not hook_post alone")
     if model.cfg.dtype not in (torch.float32, torch.float64):
         raise EditError(f"model {model.cfg.model_name!r} is in {model.cfg.dtype}; rank-one edits need float32 "
                         "(load it with dtype='float32'); the model was not changed")

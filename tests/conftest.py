@@ -22,6 +22,20 @@ def same_weights(model, saved) -> bool:
     return now.keys() == saved.keys() and all(torch.equal(now[k], saved[k]) for k in saved)
 
 
+# Architectures of the "friends" of GPT-2 XL the tool is meant for: GPT-J (rotary on part of the
+# head, attention and MLP in parallel), GPT-NeoX/Pythia (the same with a smaller rotary share),
+# LLaMA-style (RMSNorm, gated SiLU MLP, grouped-query attention) and a model without LayerNorm.
+ARCHITECTURES = {
+    "gptj": dict(positional_embedding_type="rotary", rotary_dim=8, parallel_attn_mlp=True,
+                 normalization_type="LN", act_fn="gelu_new"),
+    "neox": dict(positional_embedding_type="rotary", rotary_dim=4, parallel_attn_mlp=True,
+                 normalization_type="LN", act_fn="gelu"),
+    "llama": dict(positional_embedding_type="rotary", rotary_dim=16, normalization_type="RMS", act_fn="silu",
+                  gated_mlp=True, n_key_value_heads=2),
+    "no-norm": dict(normalization_type=None, act_fn="relu"),
+}
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer

@@ -6,7 +6,7 @@ import torch
 
 import relation_lens as rl
 from relation_lens.tracing import TargetWarning, make_noise, patched_probability, window_layers
-from conftest import all_hooks, checksum, random_model, same_weights
+from conftest import ARCHITECTURES, all_hooks, checksum, random_model, same_weights
 from oracle import naive_trace
 
 PROMPT, SUBJECT = "The Space Needle is located in the city of", "The Space Needle"
@@ -25,20 +25,6 @@ def _oracle_check(model, prompt, subject, target, corrupt, n, window, tol=1e-5):
     # the comparison means something only if the grid varies far more than the tolerance
     assert res.scores["resid"].max() - res.scores["resid"].min() > 1000 * tol
     return res
-
-
-# Architectures of the "friends" of GPT-2 XL the tool is meant for: GPT-J (rotary on part of the
-# head, attention and MLP in parallel), GPT-NeoX/Pythia (the same with a smaller rotary share),
-# LLaMA-style (RMSNorm, gated SiLU MLP, grouped-query attention) and a model without LayerNorm.
-ARCHITECTURES = {
-    "gptj": dict(positional_embedding_type="rotary", rotary_dim=8, parallel_attn_mlp=True,
-                 normalization_type="LN", act_fn="gelu_new"),
-    "neox": dict(positional_embedding_type="rotary", rotary_dim=4, parallel_attn_mlp=True,
-                 normalization_type="LN", act_fn="gelu"),
-    "llama": dict(positional_embedding_type="rotary", rotary_dim=16, normalization_type="RMS", act_fn="silu",
-                  gated_mlp=True, n_key_value_heads=2),
-    "no-norm": dict(normalization_type=None, act_fn="relu"),
-}
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
