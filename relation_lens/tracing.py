@@ -325,20 +325,21 @@ def _cells(kinds: Sequence[str], n_layers: int, n_pos: int, window: int) -> list
 
 
 class _Plan:
-    """What the restoring hooks do during the current block call."""
+    """What the restoring hooks do during the current block call: ``masks[(kind, layer)]`` marks
+    the rows (of the active prefix of the batch) whose output of that kind is restored."""
 
     def __init__(self, clean: dict[str, Tensor]):
         self.clean = clean
         self.pos = 0
-        self.rows: dict[tuple[str, int], Tensor] = {}
+        self.masks: dict[tuple[str, int], Tensor] = {}
 
     def hook(self, kind: str, layer: int):
         def restore(act, hook):
-            rows = self.rows.get((kind, layer))
-            if rows is None or rows.numel() == 0:
+            mask = self.masks.get((kind, layer))
+            if mask is None:
                 return act
             act = act.clone()
-            act[rows, 0] = self.clean[kind][layer, self.pos]
+            act[:, 0] = torch.where(mask[:, None], self.clean[kind][layer, self.pos], act[:, 0])
             return act
 
         return restore
@@ -347,20 +348,28 @@ class _Plan:
 @torch.no_grad()
 def _run_cells(model, runs: _Runs, cells: list[_Cell], target: int, n: int, batch_size: int,
                progress: bool) -> dict[_Cell, float]:
+    """Score every cell. The layer loop is planned on the host: inside a batch the cells are sorted
+    by start layer, so the rows active at a layer are a prefix (a slice, not a gather); the restore
+    masks go to the device once per batch; the scores come back once at the end. Nothing inside the
+    loop waits for the device, so on a GPU the launches queue up ahead of the work."""
+    from bisect import bisect_right
+
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry as Entry
 
     L = model.cfg.n_layers
     plan = _Plan(runs.clean)
-    hooks = [(HOOKS[k].format(l), plan.hook(k, l)) for k in ("mlp", "attn") if k in runs.clean for l in range(L)]
+    windowed = [k for k in ("mlp", "attn") if k in runs.clean]
+    hooks = [(HOOKS[k].format(l), plan.hook(k, l)) for k in windowed for l in range(L)]
     by_pos: dict[int, list[_Cell]] = defaultdict(list)
     for c in cells:
         by_pos[c.pos].append(c)
     per_batch = max(1, batch_size // n)
-    chunks = [(p, group[i:i + per_batch]) for p, group in sorted(by_pos.items())
-              for i in range(0, len(group), per_batch)]
-    out: dict[_Cell, float] = {}
+    chunks = []
+    for p, group in sorted(by_pos.items()):
+        group = sorted(group, key=lambda c: c.start)  # stable: kind, layer order kept within a start
+        chunks += [(p, group[i:i + per_batch]) for i in range(0, len(group), per_batch)]
     device = runs.corrupt_resid[0].device
-    sample = torch.arange(n, device=device)
+    scored: list[tuple[list[_Cell], Tensor]] = []
     with model.hooks(fwd_hooks=hooks):
         for p, chunk in tqdm(chunks, desc="tracing", disable=not progress, leave=False):
             plan.pos = p
@@ -372,34 +381,29 @@ def _run_cells(model, runs: _Runs, cells: list[_Cell], target: int, n: int, batc
                     x[:, 0] = runs.clean["resid"][c.layer, p]
                 inputs.append(x)
             resid = torch.cat(inputs)  # [rows, pos - p, d_model], row = cell * n + sample
-            starts = torch.tensor([c.start for c in chunk], device=device).repeat_interleave(n)
-            samples = sample.repeat(len(chunk))
-            for j in range(int(starts.min()), L):
-                active = (starts <= j).nonzero().squeeze(1)
-                everyone = active.numel() == resid.shape[0]
-                x = resid if everyone else resid[active]
+            starts = [c.start for c in chunk]  # ascending
+            restore = {k: torch.tensor([[c.kind == k and j in c.patch_layers for c in chunk] for j in range(L)])
+                       for k in windowed}  # host [layer, cell]
+            restore = {k: m for k, m in restore.items() if m.any()}
+            on_device = {k: m.repeat_interleave(n, dim=1).to(device) for k, m in restore.items()}
+            for j in range(starts[0], L):
+                active = n * bisect_right(starts, j)
                 entry = None
                 if p > 0:
                     keys, values = runs.corrupt_kv[j]
-                    idx = samples[active]
-                    entry = Entry(keys[idx, :p], values[idx, :p], frozen=True)
-                plan.rows = {}
-                for kind in ("mlp", "attn"):
-                    flags = torch.tensor([c.kind == kind and j in c.patch_layers for c in chunk], device=device)
-                    if flags.any():
-                        flags = flags.repeat_interleave(n)[active]
-                        plan.rows[(kind, j)] = flags.nonzero().squeeze(1)
-                y = model.blocks[j](x, past_kv_cache_entry=entry)
-                if everyone:
+                    reps = active // n
+                    entry = Entry(keys[:, :p].repeat(reps, 1, 1, 1), values[:, :p].repeat(reps, 1, 1, 1), frozen=True)
+                plan.masks = {(k, j): on_device[k][j, :active] for k, m in restore.items() if m[j].any()}
+                y = model.blocks[j](resid[:active], past_kv_cache_entry=entry)
+                if active == resid.shape[0]:
                     resid = y
                 else:
-                    resid = resid.clone()
-                    resid[active] = y
+                    resid[:active] = y
             probs = _final_logits(model, resid[:, -1:]).float().softmax(-1)[:, target]
-            for c, v in zip(chunk, probs.view(len(chunk), n).mean(1).tolist()):
-                out[c] = v
-            plan.rows = {}
-    return out
+            scored.append((chunk, probs.view(len(chunk), n).mean(1)))
+            plan.masks = {}
+    values = torch.cat([v for _, v in scored]).tolist() if scored else []
+    return dict(zip((c for chunk, _ in scored for c in chunk), values))
 
 
 def corrupt_span_for(spans: PromptSpans, corrupt: str | tuple[int, int], n_pos: int) -> tuple[str, Span]:
