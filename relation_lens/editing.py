@@ -120,7 +120,7 @@ class EditConfig:
             raise EditError(f"kl_prompt {self.kl_prompt!r} must contain '{{}}'")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RankOneUpdate:
     """``W_out' = W_out + outer(left, right)`` at ``layer``; a value, applying it is separate."""
 
@@ -136,6 +136,11 @@ class RankOneUpdate:
 
     def delta(self) -> Float[Tensor, "d_mlp d_model"]:
         return torch.outer(self.left, self.right)
+
+    def __repr__(self) -> str:  # a summary; the vectors are in .left/.right/.key/.value
+        norm = float(self.left.norm() * self.right.norm())  # Frobenius norm of the rank-one delta
+        return (f"RankOneUpdate({self.method} at layer {self.layer}: {self.request.text!r} -> "
+                f"{self.request.target_new!r}; ||delta||_F {norm:.3g})")
 
 
 def _check_model(model, layer: int) -> None:
@@ -239,7 +244,7 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
     _check_model(model, layer)
     if stats is not None and stats.layer != layer:
         raise EditError(f"key statistics are for layer {stats.layer}, but the edit is at layer {layer}")
-    new_ids = object_tokens(model, request.target_new)
+    new_ids = object_tokens(model, request.text, request.target_new)
     prompt_text = request.text
     with torch.no_grad():
         clean_logits = model(model.to_tokens(prompt_text))[0, -1]

@@ -20,17 +20,16 @@ own numbers are kept in ``records``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from relation_lens._results import JsonRoundTrip
 from relation_lens.editing import EditConfig, EditRequest, apply_edit, compute_edit
 from relation_lens.errors import EditError, SpanError
 from relation_lens.spans import object_tokens
@@ -44,7 +43,7 @@ def target_probs(model, prompts: Sequence[str], targets: Sequence[str]) -> torch
     out = []
     for p, t in zip(prompts, targets):
         ctx = model.to_tokens(p)[0]
-        tgt = object_tokens(model, t)
+        tgt = object_tokens(model, p, t)
         logits = model(torch.cat([ctx, tgt[:-1]])[None])[0]
         logp = logits[len(ctx) - 1:].float().log_softmax(-1)
         out.append(logp.gather(1, tgt[:, None]).mean().exp())
@@ -112,8 +111,8 @@ def _harmonic(values: list[float]) -> float:
     return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
 
 
-@dataclass(frozen=True)
-class EvaluationResult:
+@dataclass(frozen=True, repr=False)
+class EvaluationResult(JsonRoundTrip):
     """Per-record metrics and their summary (mean, 95% CI half-width), in percent for the rates."""
 
     method: str
@@ -132,11 +131,17 @@ class EvaluationResult:
                 "summary": {k: list(v) for k, v in self.summary.items()}, "n_failed": self.n_failed,
                 "settings": self.settings}
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvaluationResult":
+        return cls(method=d["method"], layer=d["layer"], records=tuple(d["records"]),
+                   summary={k: tuple(v) for k, v in d["summary"].items()}, n_failed=d["n_failed"],
+                   settings=d.get("settings", {}))
+
+    def __repr__(self) -> str:  # a summary; per-record numbers are in .records
+        metrics = ", ".join(f"{k} {self.summary[k][0]:.1f}" for k in ("Score", "ES", "PS", "NS", "RS")
+                            if k in self.summary)
+        return (f"EvaluationResult({self.method} at layer {self.layer}: {metrics}; "
+                f"{len(self.records)} records, {self.n_failed} failed)")
 
     def row(self) -> str:
         """One markdown table row: method, layer, Score, ES, PS, NS, RS, fluency (mean ± CI)."""

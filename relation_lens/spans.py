@@ -127,7 +127,17 @@ def right_pad(model, seqs: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def object_tokens(model, obj: str) -> torch.Tensor:
-    """Tokens of ``obj`` as it follows a prompt that ends without a space: ``" " + obj.strip()``,
-    no BOS. Shape ``[n_tokens]``."""
-    return model.to_tokens(" " + obj.strip(), prepend_bos=False)[0]
+def continuation_text(prompt: str, target: str) -> str:
+    """How ``target`` is written after ``prompt``, the one convention of tracing, editing and
+    evaluation: trailing whitespace dropped; a space put in front (GPT-2 convention, ``" Paris"``)
+    unless the target already starts with whitespace or the prompt ends with it."""
+    target = target.rstrip()
+    if target[:1].isspace() or prompt[-1:].isspace():
+        return target
+    return " " + target
+
+
+def object_tokens(model, prompt: str, obj: str) -> torch.Tensor:
+    """Tokens of ``obj`` as the continuation of ``prompt`` (:func:`continuation_text`), no BOS.
+    Shape ``[n_tokens]``."""
+    return model.to_tokens(continuation_text(prompt, obj), prepend_bos=False)[0]

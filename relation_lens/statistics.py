@@ -84,7 +84,7 @@ def _corpus_hash(texts: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class KeyStatistics:
     """``C = E[k k^T]`` of the keys at one layer, with how it was computed."""
 
@@ -94,6 +94,10 @@ class KeyStatistics:
     model_fingerprint: str
     corpus_hash: str
     n_texts: int
+
+    def __repr__(self) -> str:  # a summary; the matrix is in .moment
+        return (f"KeyStatistics(layer {self.layer}, [{self.moment.shape[0]} x {self.moment.shape[1]}] "
+                f"from {self.count} keys of {self.n_texts} texts, model {self.model_fingerprint[:12]})")
 
     @classmethod
     def compute(cls, model, layer: int, corpus: Iterable[str] | None = None, *, n_texts: int | None = 10_000,

@@ -30,7 +30,6 @@ layer loop at its own start layer. Only the last position is unembedded.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections import defaultdict
@@ -44,8 +43,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from relation_lens._results import JsonRoundTrip
 from relation_lens.errors import NoiseError, PromptError, SpanError, TargetError, UnsupportedModelError
-from relation_lens.spans import PromptSpans, Span, find_spans
+from relation_lens.spans import PromptSpans, Span, find_spans, object_tokens
 
 Kind = Literal["resid", "mlp", "attn"]
 KINDS: tuple[Kind, ...] = ("resid", "mlp", "attn")
@@ -136,8 +136,8 @@ class Target:
 def resolve_target(model, prompt: str, target: str | int | None, clean_logits: Tensor) -> Target:
     """Turn ``target`` into the token to score.
 
-    A string is tokenised as a continuation of the prompt: when neither the prompt ends nor the
-    target starts with whitespace, a space is put in front (GPT-2 convention, " Paris"). A
+    A string is tokenised as a continuation of the prompt (:func:`relation_lens.spans.continuation_text`:
+    a space in front unless either side already has whitespace there, GPT-2 convention " Paris"). A
     string of several tokens is scored by its first token, with a :class:`TargetWarning`.
     """
     if target is None:
@@ -150,8 +150,7 @@ def resolve_target(model, prompt: str, target: str | int | None, clean_logits: T
         return Target(target, model.tokenizer.decode([target]), str(target), 1)
     if not isinstance(target, str) or not target.strip():
         raise TargetError(f"target {target!r} is empty (prompt {prompt!r})")
-    text = target if (target[0].isspace() or prompt[-1:].isspace()) else " " + target
-    ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
+    ids = object_tokens(model, prompt, target).tolist()
     if len(ids) > 1:
         warnings.warn(f"target {target!r} is {len(ids)} tokens; scoring its first token "
                       f"{model.tokenizer.decode(ids[:1])!r} (prompt {prompt!r})", TargetWarning, stacklevel=3)
@@ -159,8 +158,16 @@ def resolve_target(model, prompt: str, target: str | int | None, clean_logits: T
 
 
 # ------------------------------------------------------------------------------------ result type
-@dataclass(frozen=True)
-class TraceResult:
+class _Views(JsonRoundTrip):
+    """JSON round trip and notebook display shared by the result types (which define ``to_dict``,
+    ``from_dict`` and ``to_html``)."""
+
+    def _repr_html_(self) -> str:  # notebooks: offline, no network probe
+        return self.to_html()
+
+
+@dataclass(frozen=True, repr=False)
+class TraceResult(_Views):
     """The outcome of one trace.
 
     ``scores[kind]`` is a ``Float[Tensor, "layer pos"]`` grid of P(target) with the site restored;
@@ -203,6 +210,23 @@ class TraceResult:
         """Score minus the corrupted probability."""
         return self.scores[kind] - self.corrupted_prob
 
+    def peak(self, kind: str) -> tuple[int, int, float]:
+        """``(layer, position, score)`` of the site whose restoration brings back the most."""
+        grid = self.scores[kind]
+        flat = int(grid.argmax())
+        layer, pos = divmod(flat, grid.shape[1])
+        return layer, pos, float(grid[layer, pos])
+
+    def __repr__(self) -> str:  # a summary; the grids are in .scores
+        lo, hi = self.corrupt_span
+        layers, positions = next(iter(self.scores.values())).shape
+        peaks = ", ".join(f"{k} L{l}@{self.tokens[p]!r} {v:.3g}" for k in self.scores
+                          for l, p, v in [self.peak(k)])
+        return (f"TraceResult({self.prompt!r}, corrupt={self.corrupt} {''.join(self.tokens[lo:hi])!r}, "
+                f"target={self.target!r}: clean {self.clean_prob:.3g}, corrupted {self.corrupted_prob:.3g}; "
+                f"grids [{layers} layers x {positions} positions]; peaks: {peaks}; "
+                f"n_samples={self.n_samples}, window={self.window}, model={self.model_name!r})")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["scores"] = {k: v.tolist() for k, v in self.scores.items()}
@@ -220,19 +244,6 @@ class TraceResult:
         d["tokens"] = tuple(d["tokens"])
         return cls(**d)
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "TraceResult":
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text))
-
     def plot(self, path: str | Path | None = None, **kwargs):
         """ROME-style heatmaps (one panel per kind); saved to ``path`` (PNG/PDF/SVG) if given."""
         from relation_lens.viz import plot_trace
@@ -244,9 +255,6 @@ class TraceResult:
         from relation_lens.viz import trace_html
 
         return trace_html(self)
-
-    def _repr_html_(self) -> str:  # notebooks: offline, no network probe
-        return self.to_html()
 
 
 # ---------------------------------------------------------------------------------- the engine
@@ -551,8 +559,8 @@ def bucketize(result: TraceResult, kind: str) -> Float[Tensor, "layer bucket"]:
     return torch.stack(cols, dim=1)
 
 
-@dataclass(frozen=True)
-class DatasetTraceResult:
+@dataclass(frozen=True, repr=False)
+class DatasetTraceResult(_Views):
     """Average indirect effects over many prompts, by layer and position bucket.
 
     ``mean[kind]`` and ``ci95[kind]`` are ``Float[Tensor, "layer bucket"]`` (the CI is the half-width
@@ -577,6 +585,19 @@ class DatasetTraceResult:
     used: tuple[bool, ...]
     skipped: tuple[tuple[int, str], ...] = ()  # (index of the fact, why it could not be traced)
 
+    def __repr__(self) -> str:  # a summary; the grids are in .mean / .ci95
+        peaks = []
+        for kind, grid in self.mean.items():
+            g = torch.nan_to_num(grid, nan=-math.inf)
+            layer, b = divmod(int(g.argmax()), g.shape[1])
+            peaks.append(f"{kind} L{layer}@{self.buckets[b]} {float(grid[layer, b]):.3g}"
+                         f"\u00b1{float(self.ci95[kind][layer, b]):.2g}")
+        return (f"DatasetTraceResult({self.n_used} of {self.n_total} prompts averaged "
+                f"({self.n_incorrect} wrong{', left out' if self.exclude_incorrect else ''}, "
+                f"{len(self.skipped)} skipped), corrupt={self.corrupt}; mean clean {self.clean_prob:.3g}, "
+                f"corrupted {self.corrupted_prob:.3g}; largest mean indirect effects: {'; '.join(peaks)}; "
+                f"window={self.window}, model={self.model_name!r})")
+
     def to_dict(self) -> dict[str, Any]:
         return {"skipped": [list(x) for x in self.skipped],
             "buckets": list(self.buckets), "mean": {k: v.tolist() for k, v in self.mean.items()},
@@ -599,11 +620,6 @@ class DatasetTraceResult:
         d["skipped"] = tuple((int(i), str(m)) for i, m in d.get("skipped", ()))
         return cls(**d)
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
     def plot(self, path: str | Path | None = None, **kwargs):
         from relation_lens.viz import plot_dataset
@@ -614,9 +630,6 @@ class DatasetTraceResult:
         from relation_lens.viz import dataset_html
 
         return dataset_html(self)
-
-    def _repr_html_(self) -> str:
-        return self.to_html()
 
 
 def _fact_fields(item: Any, index: int) -> tuple[str, str, str | int | None]:

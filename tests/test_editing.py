@@ -42,6 +42,8 @@ def test_compute_edit_is_pure_and_update_is_exact(tiny_model, tiny_stats):
     assert [p.requires_grad for p in tiny_model.parameters()] == flags
     assert all(p.grad is None for p in tiny_model.parameters())
     assert torch.linalg.matrix_rank(upd.delta()) == 1
+    assert f"||delta||_F {upd.delta().norm().item():.3g})" in repr(upd) and "tensor(" not in repr(upd)
+    assert repr(tiny_stats[2]).startswith("KeyStatistics(layer 2, [128 x 128] from ") and "tensor(" not in repr(tiny_stats[2])
     W = tiny_model.blocks[2].mlp.W_out.detach().double()
     b = tiny_model.blocks[2].mlp.b_out.detach().double()
     assert torch.allclose(upd.key @ (W + upd.delta()) + b, upd.value, atol=1e-6)

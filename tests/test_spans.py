@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from relation_lens import SpanError, PromptError, find_spans
 from relation_lens.spans import char_span_to_tokens
@@ -57,3 +58,23 @@ def test_bad_spans(tiny_model, prompt, subject, match):
 def test_empty_prompt(tiny_model):
     with pytest.raises(PromptError, match="empty"):
         find_spans(tiny_model, "   ", "x")
+
+
+@pytest.mark.filterwarnings("ignore::relation_lens.tracing.TargetWarning")
+def test_continuation_convention_is_shared(tiny_model):
+    """One convention for where a target's space goes, in tracing, editing and evaluation."""
+    from relation_lens.spans import continuation_text, object_tokens
+    from relation_lens.tracing import resolve_target
+
+    assert continuation_text("The capital of France is", "Paris") == " Paris"
+    assert continuation_text("The capital of France is", " Paris ") == " Paris"
+    assert continuation_text("The capital of France is ", "Paris") == "Paris"
+    assert continuation_text("Prices in $", "\t5") == "\t5"
+    logits = torch.zeros(tiny_model.cfg.d_vocab)
+    for prompt, target in [("The capital of France is", "Paris"), ("The capital of France is ", "Paris"),
+                           ("The capital of France is", " Paris  ")]:
+        ids = object_tokens(tiny_model, prompt, target)
+        assert resolve_target(tiny_model, prompt, target, logits).token == int(ids[0])
+        if not prompt.endswith(" "):  # the same tokens as at the end of the joined text
+            full = tiny_model.to_tokens(prompt + " Paris", prepend_bos=False)[0]
+            assert full[-len(ids):].tolist() == ids.tolist()

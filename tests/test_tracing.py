@@ -127,6 +127,12 @@ def test_json_round_trip(tiny_model, tmp_path):
     again = rl.TraceResult.from_json(tmp_path / "t.json")
     assert again.to_dict() == back.to_dict()
     json.loads(res.to_json())
+    # a one-line summary for notebooks, with the peak site of each kind, not a tensor dump
+    layer, pos, value = res.peak("mlp")
+    assert value == res.scores["mlp"].max().item() and res.scores["mlp"][layer, pos].item() == value
+    text = repr(res)
+    assert "\n" not in text and "tensor(" not in text and PROMPT in text
+    assert f"mlp L{layer}@{res.tokens[pos]!r}" in text
 
 
 def test_views(tiny_model, tmp_path):
@@ -212,7 +218,9 @@ def test_trace_dataset(tiny_model, tmp_path):
     assert int(everything.count[1]) == with_middle >= 1  # "The Space Needle" has a middle token
     res.plot(tmp_path / "d.png")
     assert "data:image/png" in res.to_html()
-    back = rl.DatasetTraceResult.from_dict(json.loads(res.to_json()))
+    back = rl.DatasetTraceResult.from_json(res.to_json(tmp_path / "d.json"))
+    assert rl.DatasetTraceResult.from_json(tmp_path / "d.json").to_json() == back.to_json() == res.to_json()
+    assert repr(res).startswith(f"DatasetTraceResult({res.n_used} of {res.n_total} prompts") and "tensor(" not in repr(res)
     assert torch.allclose(back.mean["attn"], res.mean["attn"], equal_nan=True)
     # a fact that cannot be traced is skipped with its reason, or raises when asked to
     bad = facts + [("I visited Paris", "Paris")]

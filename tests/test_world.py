@@ -10,6 +10,7 @@ def test_world_size_and_shape():
     world = load_world()
     assert len(world) >= 5000
     assert len(world.relations) >= 20
+    assert repr(world) == f"World({len(world)} facts over {len(world.relations)} relations)"
     subjects = Counter(f.subject for f in world)
     assert sum(v >= 2 for v in subjects.values()) / len(subjects) >= 0.30
     for rel in world.relations.values():

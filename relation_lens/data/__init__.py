@@ -75,10 +75,13 @@ class Fact:
                 "train_templates": list(self.train_templates), "heldout_templates": list(self.heldout_templates)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class World:
     facts: tuple[Fact, ...]
     relations: dict[str, Relation]
+
+    def __repr__(self) -> str:
+        return f"World({len(self.facts)} facts over {len(self.relations)} relations)"
 
     def __len__(self) -> int:
         return len(self.facts)

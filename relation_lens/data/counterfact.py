@@ -40,7 +40,8 @@ def known_mask(model, prompts: list[str], targets: list[str], batch_size: int = 
         logits = model(right_pad(model, ids).to(model.cfg.device))  # right padding: real positions are unaffected
         last = torch.tensor([len(x) - 1 for x in ids], device=logits.device)
         pred = logits[torch.arange(len(ids), device=logits.device), last].argmax(-1).tolist()
-        gold = [int(object_tokens(model, t)[0]) for t in targets[i:i + batch_size]]
+        pairs = zip(prompts[i:i + batch_size], targets[i:i + batch_size])
+        gold = [int(object_tokens(model, p, t)[0]) for p, t in pairs]
         out += [p == g for p, g in zip(pred, gold)]
     return out
 
