@@ -23,9 +23,11 @@ in the tests) but does only the work each patched run truly needs. A run patched
 ``s`` and, under causal attention, at every position before ``p``. So the engine runs the
 corrupted prompt once, keeps its residual stream and its attention keys/values at every layer,
 and for each site recomputes only layers ``>= s`` at positions ``>= p``, attending to the cached
-corrupted keys/values of the earlier positions. Sites are grouped by ``p`` and packed into
-batches of at most ``batch_size`` rows (sites x noise samples); inside a batch, a row joins the
-layer loop at its own start layer. Only the last position is unembedded.
+corrupted keys/values of the earlier positions; a site before the corrupted span is not run at
+all (clean and corrupted states are the same there, so its score is the corrupted probability).
+Sites are grouped by ``p`` and packed into batches of at most ``batch_size`` rows (sites x noise
+samples); inside a batch, a row joins the layer loop at its own start layer. Only the last
+position is unembedded.
 """
 
 from __future__ import annotations
@@ -486,8 +488,13 @@ def trace(model, prompt: str, *, subject: str, target: str | int | None = None,
         tgt = resolve_target(model, prompt, target, clean_logits)
         resids, kvs, corrupt_logits = _corrupted_run(model, tokens, span, noise_t)
         runs = _Runs(clean, clean_logits, resids, kvs, corrupt_logits)
+        corrupted_prob = corrupt_logits.float().softmax(-1)[:, tgt.token].mean().item()
+        # Before the corrupted span the clean and corrupted runs are the same (causal attention, noise
+        # only on the span), so restoring a site there changes nothing: its score is the corrupted one.
         cells = _cells(kinds, model.cfg.n_layers, T, window)
-        values = _run_cells(model, runs, cells, tgt.token, n_samples, batch_size, progress)
+        values = dict.fromkeys([c for c in cells if c.pos < span[0]], corrupted_prob)
+        values.update(_run_cells(model, runs, [c for c in cells if c.pos >= span[0]], tgt.token, n_samples,
+                                 batch_size, progress))
     grids = {k: torch.zeros(model.cfg.n_layers, T) for k in kinds}
     for c, v in values.items():
         grids[c.kind][c.layer, c.pos] = v
@@ -497,7 +504,7 @@ def trace(model, prompt: str, *, subject: str, target: str | int | None = None,
         target_token=tgt.token, target_requested=tgt.requested, target_n_tokens=tgt.n_tokens,
         clean_top=model.tokenizer.decode([int(clean_logits.argmax())]), clean_top_token=int(clean_logits.argmax()),
         clean_prob=clean_logits.float().softmax(-1)[tgt.token].item(),
-        corrupted_prob=corrupt_logits.float().softmax(-1)[:, tgt.token].mean().item(),
+        corrupted_prob=corrupted_prob,
         scores=grids, window=window, n_samples=n_samples, noise_std=std, seed=seed,
         model_name=model.cfg.model_name,
         settings={"include_last": include_last, "kinds": list(kinds), "batch_size": batch_size},
