@@ -8,13 +8,22 @@ from relation_lens.data.loaders import (RELATION_TEMPLATES, fewrel_prompts, load
                                         load_known)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SLICE = Path(__file__).resolve().parent / "data" / "shared_slice"  # the first records of the same files
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
 
 
 @needs_shared
+def test_full_files_load():
+    """The whole files, where ../shared/data is at hand; the tests below read slices of them."""
+    fewrel = load_fewrel(SHARED / "fewrel" / "val_wiki.json", SHARED / "fewrel" / "pid2name.json")
+    assert len(fewrel) == 16 * 700 and set(fewrel["relation_id"]) == set(RELATION_TEMPLATES)
+    assert len(load_known(SHARED / "rome" / "known_1000.json")) == 1209
+    assert len(load_counterfact(SHARED / "rome" / "counterfact-train.json")) == 10_000
+
+
 def test_fewrel_triples_are_cased_and_prompted():
-    ds = load_fewrel(SHARED / "fewrel" / "val_wiki.json", SHARED / "fewrel" / "pid2name.json")
-    assert len(ds) == 16 * 700 and set(ds["relation_id"]) == set(RELATION_TEMPLATES)
+    ds = load_fewrel(SLICE / "fewrel" / "val_wiki.json", SLICE / "fewrel" / "pid2name.json")
+    assert len(ds) == 16 * 25 and set(ds["relation_id"]) == set(RELATION_TEMPLATES)
     row = ds[0]
     assert row["subject"] == "Cape Girardeau Bridge" and row["object"] == "Mississippi River"
     assert row["relation_name"] == "crosses"
@@ -23,15 +32,14 @@ def test_fewrel_triples_are_cased_and_prompted():
     assert len(fewrel_prompts(ds.select(range(3)), which=None)) == 9
 
 
-@needs_shared
 def test_known_1000():
-    ds = load_known(SHARED / "rome" / "known_1000.json")
-    assert len(ds) == 1209 and ds[0]["subject"] == "Vinson Massif" and ds[0]["target"] == "Antarctica"
+    ds = load_known(SLICE / "rome" / "known_1000.json")
+    assert len(ds) == 20 and ds[0]["subject"] == "Vinson Massif" and ds[0]["target"] == "Antarctica"
 
 
-@needs_shared
 def test_counterfact_mend_layout_is_normalised():
-    ds = load_counterfact(SHARED / "rome" / "counterfact-train.json", limit=50)
+    ds = load_counterfact(SLICE / "rome" / "counterfact-train.json", limit=5)
+    assert len(ds) == 5
     r = ds[0]
     assert r["prompt"] == "{}, the" and r["subject"] == "Toko Yasuda"
     assert r["target_new"] == "piano" and r["target_true"] == "guitar"

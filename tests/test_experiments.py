@@ -4,11 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
+SLICE = ROOT / "tests" / "data" / "shared_slice"  # the first records of ../shared/data's files
 
 
 def run(script: str, *args: str) -> str:
@@ -19,9 +16,8 @@ def run(script: str, *args: str) -> str:
     return proc.stdout
 
 
-@needs_shared
 def test_trace_relations_quick(tmp_path):
-    run("trace_relations.py", "--limit", "6", "--samples", "2", "--out", str(tmp_path))
+    run("trace_relations.py", "--limit", "6", "--samples", "2", "--shared", str(SLICE), "--out", str(tmp_path))
     md = (tmp_path / "trace_relations_quick.md").read_text()
     assert "relation corrupted" in md and "subject corrupted" in md and "last relation" in md
     for corrupt in ("relation", "subject"):
@@ -29,9 +25,8 @@ def test_trace_relations_quick(tmp_path):
         assert (tmp_path / f"trace_relations_{corrupt}_quick.html").is_file()
 
 
-@needs_shared
 def test_edit_relations_quick(tmp_path):
-    run("edit_relations.py", "--limit", "2", "--out", str(tmp_path))
+    run("edit_relations.py", "--limit", "2", "--shared", str(SLICE), "--out", str(tmp_path))
     md = (tmp_path / "edit_relations_quick.md").read_text()
     assert md.count("| relation_rome |") >= 2 + 6 and "CounterFact (ROME)" in md
     assert (tmp_path / "edit_relations_sweep_quick.png").is_file()
