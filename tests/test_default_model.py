@@ -82,8 +82,9 @@ def test_rome_default_layer_is_the_subject_tracing_peak(default_model):
 
     req = rl.EditRequest("The capital of {} is", "Andorra", "Kabul", target_true="Andorra la Vella")
     layer = default_layer(default_model, "rome", req)
-    res = rl.trace(default_model, req.text, subject="Andorra", target="Andorra la Vella", corrupt="subject",
-                   kinds=("mlp",), n_samples=5, window=1)
+    with pytest.warns(rl.TargetWarning, match="scoring its first token"):  # default_layer keeps it quiet
+        res = rl.trace(default_model, req.text, subject="Andorra", target="Andorra la Vella", corrupt="subject",
+                       kinds=("mlp",), n_samples=5, window=1)
     assert layer == int(res.scores["mlp"][:, res.subject_span[1] - 1].argmax())
 
 
