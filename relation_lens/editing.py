@@ -39,6 +39,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from relation_lens._results import ValueEquality
 from relation_lens.errors import EditError, SpanError, UnsupportedModelError
 from relation_lens.spans import char_span_to_tokens, object_tokens, right_pad, token_offsets
 
@@ -120,8 +121,8 @@ class EditConfig:
             raise EditError(f"kl_prompt {self.kl_prompt!r} must contain '{{}}'")
 
 
-@dataclass(frozen=True, repr=False)
-class RankOneUpdate:
+@dataclass(frozen=True, repr=False, eq=False)
+class RankOneUpdate(ValueEquality):
     """``W_out' = W_out + outer(left, right)`` at ``layer``; a value, applying it is separate."""
 
     layer: int

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from relation_lens._results import JsonRoundTrip
+from relation_lens._results import JsonRoundTrip, ValueEquality
 from relation_lens.editing import EditConfig, EditRequest, apply_edit, compute_edit
 from relation_lens.errors import EditError, SpanError
 from relation_lens.spans import object_tokens
@@ -111,8 +111,8 @@ def _harmonic(values: list[float]) -> float:
     return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
 
 
-@dataclass(frozen=True, repr=False)
-class EvaluationResult(JsonRoundTrip):
+@dataclass(frozen=True, repr=False, eq=False)
+class EvaluationResult(JsonRoundTrip, ValueEquality):
     """Per-record metrics and their summary (mean, 95% CI half-width), in percent for the rates."""
 
     method: str

@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from relation_lens._results import ValueEquality
 from relation_lens.errors import DataError, EditError
 from relation_lens.spans import right_pad
 
@@ -84,8 +85,8 @@ def _corpus_hash(texts: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-@dataclass(frozen=True, repr=False)
-class KeyStatistics:
+@dataclass(frozen=True, repr=False, eq=False)
+class KeyStatistics(ValueEquality):
     """``C = E[k k^T]`` of the keys at one layer, with how it was computed."""
 
     layer: int

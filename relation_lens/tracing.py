@@ -45,7 +45,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from relation_lens._results import JsonRoundTrip
+from relation_lens._results import JsonRoundTrip, ValueEquality
 from relation_lens.errors import NoiseError, PromptError, SpanError, TargetError, UnsupportedModelError
 from relation_lens.spans import PromptSpans, Span, find_spans, object_tokens
 
@@ -160,7 +160,7 @@ def resolve_target(model, prompt: str, target: str | int | None, clean_logits: T
 
 
 # ------------------------------------------------------------------------------------ result type
-class _Views(JsonRoundTrip):
+class _Views(JsonRoundTrip, ValueEquality):
     """JSON round trip and notebook display shared by the result types (which define ``to_dict``,
     ``from_dict`` and ``to_html``)."""
 
@@ -168,7 +168,7 @@ class _Views(JsonRoundTrip):
         return self.to_html()
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class TraceResult(_Views):
     """The outcome of one trace.
 
@@ -566,7 +566,7 @@ def bucketize(result: TraceResult, kind: str) -> Float[Tensor, "layer bucket"]:
     return torch.stack(cols, dim=1)
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class DatasetTraceResult(_Views):
     """Average indirect effects over many prompts, by layer and position bucket.
 

@@ -29,7 +29,7 @@ def test_key_statistics_match_direct_computation(tiny_model, tmp_path):
     assert stats.count == k.shape[0]
     assert torch.allclose(stats.moment, k.T @ k / k.shape[0], atol=1e-9)
     again = KeyStatistics.compute(tiny_model, 1, TEXTS[:10], n_texts=None, progress=False, directory=tmp_path)
-    assert torch.equal(again.moment, stats.moment)  # from the disk cache
+    assert torch.equal(again.moment, stats.moment) and again == stats  # from the disk cache
     assert len(list(tmp_path.iterdir())) == 1
 
 
@@ -42,6 +42,9 @@ def test_compute_edit_is_pure_and_update_is_exact(tiny_model, tiny_stats):
     assert [p.requires_grad for p in tiny_model.parameters()] == flags
     assert all(p.grad is None for p in tiny_model.parameters())
     assert torch.linalg.matrix_rank(upd.delta()) == 1
+    again = compute_edit(tiny_model, req, method="relation_rome", layer=2, stats=tiny_stats[2], config=FAST)
+    assert again == upd  # deterministic, and comparable as a value
+    assert compute_edit(tiny_model, req, method="relation_rome", layer=1, stats=tiny_stats[1], config=FAST) != upd
     assert f"||delta||_F {upd.delta().norm().item():.3g})" in repr(upd) and "tensor(" not in repr(upd)
     assert repr(tiny_stats[2]).startswith("KeyStatistics(layer 2, [128 x 128] from ") and "tensor(" not in repr(tiny_stats[2])
     W = tiny_model.blocks[2].mlp.W_out.detach().double()

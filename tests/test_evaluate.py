@@ -58,7 +58,7 @@ def test_evaluate_undoes_and_keeps_records(tiny_model, tmp_path):
          torch.tensor([1.0, -1.0])).item(), abs=1e-6)
     assert "| relation_rome | 2 |" in res.row()
     back = type(res).from_json(res.to_json(tmp_path / "e.json"))
-    assert back.to_json() == res.to_json() and back.summary.keys() == res.summary.keys()
+    assert back.to_json() == res.to_json() and back == res
     assert repr(res) == (f"EvaluationResult(relation_rome at layer 2: Score {res.score:.1f}, "
                          f"ES {res.summary['ES'][0]:.1f}, PS {res.summary['PS'][0]:.1f}, NS {res.summary['NS'][0]:.1f}, "
                          f"RS {res.summary['RS'][0]:.1f}; 2 records, 0 failed)")

@@ -125,7 +125,9 @@ def test_json_round_trip(tiny_model, tmp_path):
     for k in res.scores:
         assert torch.allclose(back.scores[k], res.scores[k])
     again = rl.TraceResult.from_json(tmp_path / "t.json")
-    assert again.to_dict() == back.to_dict()
+    assert again == back == res  # values compare equal, tensors element by element
+    other = rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2, kinds=("resid", "mlp"), seed=1)
+    assert other != res and other.prompt == res.prompt
     json.loads(res.to_json())
     # a one-line summary for notebooks, with the peak site of each kind, not a tensor dump
     layer, pos, value = res.peak("mlp")
@@ -220,6 +222,7 @@ def test_trace_dataset(tiny_model, tmp_path):
     assert "data:image/png" in res.to_html()
     back = rl.DatasetTraceResult.from_json(res.to_json(tmp_path / "d.json"))
     assert rl.DatasetTraceResult.from_json(tmp_path / "d.json").to_json() == back.to_json() == res.to_json()
+    assert back == res  # NaN (buckets no prompt has) compares equal to NaN
     assert repr(res).startswith(f"DatasetTraceResult({res.n_used} of {res.n_total} prompts") and "tensor(" not in repr(res)
     assert torch.allclose(back.mean["attn"], res.mean["attn"], equal_nan=True)
     # a fact that cannot be traced is skipped with its reason, or raises when asked to
