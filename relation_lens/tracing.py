@@ -402,7 +402,8 @@ def _run_cells(model, runs: _Runs, cells: list[_Cell], target: int, n: int, batc
                 if p > 0:
                     keys, values = runs.corrupt_kv[j]
                     reps = active // n
-                    entry = Entry(keys[:, :p].repeat(reps, 1, 1, 1), values[:, :p].repeat(reps, 1, 1, 1), frozen=True)
+                    entry = Entry(keys[:, :p].repeat(reps, 1, 1, 1), values[:, :p].repeat(reps, 1, 1, 1),
+                                  frozen=True)
                 plan.masks = {(k, j): on_device[k][j, :active] for k, m in restore.items() if m[j].any()}
                 y = model.blocks[j](resid[:active], past_kv_cache_entry=entry)
                 if active == resid.shape[0]:

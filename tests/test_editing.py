@@ -46,7 +46,8 @@ def test_compute_edit_is_pure_and_update_is_exact(tiny_model, tiny_stats):
     assert again == upd  # deterministic, and comparable as a value
     assert compute_edit(tiny_model, req, method="relation_rome", layer=1, stats=tiny_stats[1], config=FAST) != upd
     assert f"||delta||_F {upd.delta().norm().item():.3g})" in repr(upd) and "tensor(" not in repr(upd)
-    assert repr(tiny_stats[2]).startswith("KeyStatistics(layer 2, [128 x 128] from ") and "tensor(" not in repr(tiny_stats[2])
+    text = repr(tiny_stats[2])
+    assert text.startswith("KeyStatistics(layer 2, [128 x 128] from ") and "tensor(" not in text
     W = tiny_model.blocks[2].mlp.W_out.detach().double()
     b = tiny_model.blocks[2].mlp.b_out.detach().double()
     assert torch.allclose(upd.key @ (W + upd.delta()) + b, upd.value, atol=1e-6)

@@ -59,6 +59,5 @@ def test_evaluate_undoes_and_keeps_records(tiny_model, tmp_path):
     assert "| relation_rome | 2 |" in res.row()
     back = type(res).from_json(res.to_json(tmp_path / "e.json"))
     assert back.to_json() == res.to_json() and back == res
-    assert repr(res) == (f"EvaluationResult(relation_rome at layer 2: Score {res.score:.1f}, "
-                         f"ES {res.summary['ES'][0]:.1f}, PS {res.summary['PS'][0]:.1f}, NS {res.summary['NS'][0]:.1f}, "
-                         f"RS {res.summary['RS'][0]:.1f}; 2 records, 0 failed)")
+    metrics = ", ".join(f"{k} {res.summary[k][0]:.1f}" for k in ("ES", "PS", "NS", "RS"))
+    assert repr(res) == f"EvaluationResult(relation_rome at layer 2: Score {res.score:.1f}, {metrics}; 2 records, 0 failed)"
