@@ -50,6 +50,17 @@ def gpt2_small_shaped(tokenizer, device: str):
     return model.eval()
 
 
+def gpt2_xl_depth(tokenizer, device: str):
+    """GPT-2 XL's depth, heads and vocabulary at 1/8 of its width (only its torch calls are counted,
+    on :func:`narrow_twin`)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=48, d_model=200, n_heads=25, d_head=8, d_mlp=800, n_ctx=1024,
+                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LN", seed=0,
+                                  model_name="gpt2-xl-depth-random", default_prepend_bos=True, device=device)
+    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+
+
 def flops(model, T: int, n: int, window: int, span: tuple[int, int]) -> dict[str, float]:
     """Matmul FLOPs (2 per multiply-add) of the naive loop and of the engine for a full 3-kind grid."""
     c = model.cfg
@@ -72,6 +83,57 @@ def flops(model, T: int, n: int, window: int, span: tuple[int, int]) -> dict[str
 
 def time_it(fn, repeats: int) -> float:
     return median_time(fn, repeats)[1]
+
+
+# reads of a tensor's metadata (shape, device, dtype...) launch nothing: not counted
+METADATA = {"__get__", "size", "dim", "numel", "stride", "is_floating_point", "is_contiguous", "__len__",
+            "data_ptr", "element_size", "get_device"}
+
+
+def torch_calls(fn) -> int:
+    """How many torch functions and tensor methods ``fn`` calls, metadata reads left out: on a GPU
+    most launch a kernel or more (views launch none; they are counted on both sides), so when the chip idles between small launches (the naive loop's case) the time follows
+    this count. Counted with ``torch.overrides.TorchFunctionMode``; the count depends on the depth,
+    the prompt and the code path, not on the width or the device."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") not in METADATA:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def narrow_twin(model):
+    """A random model of the same depth, heads and vocabulary but 64 wide: the same torch calls as
+    ``model`` (checked on the default model), counted in seconds instead of minutes."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    c = model.cfg
+    cfg = HookedTransformerConfig(n_layers=c.n_layers, n_heads=c.n_heads, d_head=8, d_model=8 * c.n_heads,
+                                  d_mlp=32 * c.n_heads, n_ctx=c.n_ctx, d_vocab=c.d_vocab, act_fn=c.act_fn,
+                                  normalization_type=c.normalization_type, seed=0, model_name="narrow-twin",
+                                  default_prepend_bos=c.default_prepend_bos, device=c.device)
+    return HookedTransformer(cfg, tokenizer=model.tokenizer).eval()
+
+
+def launch_proxy(model, corrupt, n=10, window=10, naive: bool = True) -> tuple[int | None, int]:
+    """(naive, engine) torch calls for the full grid on ``model`` (naive None when not counted: it is
+    the same for every corruption, one run per site either way)."""
+    res = rl.trace(model, PROMPT, subject=SUBJECT, n_samples=n, window=window, corrupt=corrupt)
+    noise, _ = make_noise(model, n, res.corrupt_span[1] - res.corrupt_span[0], None, 0)
+    tokens = model.to_tokens(PROMPT)[0]
+    naive = None if not naive else torch_calls(
+        lambda: naive_trace(model, tokens, res.corrupt_span, noise, res.target_token, w=window))
+    engine = torch_calls(lambda: rl.trace(model, PROMPT, subject=SUBJECT, n_samples=n, window=window,
+                                          corrupt=corrupt))
+    return naive, engine
 
 
 def tl_patching(model, tokens, span, noise, target):
@@ -102,7 +164,7 @@ def _quiet_tqdm():
     p.tqdm = partial(tqdm, disable=True)
 
 
-def run(name, model, repeats, corrupt, n=10, window=10, with_tl=True):
+def run(name, model, repeats, corrupt, n=10, window=10, with_tl=True, count_on=None):
     tokens = model.to_tokens(PROMPT)[0]
     T = len(tokens)
     res = rl.trace(model, PROMPT, subject=SUBJECT, n_samples=n, window=window, corrupt=corrupt)
@@ -119,7 +181,8 @@ def run(name, model, repeats, corrupt, n=10, window=10, with_tl=True):
             t_tl = time_it(lambda: tl_patching(model, tokens, res.corrupt_span, noise, res.target_token),
                            max(1, repeats - 2))
     f = flops(model, T, n, window, res.corrupt_span)
-    return {"model": name, "corrupt": f"{corrupt} {res.corrupt_span[0]}:{res.corrupt_span[1]}", "tokens": T,
+    calls_naive, calls_engine = launch_proxy(count_on if count_on is not None else model, corrupt, n, window)
+    return {"calls_naive": calls_naive, "calls_engine": calls_engine,"model": name, "corrupt": f"{corrupt} {res.corrupt_span[0]}:{res.corrupt_span[1]}", "tokens": T,
             "n": n, "window": window, "naive_s": t_naive, "engine_s": t_engine, "tl_s": t_tl, "speedup": t_naive / t_engine, "flop_fraction": f["engine"] / f["naive"],
             "max_abs_diff": err}
 
@@ -137,22 +200,44 @@ def main() -> None:
     _quiet_tqdm()
     default = rl.load_model(device=args.device)
     small = gpt2_small_shaped(default.tokenizer, args.device)
-    rows = [run(name, model, args.repeats, corrupt, with_tl=corrupt == "relation")
+    twin = narrow_twin(default)
+    same = [launch_proxy(default, "relation"), launch_proxy(twin, "relation")]
+    if same[0] != same[1]:
+        raise SystemExit(f"the narrow twin's torch calls {same[1]} differ from the model's {same[0]}")
+    rows = [run(name, model, args.repeats, corrupt, with_tl=corrupt == "relation",
+                count_on=None if model is default else narrow_twin(small))
             for name, model in (("default (6L, d192)", default), ("GPT-2-small-shaped random (12L, d768)", small))
             for corrupt in ("relation", "subject")]
     lines = [f"### Tracing engine vs naive loop — {datetime.date.today()} — {machine()}", "",
              f"Full grid, 3 kinds (resid, MLP window, attention window), prompt {PROMPT!r}, "
              "10 noise samples, window 10; medians. Sites before the corrupted span are not run by the engine "
              "(their score is the corrupted probability), so relation tracing, whose span starts after the "
-             "subject, gains more than subject tracing, whose span starts after BOS.", "",
+             "subject, gains more than subject tracing, whose span starts after BOS. The torch-call columns "
+             "count the torch functions and tensor methods each approach calls (each launches one kernel or "
+             "more on a GPU, where the naive loop's small batches leave the chip idle between launches, so "
+             "that its time follows this count); for the GPT-2-small-shaped model they are counted on a "
+             "64-wide twin of the same depth, which makes the same calls (checked on the default model).", "",
              "| model | corrupted span | tokens | naive loop (s) | engine (s) | speed-up | engine arithmetic / naive | "
-             "arithmetic bound on speed-up | tl.patching, single sites only (s) | max abs diff vs naive |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "arithmetic bound on speed-up | torch calls naive / engine | tl.patching, single sites only (s) | "
+             "max abs diff vs naive |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tl = "—" if r["tl_s"] != r["tl_s"] else f"{r['tl_s']:.2f}"
         lines.append(f"| {r['model']} | {r['corrupt']} | {r['tokens']} | {r['naive_s']:.2f} | {r['engine_s']:.2f} | "
                      f"**{r['speedup']:.1f}x** | {r['flop_fraction']:.3f} | {1 / r['flop_fraction']:.1f}x | "
+                     f"{r['calls_naive']:,} / {r['calls_engine']:,} = {r['calls_naive'] / r['calls_engine']:.0f}x | "
                      f"{tl} | {r['max_abs_diff']:.1e} |")
+    # the paper's model is GPT-2 XL: 48 layers, 25 heads; too big to time the naive loop on a CPU, so
+    # only its torch calls, on a narrow twin of its depth
+    xl = gpt2_xl_depth(default.tokenizer, args.device)
+    lines += ["", "Torch calls for a GPT-2-XL-shaped model (48 layers, 25 heads, counted at 200 wide), same "
+              "prompt and settings; the naive loop's count is the same for both corruptions (one run per site):",
+              "", "| corrupted | naive | engine | ratio |", "|---|---|---|---|"]
+    naive = None
+    for corrupt in ("relation", "subject"):
+        counted, engine = launch_proxy(xl, corrupt, naive=naive is None)
+        naive = naive or counted
+        lines.append(f"| {corrupt} | {naive:,} | {engine:,} | {naive / engine:.0f}x |")
     emit(lines, args.write)
 
 

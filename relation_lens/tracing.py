@@ -392,10 +392,10 @@ def _run_cells(model, runs: _Runs, cells: list[_Cell], target: int, n: int, batc
                 inputs.append(x)
             resid = torch.cat(inputs)  # [rows, pos - p, d_model], row = cell * n + sample
             starts = [c.start for c in chunk]  # ascending
-            restore = {k: torch.tensor([[c.kind == k and j in c.patch_layers for c in chunk] for j in range(L)])
-                       for k in windowed}  # host [layer, cell]
-            restore = {k: m for k, m in restore.items() if m.any()}
-            on_device = {k: m.repeat_interleave(n, dim=1).to(device) for k, m in restore.items()}
+            restore = {k: [[c.kind == k and j in c.patch_layers for c in chunk] for j in range(L)]
+                       for k in windowed}  # host [layer][cell]
+            restore = {k: m for k, m in restore.items() if any(map(any, m))}
+            on_device = {k: torch.tensor(m, device=device).repeat_interleave(n, dim=1) for k, m in restore.items()}
             for j in range(starts[0], L):
                 active = n * bisect_right(starts, j)
                 entry = None
@@ -404,7 +404,7 @@ def _run_cells(model, runs: _Runs, cells: list[_Cell], target: int, n: int, batc
                     reps = active // n
                     entry = Entry(keys[:, :p].repeat(reps, 1, 1, 1), values[:, :p].repeat(reps, 1, 1, 1),
                                   frozen=True)
-                plan.masks = {(k, j): on_device[k][j, :active] for k, m in restore.items() if m[j].any()}
+                plan.masks = {(k, j): on_device[k][j, :active] for k, m in restore.items() if any(m[j])}
                 y = model.blocks[j](resid[:active], past_kv_cache_entry=entry)
                 if active == resid.shape[0]:
                     resid = y
