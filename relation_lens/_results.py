@@ -1,9 +1,14 @@
-"""What the result types share: a JSON round trip (each defines ``to_dict`` and ``from_dict``)."""
+"""What the result types share: a JSON round trip (each defines ``to_dict`` and ``from_dict``) and
+value equality for dataclasses that hold tensors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
+
+import torch
 
 
 class JsonRoundTrip:
@@ -26,10 +31,6 @@ class JsonRoundTrip:
 def values_equal(a, b) -> bool:
     """Exact equality through dicts, lists and tuples, with tensors compared element by element
     (same shape and dtype; NaN equal to NaN, as a result that holds NaN should equal its copy)."""
-    import math
-
-    import torch
-
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
@@ -53,8 +54,6 @@ class ValueEquality:
     generated ``__eq__`` would ask a tensor for its truth value). Use with ``eq=False``."""
 
     def __eq__(self, other):
-        import dataclasses
-
         if type(other) is not type(self):
             return NotImplemented
         return all(values_equal(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))

@@ -160,6 +160,12 @@ def resolve_target(model, prompt: str, target: str | int | None, clean_logits: T
 
 
 # ------------------------------------------------------------------------------------ result type
+def _argmax_2d(grid: Float[Tensor, "row col"]) -> tuple[int, int]:
+    """``(row, col)`` of the largest entry, NaN ignored (buckets no prompt has are NaN)."""
+    flat = int(torch.nan_to_num(grid, nan=-math.inf).argmax())
+    return divmod(flat, grid.shape[1])
+
+
 class _Views(JsonRoundTrip, ValueEquality):
     """JSON round trip and notebook display shared by the result types (which define ``to_dict``,
     ``from_dict`` and ``to_html``)."""
@@ -214,10 +220,8 @@ class TraceResult(_Views):
 
     def peak(self, kind: str) -> tuple[int, int, float]:
         """``(layer, position, score)`` of the site whose restoration brings back the most."""
-        grid = self.scores[kind]
-        flat = int(grid.argmax())
-        layer, pos = divmod(flat, grid.shape[1])
-        return layer, pos, float(grid[layer, pos])
+        layer, pos = _argmax_2d(self.scores[kind])
+        return layer, pos, float(self.scores[kind][layer, pos])
 
     def __repr__(self) -> str:  # a summary; the grids are in .scores
         lo, hi = self.corrupt_span
@@ -263,10 +267,8 @@ class TraceResult(_Views):
 @dataclass
 class _Runs:
     clean: dict[str, Tensor]  # kind -> [layer, pos, d_model]
-    clean_logits: Tensor  # [vocab] at the last position
     corrupt_resid: list[Tensor]  # layer 0..L -> [sample, pos, d_model]: resid entering block j (L: final)
     corrupt_kv: list[tuple[Tensor, Tensor]]  # layer -> (keys, values) [sample, pos, heads, d_head]
-    corrupt_logits: Tensor  # [sample, vocab]
 
 
 def _final_logits(model, resid_last: Float[Tensor, "batch 1 d_model"]) -> Float[Tensor, "batch vocab"]:
@@ -488,7 +490,7 @@ def trace(model, prompt: str, *, subject: str, target: str | int | None = None,
         clean, clean_logits = _clean_run(model, tokens, kinds)
         tgt = resolve_target(model, prompt, target, clean_logits)
         resids, kvs, corrupt_logits = _corrupted_run(model, tokens, span, noise_t)
-        runs = _Runs(clean, clean_logits, resids, kvs, corrupt_logits)
+        runs = _Runs(clean, resids, kvs)
         corrupted_prob = corrupt_logits.float().softmax(-1)[:, tgt.token].mean().item()
         # Before the corrupted span the clean and corrupted runs are the same (causal attention, noise
         # only on the span), so restoring a site there changes nothing: its score is the corrupted one.
@@ -596,8 +598,7 @@ class DatasetTraceResult(_Views):
     def __repr__(self) -> str:  # a summary; the grids are in .mean / .ci95
         peaks = []
         for kind, grid in self.mean.items():
-            g = torch.nan_to_num(grid, nan=-math.inf)
-            layer, b = divmod(int(g.argmax()), g.shape[1])
+            layer, b = _argmax_2d(grid)
             peaks.append(f"{kind} L{layer}@{self.buckets[b]} {float(grid[layer, b]):.3g}"
                          f"\u00b1{float(self.ci95[kind][layer, b]):.2g}")
         return (f"DatasetTraceResult({self.n_used} of {self.n_total} prompts averaged "
@@ -627,7 +628,6 @@ class DatasetTraceResult(_Views):
         d["used"] = tuple(d["used"])
         d["skipped"] = tuple((int(i), str(m)) for i, m in d.get("skipped", ()))
         return cls(**d)
-
 
     def plot(self, path: str | Path | None = None, **kwargs):
         from relation_lens.viz import plot_dataset
