@@ -40,25 +40,27 @@ PROMPT = "Space Needle is located in the city of"
 SUBJECT = "Space Needle"
 
 
-def gpt2_small_shaped(tokenizer, device: str):
+def random_gpt2(tokenizer, device: str, *, n_layers: int, n_heads: int, d_head: int, name: str, n_ctx: int = 1024,
+                d_vocab: int = 50257, act_fn: str = "gelu_new", normalization_type: str = "LN"):
+    """A randomly initialised GPT-2-architecture model (d_model = n_heads x d_head, d_mlp = 4 x d_model)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
-                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LN", seed=0,
-                                  model_name="gpt2-small-shaped-random", default_prepend_bos=True, device=device)
-    model = HookedTransformer(cfg, tokenizer=tokenizer)
-    return model.eval()
+    d_model = n_heads * d_head
+    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head,
+                                  d_mlp=4 * d_model, n_ctx=n_ctx, d_vocab=d_vocab, act_fn=act_fn,
+                                  normalization_type=normalization_type, seed=0, model_name=name,
+                                  default_prepend_bos=True, device=device)
+    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+
+
+def gpt2_small_shaped(tokenizer, device: str):
+    return random_gpt2(tokenizer, device, n_layers=12, n_heads=12, d_head=64, name="gpt2-small-shaped-random")
 
 
 def gpt2_xl_depth(tokenizer, device: str):
-    """GPT-2 XL's depth, heads and vocabulary at 1/8 of its width (only its torch calls are counted,
-    on :func:`narrow_twin`)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(n_layers=48, d_model=200, n_heads=25, d_head=8, d_mlp=800, n_ctx=1024,
-                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LN", seed=0,
-                                  model_name="gpt2-xl-depth-random", default_prepend_bos=True, device=device)
-    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+    """GPT-2 XL's depth, heads and vocabulary at 1/8 of its width (d_head 8): only its torch calls are
+    counted, and they do not depend on the width."""
+    return random_gpt2(tokenizer, device, n_layers=48, n_heads=25, d_head=8, name="gpt2-xl-depth-random")
 
 
 def flops(model, T: int, n: int, window: int, span: tuple[int, int]) -> dict[str, float]:
@@ -111,16 +113,12 @@ def torch_calls(fn) -> int:
 
 
 def narrow_twin(model):
-    """A random model of the same depth, heads and vocabulary but 64 wide: the same torch calls as
-    ``model`` (checked on the default model), counted in seconds instead of minutes."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
+    """A random model of the same depth, heads, vocabulary and layer types at d_head 8: the same torch
+    calls as ``model`` (checked on the default model), counted in seconds instead of minutes."""
     c = model.cfg
-    cfg = HookedTransformerConfig(n_layers=c.n_layers, n_heads=c.n_heads, d_head=8, d_model=8 * c.n_heads,
-                                  d_mlp=32 * c.n_heads, n_ctx=c.n_ctx, d_vocab=c.d_vocab, act_fn=c.act_fn,
-                                  normalization_type=c.normalization_type, seed=0, model_name="narrow-twin",
-                                  default_prepend_bos=c.default_prepend_bos, device=c.device)
-    return HookedTransformer(cfg, tokenizer=model.tokenizer).eval()
+    return random_gpt2(model.tokenizer, c.device, n_layers=c.n_layers, n_heads=c.n_heads, d_head=8,
+                       name="narrow-twin", n_ctx=c.n_ctx, d_vocab=c.d_vocab, act_fn=c.act_fn,
+                       normalization_type=c.normalization_type)
 
 
 def launch_proxy(model, corrupt, n=10, window=10, naive: bool = True) -> tuple[int | None, int]:
