@@ -22,16 +22,10 @@ import argparse
 import random
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-import relation_lens as rl  # noqa: E402
-from relation_lens.data import load_world  # noqa: E402
-from relation_lens.data.counterfact import known_mask  # noqa: E402
-from relation_lens.data.loaders import fewrel_prompts, load_fewrel  # noqa: E402
-from relation_lens.tracing import depth_scaled_window  # noqa: E402
+import relation_lens as rl
+from relation_lens.data import load_world
+from relation_lens.data.counterfact import known_mask
+from relation_lens.data.loaders import fewrel_prompts, load_fewrel
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "results"
@@ -80,18 +74,19 @@ def main(argv=None) -> None:
     n = args.limit or args.n
     suffix = "_quick" if args.limit else ""
     model = rl.load_model(args.model)
-    window = args.window or depth_scaled_window(model.cfg.n_layers)
+    config = rl.TraceConfig(window=args.window, n_samples=args.samples)
+    window = config.window_for(model.cfg.n_layers)
     facts, stats = collect(model, args.shared, n)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     runs = {"relation": ("relation", True), "relation, last token kept clean": ("relation", False),
             "subject": ("subject", True)}
     for name, (corrupt, include_last) in runs.items():
-        res = rl.trace_dataset(model, facts, corrupt=corrupt, window=window, n_samples=args.samples,
-                               include_last=include_last, progress=not args.limit)
+        res = rl.trace_dataset(model, facts, config=config.replace(corrupt=corrupt, include_last=include_last),
+                               progress=not args.limit)
         stem = f"trace_relations_{corrupt}{'' if include_last else '_lastclean'}{suffix}"
         res.to_json(args.out / f"{stem}.json")
-        plt.close(res.plot(args.out / f"{stem}.png"))
+        res.plot(args.out / f"{stem}.png")
         (args.out / f"{stem}.html").write_text(res.to_html(), encoding="utf-8")
         results[name] = (res, stem)
     lines = [f"# Experiment 1: relation vs subject tracing ({model.cfg.model_name})", "",

@@ -6,6 +6,7 @@
 """
 
 from relation_lens.errors import (
+    ConfigError,
     DataError,
     EditError,
     HubUnreachableError,
@@ -21,12 +22,12 @@ from relation_lens.editing import Edit, EditConfig, EditRequest, RankOneUpdate, 
 from relation_lens.models import load_model
 from relation_lens.statistics import KeyStatistics
 from relation_lens.spans import find_spans
-from relation_lens.tracing import DatasetTraceResult, TargetWarning, TraceResult, trace, trace_dataset
+from relation_lens.tracing import DatasetTraceResult, TargetWarning, TraceConfig, TraceResult, trace, trace_dataset
 
 __all__ = [
     "load_model", "trace", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
-    "edit", "KeyStatistics", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
-    "RelationLensError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",
+    "edit", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
+    "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",
     "PromptError", "TargetError", "NoiseError", "EditError", "DataError", "TargetWarning",
 ]
 __version__ = "0.1.0"

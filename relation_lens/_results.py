@@ -11,10 +11,53 @@ from pathlib import Path
 import torch
 
 
+SCHEMA_VERSION = 1
+
+
+def json_safe(x):
+    """``x`` with every NaN/Inf float replaced by ``None`` (JSON has no NaN; other tools reject
+    Python's bare ``NaN``), through dicts, lists and tuples."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def _nan_lists(x):
+    """The inverse inside number lists: ``None`` in a list (a tensor's or an interval's) back to NaN."""
+    if isinstance(x, list):
+        return [float("nan") if v is None else _nan_lists(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _nan_lists(v) for k, v in x.items()}
+    return x
+
+
+def known_fields(cls, d: dict) -> dict:
+    """``d`` restricted to ``cls``'s fields, ready for its constructor: keys written by a newer
+    version (or the version stamps) are dropped, ``None`` in number lists and in ``float`` fields
+    becomes NaN again. Reads files with bare ``NaN`` (older versions) as well."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in d.items():
+        if k not in names:
+            continue
+        if v is None and names[k].type in ("float", float):
+            v = float("nan")
+        out[k] = _nan_lists(v)
+    return out
+
+
 class JsonRoundTrip:
     def to_json(self, path: str | Path | None = None) -> str:
-        """The result as JSON text; also written to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=1)
+        """The result as strict JSON text (NaN written as ``null``), stamped with the library and
+        schema versions; also written to ``path`` if given."""
+        from relation_lens import __version__
+
+        d = {"relation_lens_version": __version__, "schema_version": SCHEMA_VERSION, **self.to_dict()}
+        text = json.dumps(json_safe(d), indent=1, allow_nan=False)
         if path is not None:
             Path(path).write_text(text)
         return text

@@ -27,7 +27,10 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
                    help="layers restored together for mlp/attn (default: ROME's 10 of 48 layers scaled to the "
                         "model's depth, i.e. 10 for gpt2-xl, 1 for the 6-layer default model)")
     p.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
-    p.add_argument("--noise", type=float, default=None, help="noise std (default: 3 x std of token embeddings)")
+    p.add_argument("--noise", default=None,
+                   help="noise: a std, 'embedding' (default: 3 x std of the token embedding matrix) or 'rome' "
+                        "(3 x std of subject-token embeddings, ROME's rule)")
+    p.add_argument("--no-bos", action="store_true", help="tokenise without BOS, as ROME's code does on GPT-2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude-last", action="store_true", help="leave the last token out of the relation span")
     p.add_argument("--batch-size", type=int, default=512, help="rows per patched batch (bounds memory)")
@@ -103,27 +106,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_views(result, out: Path, stem: str, formats: str, quiet: bool) -> None:
-    import matplotlib.pyplot as plt
+def _check_out(out: Path, command: str) -> None:
+    """Fail at once, before any work, when ``out`` cannot be created or written."""
+    import os
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"relation-lens {command}: cannot create the output folder {str(out)!r} ({exc.strerror})")
+    if not os.access(out, os.W_OK):
+        raise SystemExit(f"relation-lens {command}: the output folder {str(out)!r} is not writable")
+
+
+def _write_views(result, out: Path, stem: str, formats: list[str], quiet: bool) -> None:
     result.to_json(out / f"{stem}.json")
-    for fmt in [f.strip() for f in formats.split(",") if f.strip()]:
-        if fmt not in ("png", "pdf", "svg"):
-            raise SystemExit(f"relation-lens: unknown figure format {fmt!r} (use png, pdf or svg)")
-        plt.close(result.plot(out / f"{stem}.{fmt}"))
+    for fmt in formats:
+        result.plot(out / f"{stem}.{fmt}")
     (out / f"{stem}.html").write_text(result.to_html(), encoding="utf-8")
     if not quiet:
-        print(f"wrote {out / stem}.json, .{formats.replace(',', ', .')} and .html")
+        print(f"wrote {out / stem}.json, .{', .'.join(formats)} and .html")
 
 
-def _trace_kwargs(args, model) -> dict:
-    from relation_lens.tracing import depth_scaled_window
+def _formats(args) -> list[str]:
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    bad = [f for f in formats if f not in ("png", "pdf", "svg")]
+    if bad:
+        raise SystemExit(f"relation-lens: unknown figure format(s) {bad} (use png, pdf or svg)")
+    return formats
 
-    return dict(corrupt=args.corrupt, kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
-                window=args.window or depth_scaled_window(model.cfg.n_layers), n_samples=args.samples,
-                noise=args.noise, seed=args.seed,
-                include_last=not args.exclude_last, batch_size=args.batch_size, progress=not args.quiet)
+
+def _trace_config(args):
+    from relation_lens.tracing import TraceConfig
+
+    noise = args.noise
+    if noise is not None and noise not in ("rome", "embedding"):
+        try:
+            noise = float(noise)
+        except ValueError:
+            raise SystemExit(f"relation-lens: --noise {noise!r} is not a number, 'embedding' or 'rome'") from None
+    return TraceConfig(corrupt=args.corrupt, kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+                       window=args.window, n_samples=args.samples, noise=noise, seed=args.seed,
+                       include_last=not args.exclude_last, batch_size=args.batch_size,
+                       prepend_bos=False if args.no_bos else None)
 
 
 def _cmd_trace(args) -> None:
@@ -133,46 +157,45 @@ def _cmd_trace(args) -> None:
     subject = args.subject or (DEFAULT_SUBJECT if args.prompt is None else None)
     if subject is None:
         raise SystemExit("relation-lens trace: --subject is required with --prompt")
+    config, formats = _trace_config(args), _formats(args)
+    _check_out(args.out, "trace")
     model = rl.load_model(args.model, device=args.device)
-    result = rl.trace(model, prompt, subject=subject, target=args.target, **_trace_kwargs(args, model))
+    result = rl.trace(model, prompt, subject=subject, target=args.target, config=config, progress=not args.quiet)
     if not args.quiet:
         print(f"prompt {prompt!r}, subject {subject!r}, target {result.target!r}: "
               f"P clean {result.clean_prob:.4f}, corrupted ({result.corrupt}) {result.corrupted_prob:.4f}")
-        for kind, grid in result.scores.items():
-            layer, pos = divmod(int(grid.argmax()), grid.shape[1])
-            print(f"  {kind:5s} max P {grid.max():.4f} at layer {layer}, token {pos} {result.tokens[pos]!r}")
-    _write_views(result, args.out, "trace", args.formats, args.quiet)
+        for kind in result.scores:
+            layer, pos, value = result.peak(kind)
+            print(f"  {kind:5s} max P {value:.4f} at layer {layer}, token {pos} {result.tokens[pos]!r}")
+    _write_views(result, args.out, "trace", formats, args.quiet)
 
 
 def _load_facts(args) -> list:
     if args.facts is not None:
+        from relation_lens.data.io import read_json
         from relation_lens.errors import DataError
 
-        if not args.facts.is_file():
-            raise DataError(f"facts file {str(args.facts)!r} does not exist")
-        text = args.facts.read_text(encoding="utf-8")
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        rows = read_json(args.facts)
+        if not isinstance(rows, list):
+            raise DataError(f"{str(args.facts)!r}: expected a list of {{prompt, subject, target}} records")
         return rows[: args.limit]
-    from relation_lens.data import load_world
+    from relation_lens.data import world_trace_facts
 
-    world = load_world()
-    facts = world.by_relation(args.relation) if args.relation else list(world)
-    facts = [f for f in facts if f.train_templates[0].startswith("{}")] or facts  # relation words after the subject
-    step = max(1, len(facts) // args.limit)
-    return [{"prompt": f.prompt(0), "subject": f.subject, "target": f.object} for f in facts[::step][: args.limit]]
+    return world_trace_facts(relation=args.relation, limit=args.limit)
 
 
 def _cmd_trace_dataset(args) -> None:
     import relation_lens as rl
 
+    config, formats = _trace_config(args), _formats(args)
+    _check_out(args.out, "trace-dataset")
     model = rl.load_model(args.model, device=args.device)
     facts = _load_facts(args)
-    kw = _trace_kwargs(args, model)
-    result = rl.trace_dataset(model, facts, exclude_incorrect=not args.include_incorrect, **kw)
+    result = rl.trace_dataset(model, facts, config=config, exclude_incorrect=not args.include_incorrect,
+                              progress=not args.quiet)
     if not args.quiet:
-        print(f"{result.n_total} prompts, {result.n_incorrect} wrong, {result.n_used} averaged; "
-              f"mean P clean {result.clean_prob:.3f}, corrupted {result.corrupted_prob:.3f}")
-    _write_views(result, args.out, "trace_dataset", args.formats, args.quiet)
+        print(repr(result))
+    _write_views(result, args.out, "trace_dataset", formats, args.quiet)
 
 
 def _edit_prompts(args) -> tuple[str, str]:

@@ -29,6 +29,7 @@ returns an :class:`Edit` that restores the saved weights bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -39,8 +40,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from relation_lens._locks import model_lock
 from relation_lens._results import ValueEquality
-from relation_lens.errors import EditError, SpanError, UnsupportedModelError
+from relation_lens.errors import EditError, PromptError, SpanError, UnsupportedModelError, shorten
 from relation_lens.spans import char_span_to_tokens, object_tokens, right_pad, token_offsets
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,11 @@ RELATION_ROME_LAYER = 4  # the 5th MLP layer, as in Li, Chen & Wang (2024)
 # to near-certainty on its facts, so a value vector needs more room than GPT-2 XL's (docs/editing.md).
 # Chosen on records 400-429 of the shipped counterfactual dataset, disjoint from those the experiments
 # report (experiments/tune_edit_preset.py, experiments/results/edit_preset_tuning.md).
-DEFAULT_MODEL_PRESET: dict[str, Any] = {"v_weight_decay": 0.05, "clamp_norm_factor": 10.0, "v_steps": 40}
+# Tuned with the formulas and conventions the library used then, which the preset keeps (each named).
+DEFAULT_MODEL_PRESET: dict[str, Any] = {
+    "v_weight_decay": 0.05, "clamp_norm_factor": 10.0, "v_steps": 40, "v_lr_scale": "rms",
+    "weight_decay_form": "squared_ratio", "early_stop_on": "nll", "kl_direction": "forward",
+    "prefix_lengths": ((6, 5), (11, 5)), "key_mode": "symmetric"}
 
 
 @dataclass(frozen=True)
@@ -68,15 +74,18 @@ class EditRequest:
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
-            raise EditError(f"prompt {self.prompt!r} must contain exactly one '{{}}' where the subject goes")
+            raise EditError(f"prompt {shorten(self.prompt)} must contain exactly one '{{}}' where the subject goes")
         if not self.prompt.replace("{}", "").strip():
-            raise EditError(f"prompt {self.prompt!r} has no words besides the subject placeholder")
+            raise EditError(f"prompt {shorten(self.prompt)} has no words besides the subject placeholder")
         if not isinstance(self.subject, str) or not self.subject.strip():
-            raise EditError(f"subject {self.subject!r} is empty (prompt {self.prompt!r})")
+            raise EditError(f"subject {self.subject!r} is empty (prompt {shorten(self.prompt)})")
         if not isinstance(self.target_new, str) or not self.target_new.strip():
-            raise EditError(f"target_new {self.target_new!r} is empty or whitespace (prompt {self.prompt!r})")
+            raise EditError(f"target_new {self.target_new!r} is empty or whitespace (prompt {shorten(self.prompt)})")
         if self.target_true is not None and (not isinstance(self.target_true, str) or not self.target_true.strip()):
-            raise EditError(f"target_true {self.target_true!r} is empty (prompt {self.prompt!r})")
+            raise EditError(f"target_true {self.target_true!r} is empty (prompt {shorten(self.prompt)})")
+        if self.target_true is not None and self.target_new.strip() == self.target_true.strip():
+            raise EditError(f"target_new {self.target_new!r} is the same as target_true: nothing to edit "
+                            f"(prompt {shorten(self.prompt)})")
 
     @property
     def text(self) -> str:
@@ -85,21 +94,63 @@ class EditRequest:
 
 @dataclass(frozen=True)
 class EditConfig:
-    """Algorithm settings (ROME's GPT-2 XL hyper-parameters as defaults where they apply)."""
+    """Algorithm settings. ``EditConfig()`` is ROME's own algorithm with its GPT-2 XL
+    hyper-parameters (``hparams/ROME/gpt2-xl.json`` and ``rome/compute_v.py`` of kmeng01/rome), exactly;
+    every deliberate departure is a named option (docs/editing.md, "ROME's code vs relation_lens").
+
+    Value optimisation (``compute_v.py``):
+        v_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, kl_prompt: as ROME's hparams.
+        v_lr_scale: ``"absolute"`` (ROME: Adam on ``delta`` itself) or ``"rms"`` (scale-free: Adam on
+            ``delta / rms(v_init)``, so one learning rate behaves alike on models of any width).
+        weight_decay_form: ``"rome"``: ``v_weight_decay * ||delta|| / ||v_init||**2`` as ROME's code
+            computes it; ``"squared_ratio"``: ``v_weight_decay * (||delta|| / ||v_init||)**2``.
+        early_stop_on: ``"loss"`` (ROME: stop when the total loss is under ``early_stop_loss``) or
+            ``"nll"`` (stop on the NLL of the new target alone).
+        kl_direction: ``"rome"``: ``kl_div(init, edited, log_target=True)`` = KL(edited || original), as
+            ROME's code; ``"forward"``: KL(original || edited).
+    Keys (``compute_u.py``, ``rome_main.py``):
+        prefix_lengths: ``(length, count)`` pairs of self-generated context prefixes, ROME's
+            ``context_template_length_params``: ``length`` counts the ``<|endoftext|>`` start token,
+            so a prefix has ``length - 1`` generated tokens (ROME GPT-2 XL: 10 of 5 and 10 of 10).
+        prefixes: explicit context templates (``"{}"`` where the prompt goes, e.g.
+            ``("{}", "The sky. {}")``), used instead of generated ones to reproduce an edit exactly.
+        key_mode: ``"asymmetric"`` (ROME's code: the unprefixed prompt's key in the residual and the
+            denominator) or ``"symmetric"`` (r-ROME, Gupta et al. 2024: the averaged ``k*`` in every term;
+            sequential edits do not collapse).
+        prepend_bos: ``None`` follows the model (``model.cfg.default_prepend_bos``; the default model
+            was trained with BOS); ``False`` is ROME's tokenisation on GPT-2 (prompts, prefixes, and the
+            key statistics computed for the edit).
+    Closed form: ridge (relative ridge added to C), stats_n_texts (texts for the key statistics).
+    """
 
     v_steps: int = 20
     v_lr: float = 0.5
-    v_lr_scale: Literal["rms", "absolute"] = "rms"  # see the module docstring
+    v_lr_scale: Literal["rms", "absolute"] = "absolute"
     v_weight_decay: float = 0.5
+    weight_decay_form: Literal["rome", "squared_ratio"] = "rome"
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
+    kl_direction: Literal["rome", "forward"] = "rome"
     kl_prompt: str = "{} is a"
     early_stop_loss: float = 5e-2
-    prefix_lengths: tuple[tuple[int, int], ...] = ((5, 5), (10, 5))  # (tokens, how many)
-    key_mode: Literal["symmetric", "asymmetric"] = "symmetric"
+    early_stop_on: Literal["loss", "nll"] = "loss"
+    prefix_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (length incl. <|endoftext|>, count)
+    prefixes: tuple[str, ...] | None = None
+    key_mode: Literal["symmetric", "asymmetric"] = "asymmetric"
+    prepend_bos: bool | None = None
     ridge: float = 0.0  # relative ridge added to C before solving
     stats_n_texts: int | None = 10_000
     seed: int = 0
+
+    @classmethod
+    def rome(cls, **overrides) -> "EditConfig":
+        """ROME's code on GPT-2 (XL), tokenisation included: ``EditConfig(prepend_bos=False)``."""
+        return cls(**{"prepend_bos": False, **overrides})
+
+    @classmethod
+    def default_model_preset(cls, **overrides) -> "EditConfig":
+        """:data:`DEFAULT_MODEL_PRESET`: the settings tuned for the embedded default model."""
+        return cls(**{**DEFAULT_MODEL_PRESET, **overrides})
 
     @classmethod
     def default_for(cls, model, **overrides) -> "EditConfig":
@@ -111,14 +162,25 @@ class EditConfig:
         return cls(**{**base, **overrides})
 
     def __post_init__(self):
-        if self.v_lr_scale not in ("rms", "absolute"):
-            raise EditError(f"v_lr_scale {self.v_lr_scale!r} is not 'rms' or 'absolute'")
-        if self.key_mode not in ("symmetric", "asymmetric"):
-            raise EditError(f"key_mode {self.key_mode!r} is not 'symmetric' or 'asymmetric'")
+        choices = {"v_lr_scale": ("rms", "absolute"), "key_mode": ("symmetric", "asymmetric"),
+                   "weight_decay_form": ("rome", "squared_ratio"), "early_stop_on": ("loss", "nll"),
+                   "kl_direction": ("rome", "forward")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise EditError(f"{name} {getattr(self, name)!r} is not one of {list(allowed)}")
         if self.v_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0 or self.kl_factor < 0:
             raise EditError(f"invalid optimisation settings in {self}")
         if "{}" not in self.kl_prompt:
             raise EditError(f"kl_prompt {self.kl_prompt!r} must contain '{{}}'")
+        for length, count in self.prefix_lengths:
+            if length < 2 or count < 0:
+                raise EditError(f"prefix_lengths {self.prefix_lengths!r}: each length counts the <|endoftext|> "
+                                "start token, so it must be >= 2, and counts >= 0")
+        if self.prefixes is not None:
+            prefixes = tuple(self.prefixes)
+            if not prefixes or not all(isinstance(p, str) and p.count("{}") == 1 for p in prefixes):
+                raise EditError(f"prefixes {self.prefixes!r} must be a non-empty list of strings with one '{{}}' each")
+            object.__setattr__(self, "prefixes", prefixes)
 
 
 @dataclass(frozen=True, repr=False, eq=False)
@@ -181,41 +243,52 @@ def default_layer(model, method: str, request: EditRequest | None = None) -> int
     raise EditError(f"method {method!r} is not 'relation_rome' or 'rome'")
 
 
-def _key_position(model, text: str, subject_start: int, subject: str, method: str) -> tuple[Tensor, int]:
-    tokens, offsets = token_offsets(model, text)
+def _key_position(model, text: str, subject_start: int, subject: str, method: str,
+                  prepend_bos: bool | None = None) -> tuple[Tensor, int]:
+    tokens, offsets = token_offsets(model, text, prepend_bos)
     span = char_span_to_tokens(offsets, subject_start, subject_start + len(subject))
     if span[1] <= span[0]:
-        raise SpanError(f"subject {subject!r} maps to no token of prompt {text!r}")
+        raise SpanError(f"subject {subject!r} maps to no token of prompt {shorten(text)}")
     if method == "rome":
         return tokens, span[1] - 1
     if span[1] >= len(tokens):
-        raise SpanError(f"prompt {text!r} has no relation tokens after the subject {subject!r}; relation-ROME keys "
+        raise SpanError(f"prompt {shorten(text)} has no relation tokens after the subject {subject!r}; relation-ROME keys "
                         "on the last relation token")
     return tokens, len(tokens) - 1
 
 
 @torch.no_grad()
 def generate_prefixes(model, config: EditConfig) -> list[str]:
-    """Short random texts the model generates itself (seeded), as ROME's context templates: ``"{}"`` first."""
+    """ROME's context templates (``get_context_templates`` in its ``rome_main.py``): ``"{}"`` first, then
+    for each ``(length, count)`` of ``config.prefix_lengths``, ``count`` texts sampled from the model's
+    top 5 tokens after ``<|endoftext|>`` up to ``length`` tokens counting that start token, decoded,
+    NFKD-normalised, ``"\\n\\n"`` turned into a space, with ``". {}"`` appended. Seeded by
+    ``config.seed``. Braces, which ROME's ``str.format`` would choke on, become spaces.
+    ``config.prefixes``, when given, is returned as it is."""
+    import unicodedata
+
+    if config.prefixes is not None:
+        return list(config.prefixes)
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     out = ["{}"]
     bos = model.tokenizer.bos_token_id
     for length, count in config.prefix_lengths:
         toks = torch.full((count, 1), bos, dtype=torch.long)
-        for _ in range(length):
+        for _ in range(length - 1):
             logits = model(toks.to(model.cfg.device))[:, -1].float().cpu()
             probs = logits.softmax(-1)
             top = probs.topk(min(5, probs.shape[-1]))  # ROME samples from the top 5
             pick = torch.multinomial(top.values / top.values.sum(-1, keepdim=True), 1, generator=gen)
             toks = torch.cat([toks, top.indices.gather(1, pick)], dim=1)
         for row in toks[:, 1:]:
-            text = model.tokenizer.decode(row).replace("{", " ").replace("}", " ").strip()
-            out.append(text + ". {}")
+            text = unicodedata.normalize("NFKD", model.tokenizer.decode(row)).replace("\n\n", " ")
+            out.append(text.replace("{", " ").replace("}", " ") + ". {}")
     return out
 
 
 def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome", layer: int | None = None,
-                 stats=None, config: EditConfig | None = None, progress: bool = False) -> RankOneUpdate:
+                 stats=None, config: EditConfig | None = None, prefixes: Sequence[str] | None = None,
+                 progress: bool = False) -> RankOneUpdate:
     """Compute the rank-one update that makes ``model`` answer ``request.target_new``.
 
     Pure: the model's weights, hooks and gradients are as they were afterwards.
@@ -226,7 +299,9 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
         layer: the MLP layer to edit; ``None`` for the method's default (:func:`default_layer`).
         stats: :class:`KeyStatistics` of that layer; ``None`` computes or loads them from the disk cache
             over the default corpus.
-        config: :class:`EditConfig`.
+        config: :class:`EditConfig` (``None``: :meth:`EditConfig.default_for` the model).
+        prefixes: explicit context templates (``"{}"`` where the prompt goes), overriding
+            ``config.prefixes``; to reproduce an edit exactly or compare with another implementation.
 
     Raises:
         EditError: bad layer, half-precision model, a target the model already predicts, NaN/Inf.
@@ -237,6 +312,16 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
     if not isinstance(request, EditRequest):
         raise EditError(f"expected an EditRequest, got {type(request).__name__}")
     config = config or EditConfig.default_for(model)
+    if prefixes is not None:
+        config = dataclasses.replace(config, prefixes=tuple(prefixes))
+    with model_lock(model):
+        return _compute_edit(model, request, method, layer, stats, config, progress)
+
+
+def _compute_edit(model, request: EditRequest, method: str, layer: int | None, stats, config: EditConfig,
+                  progress: bool) -> RankOneUpdate:
+    from relation_lens.statistics import KeyStatistics
+
     if method not in ("relation_rome", "rome"):
         raise EditError(f"method {method!r} is not 'relation_rome' or 'rome'")
     if layer is None:
@@ -247,10 +332,15 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
         raise EditError(f"key statistics are for layer {stats.layer}, but the edit is at layer {layer}")
     new_ids = object_tokens(model, request.text, request.target_new)
     prompt_text = request.text
+    bos = config.prepend_bos
     with torch.no_grad():
-        clean_logits = model(model.to_tokens(prompt_text))[0, -1]
+        prompt_tokens, _ = token_offsets(model, prompt_text, bos)
+        if len(prompt_tokens) > model.cfg.n_ctx:
+            raise PromptError(f"prompt {shorten(prompt_text)} is {len(prompt_tokens)} tokens, longer than the "
+                              f"model's context of {model.cfg.n_ctx}; the model was not changed")
+        clean_logits = model(prompt_tokens[None].to(model.cfg.device))[0, -1]
     if int(clean_logits.argmax()) == int(new_ids[0]) and len(new_ids) == 1:
-        raise EditError(f"the model already predicts {request.target_new!r} for {prompt_text!r}; nothing to edit")
+        raise EditError(f"the model already predicts {request.target_new!r} for {shorten(prompt_text)}; nothing to edit")
 
     # prompts: each prefix + the edit prompt (+ target tokens but the last, teacher-forced)
     prefixes = generate_prefixes(model, config)
@@ -258,13 +348,16 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
     for prefix in prefixes:
         head = prefix.replace("{}", "")
         text = head + prompt_text
-        toks, pos = _key_position(model, text, len(head) + request.prompt.index("{}"), request.subject, method)
+        toks, pos = _key_position(model, text, len(head) + request.prompt.index("{}"), request.subject, method, bos)
+        if len(toks) + len(new_ids) - 1 > model.cfg.n_ctx:
+            raise PromptError(f"prefixed prompt {shorten(text)} with the target is {len(toks) + len(new_ids) - 1} "
+                              f"tokens, longer than the model's context of {model.cfg.n_ctx}; the model was not changed")
         contexts.append(toks)
         positions.append(pos)
         plens.append(len(toks))
     kl_text = config.kl_prompt.format(request.subject)
     kl_toks, kl_pos = _key_position(model, kl_text, config.kl_prompt.index("{}"), request.subject,
-                                    "rome" if method == "rome" or kl_text.endswith(request.subject) else method)
+                                    "rome" if method == "rome" or kl_text.endswith(request.subject) else method, bos)
     hook_post, hook_out = f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"
     dev = model.cfg.device
 
@@ -309,12 +402,18 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
             kl_logp = logp[n_rw, kl_pos]
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
-            kl = (kl_init.exp() * (kl_init - kl_logp)).sum()
-            decay = config.v_weight_decay * (delta.norm() / target_init.norm()) ** 2
+            if config.kl_direction == "rome":  # kl_div(init, edited, log_target=True) = KL(edited || original)
+                kl = (kl_logp.exp() * (kl_logp - kl_init)).sum()
+            else:  # KL(original || edited)
+                kl = (kl_init.exp() * (kl_init - kl_logp)).sum()
+            if config.weight_decay_form == "rome":  # ROME's code: ||delta|| / ||v_init||**2
+                decay = config.v_weight_decay * delta.norm() / target_init.norm() ** 2
+            else:
+                decay = config.v_weight_decay * (delta.norm() / target_init.norm()) ** 2
             loss = nll + config.kl_factor * kl + decay
-            history.append({"step": step, "nll": nll.item(), "kl": kl.item(), "decay": decay.item(),
-                            "p_new": math.exp(-nll.item())})
-            if nll.item() < config.early_stop_loss:
+            history.append({"step": step, "loss": loss.item(), "nll": nll.item(), "kl": kl.item(),
+                            "decay": decay.item(), "p_new": math.exp(-nll.item())})
+            if (loss if config.early_stop_on == "loss" else nll).item() < config.early_stop_loss:
                 break
             if step == config.v_steps - 1:
                 break
@@ -333,14 +432,15 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
 
     # 3. the closed form
     if stats is None:
-        stats = KeyStatistics.compute(model, layer, n_texts=config.stats_n_texts, progress=progress)
+        stats = KeyStatistics.compute(model, layer, n_texts=config.stats_n_texts, progress=progress,
+                                      prepend_bos=bos)
     W = model.blocks[layer].mlp.W_out.detach().double().cpu()
     b = model.blocks[layer].mlp.b_out.detach().double().cpu()
     u = stats.inverse_times(k_star, config.ridge)
     k_res = k_star if config.key_mode == "symmetric" else k_plain
     right = (v_star - (k_res @ W + b)) / torch.dot(u, k_res)
     if not (torch.isfinite(u).all() and torch.isfinite(right).all()):
-        raise EditError(f"the update for {prompt_text!r} -> {request.target_new!r} holds NaN or Inf "
+        raise EditError(f"the update for {shorten(prompt_text)} -> {request.target_new!r} holds NaN or Inf "
                         "(singular key statistics? try EditConfig(ridge=1e-4)); the model was not changed")
     return RankOneUpdate(
         layer=layer, left=u.to(W.dtype), right=right, key=k_star, value=v_star, method=method, request=request,

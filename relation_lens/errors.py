@@ -46,3 +46,16 @@ class EditError(RelationLensError):
 
 class DataError(RelationLensError):
     """A dataset file or record is missing or malformed."""
+
+
+class ConfigError(RelationLensError, ValueError):
+    """A setting (window, batch size, kinds, a config field) is invalid."""
+
+
+def shorten(text, limit: int = 120) -> str:
+    """``repr(text)`` for an error message, cut to head ... tail with the length when it is long,
+    so that a 2,000-word prompt does not fill the screen."""
+    if not isinstance(text, str) or len(text) <= limit:
+        return repr(text)
+    half = limit // 2
+    return f"{text[:half]!r} ... {text[-half:]!r} ({len(text)} characters)"

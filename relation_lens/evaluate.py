@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from relation_lens._results import JsonRoundTrip, ValueEquality
+from relation_lens._results import JsonRoundTrip, ValueEquality, known_fields
 from relation_lens.editing import EditConfig, EditRequest, apply_edit, compute_edit
 from relation_lens.errors import EditError, SpanError
+from relation_lens.intervals import mean_ci95_list
 from relation_lens.spans import object_tokens
 
 METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "RS", "RM", "fluency")
@@ -94,17 +95,6 @@ def _record_metrics(model, rec: dict, fluency: bool) -> dict[str, float]:
     return m
 
 
-def _mean_ci(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    n = len(values)
-    mu = sum(values) / n
-    if n < 2:
-        return mu, float("nan")
-    var = sum((v - mu) ** 2 for v in values) / (n - 1)
-    return mu, 1.96 * math.sqrt(var / n)
-
-
 def _harmonic(values: list[float]) -> float:
     if any(math.isnan(v) for v in values) or not values:
         return float("nan")
@@ -133,6 +123,7 @@ class EvaluationResult(JsonRoundTrip, ValueEquality):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EvaluationResult":
+        d = known_fields(cls, d)
         return cls(method=d["method"], layer=d["layer"], records=tuple(d["records"]),
                    summary={k: tuple(v) for k, v in d["summary"].items()}, n_failed=d["n_failed"],
                    settings=d.get("settings", {}))
@@ -211,7 +202,7 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
     summary = {}
     for k in METRICS:
         vals = [r[k] for r in ok if k in r]
-        mu, ci = _mean_ci(vals)
+        mu, ci = mean_ci95_list(vals)
         scale = 1.0 if k == "fluency" else 100.0
         summary[k] = (mu * scale, ci * scale)
     summary["Score"] = (_harmonic([summary[k][0] for k in ("ES", "PS", "NS", "RS")]), float("nan"))

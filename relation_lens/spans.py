@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from relation_lens.errors import PromptError, SpanError
+from relation_lens.errors import PromptError, SpanError, shorten
 
 Span = tuple[int, int]
 
@@ -38,16 +38,20 @@ class PromptSpans:
     relation_span: Span
 
 
-def token_offsets(model, prompt: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def token_offsets(model, prompt: str, prepend_bos: bool | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Tokens of ``prompt`` as the model sees them, and each token's character range.
+
+    ``prepend_bos``: ``None`` follows the model's own default (``model.cfg.default_prepend_bos``);
+    ``False`` tokenises as ROME's code does for GPT-2 (no BOS).
 
     Returns:
         tokens: ``Int[Tensor, "pos"]``; offsets: one ``(start, end)`` character range per token
         (``(0, 0)`` for a prepended BOS token).
     """
     if not isinstance(prompt, str) or not prompt.strip():
-        raise PromptError(f"prompt {prompt!r} is empty; give the text that ends right before the answer")
-    tokens = model.to_tokens(prompt, truncate=False)[0].cpu()
+        raise PromptError(f"prompt {shorten(prompt)} is empty; give the text that ends right before the answer")
+    bos = model.cfg.default_prepend_bos if prepend_bos is None else bool(prepend_bos)
+    tokens = model.to_tokens(prompt, prepend_bos=bos, truncate=False)[0].cpu()
     tok = model.tokenizer
     ids = tokens.tolist()
     if getattr(tok, "is_fast", False):
@@ -61,7 +65,7 @@ def token_offsets(model, prompt: str) -> tuple[torch.Tensor, list[tuple[int, int
     strs = model.to_str_tokens(tokens)
     text = ""
     for i, s in enumerate(strs):
-        if i == 0 and model.cfg.default_prepend_bos and s == tok.bos_token:
+        if i == 0 and bos and s == tok.bos_token:
             offsets.append((0, 0))
             continue
         text += s
@@ -80,7 +84,7 @@ def char_span_to_tokens(offsets: list[tuple[int, int]], start: int, end: int) ->
 
 
 def find_spans(model, prompt: str, subject: str, *, include_last: bool = True, occurrence: int = 0,
-               require_relation: bool = True) -> PromptSpans:
+               require_relation: bool = True, prepend_bos: bool | None = None) -> PromptSpans:
     """Find the subject and relation token spans of ``prompt``.
 
     Args:
@@ -90,27 +94,28 @@ def find_spans(model, prompt: str, subject: str, *, include_last: bool = True, o
         include_last: whether the relation span includes the prompt's last token.
         occurrence: which occurrence of ``subject`` to use when it appears several times.
         require_relation: raise when the relation span is empty (otherwise return it empty).
+        prepend_bos: ``None`` for the model's own default, or an explicit choice (ROME: ``False``).
 
     Raises:
         SpanError: the subject is not in the prompt, or the relation span is empty.
     """
     if not isinstance(subject, str) or not subject.strip():
-        raise SpanError(f"subject {subject!r} is empty (prompt {prompt!r})")
-    tokens, offsets = token_offsets(model, prompt)
+        raise SpanError(f"subject {subject!r} is empty (prompt {shorten(prompt)})")
+    tokens, offsets = token_offsets(model, prompt, prepend_bos)
     start = -1
     for _ in range(occurrence + 1):
         start = prompt.find(subject, start + 1)
         if start < 0:
-            raise SpanError(f"subject {subject!r} does not occur in prompt {prompt!r}"
+            raise SpanError(f"subject {subject!r} does not occur in prompt {shorten(prompt)}"
                             + (f" {occurrence + 1} times" if occurrence else ""))
     subj = char_span_to_tokens(offsets, start, start + len(subject))
     if subj[1] <= subj[0]:
-        raise SpanError(f"subject {subject!r} maps to no token of prompt {prompt!r}")
+        raise SpanError(f"subject {subject!r} maps to no token of prompt {shorten(prompt)}")
     rel_end = len(offsets) if include_last else len(offsets) - 1
     rel = (subj[1], max(subj[1], rel_end))
     if rel[1] <= rel[0] and require_relation:
         where = "ends the prompt" if subj[1] == len(offsets) else "is followed only by the last token"
-        raise SpanError(f"relation span is empty in prompt {prompt!r}: the subject {subject!r} {where} "
+        raise SpanError(f"relation span is empty in prompt {shorten(prompt)}: the subject {subject!r} {where} "
                         f"(include_last={include_last}); relation tracing needs relation words after the subject")
     return PromptSpans(prompt=prompt, tokens=tokens, str_tokens=tuple(model.to_str_tokens(tokens)),
                        subject=subject, subject_span=subj, relation_span=rel)

@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from relation_lens._locks import model_lock
 from relation_lens._results import ValueEquality
 from relation_lens.errors import DataError, EditError
 from relation_lens.spans import right_pad
@@ -103,7 +104,7 @@ class KeyStatistics(ValueEquality):
     @classmethod
     def compute(cls, model, layer: int, corpus: Iterable[str] | None = None, *, n_texts: int | None = 10_000,
                 batch_size: int = 64, cache: bool = True, progress: bool = True,
-                directory: str | Path | None = None) -> "KeyStatistics":
+                directory: str | Path | None = None, prepend_bos: bool | None = None) -> "KeyStatistics":
         """Compute (or load from the disk cache) the key statistics of ``layer``.
 
         Args:
@@ -111,28 +112,28 @@ class KeyStatistics(ValueEquality):
                 the default model's training text.
             n_texts: use at most this many texts (a seeded sample); ``None`` for all.
             cache: read and write the disk cache (``directory`` or :func:`cache_dir`).
+            prepend_bos: ``None`` follows the model; ``False`` tokenises as ROME's ``layer_stats`` does on
+                GPT-2 (no BOS, every token counted). A prepended BOS's key is never counted (it is the
+                same for every text).
         """
         if not 0 <= layer < model.cfg.n_layers:
             raise EditError(f"layer {layer} is out of range for a model with {model.cfg.n_layers} layers")
         texts = _texts(corpus, n_texts)
         fp, ch = model_fingerprint(model, layer), _corpus_hash(texts)
         path = Path(directory) if directory else cache_dir()
-        file = path / f"{fp}_L{layer}_{ch}_{len(texts)}.safetensors"
+        bos = model.cfg.default_prepend_bos if prepend_bos is None else bool(prepend_bos)
+        file = path / f"{fp}_L{layer}_{ch}_{len(texts)}{'' if bos else '_nobos'}.safetensors"
         if cache and file.is_file():
             from safetensors.torch import load_file
 
             data = load_file(file)
             logger.info("loaded key statistics from %s", file)
             return cls(layer, data["moment"], int(data["count"].item()), fp, ch, len(texts))
-        moment, count = _accumulate(model, layer, texts, batch_size, progress)
+        with model_lock(model):
+            moment, count = _accumulate(model, layer, texts, batch_size, progress, bos)
         stats = cls(layer, moment, count, fp, ch, len(texts))
         if cache:
-            from safetensors.torch import save_file
-
-            path.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_suffix(".tmp")
-            save_file({"moment": moment.contiguous(), "count": torch.tensor([count])}, tmp)
-            tmp.replace(file)
+            _atomic_save({"moment": moment.contiguous(), "count": torch.tensor([count])}, file)
         return stats
 
     def inverse_times(self, k: Float[Tensor, "d_mlp"], ridge: float = 0.0) -> Float[Tensor, "d_mlp"]:
@@ -143,19 +144,39 @@ class KeyStatistics(ValueEquality):
         return torch.linalg.solve(C, k.to(C.dtype).cpu())
 
 
+def _atomic_save(tensors: dict[str, Tensor], file: Path) -> None:
+    """Write ``tensors`` to ``file`` through a temporary file of a unique name in the same folder and
+    an atomic rename, so that concurrent runs never read a half-written file nor clobber each
+    other's temporary file (the last rename wins; both wrote the same numbers)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @torch.no_grad()
-def _accumulate(model, layer: int, texts: list[str], batch_size: int, progress: bool) -> tuple[Tensor, int]:
+def _accumulate(model, layer: int, texts: list[str], batch_size: int, progress: bool,
+                bos: bool) -> tuple[Tensor, int]:
     name = f"blocks.{layer}.mlp.hook_post"
     d = model.cfg.d_mlp
     moment = torch.zeros(d, d, dtype=torch.float64)
     count = 0
     for i in tqdm(range(0, len(texts), batch_size), desc=f"key statistics L{layer}", disable=not progress):
-        ids = [model.to_tokens(t, truncate=True)[0].cpu() for t in texts[i:i + batch_size]]
+        ids = [model.to_tokens(t, prepend_bos=bos, truncate=True)[0].cpu() for t in texts[i:i + batch_size]]
         batch = right_pad(model, ids)
         mask = torch.zeros(batch.shape, dtype=torch.bool)
         for r, x in enumerate(ids):
             mask[r, :len(x)] = True
-        if model.cfg.default_prepend_bos:
+        if bos:
             mask[:, 0] = False  # the BOS state is the same for every text
         stored = {}
 

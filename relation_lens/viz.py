@@ -25,15 +25,13 @@ STATE = {"resid": "residual stream", "mlp": "MLP output", "attn": "attention out
 
 def _figure(grids: dict[str, torch.Tensor], ylabels: Sequence[str], *, window: int, title: str, value_label: str,
             diverging: bool = False):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no global state of the user's (backend, current figure) is touched.
+    from matplotlib.figure import Figure
 
     kinds = list(grids)
     n_rows = len(ylabels)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds) + 0.8, 0.32 * n_rows + 1.8), squeeze=False,
-                             constrained_layout=True)
+    fig = Figure(figsize=(3.6 * len(kinds) + 0.8, 0.32 * n_rows + 1.8), layout="constrained")
+    axes = fig.subplots(1, len(kinds), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         grid = grids[kind].float().T.numpy()  # [rows, layer]
         kwargs = {}
@@ -72,11 +70,8 @@ def plot_trace(result: "TraceResult", path: str | Path | None = None, **savefig_
 
 
 def _png_data_uri(fig) -> str:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

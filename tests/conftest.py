@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Key statistics are cached on disk: tests use a temporary cache, never the user's ~/.cache.
+import tempfile as _tempfile
+
+os.environ["RELATION_LENS_CACHE"] = _tempfile.mkdtemp(prefix="relation_lens_test_cache_")
 
 import pytest
 import torch

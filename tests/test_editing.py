@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -6,7 +8,8 @@ from relation_lens.editing import EditConfig, EditRequest, RankOneUpdate, apply_
 from relation_lens.statistics import KeyStatistics
 from conftest import ARCHITECTURES, all_hooks, checksum, random_model, same_weights
 
-FAST = EditConfig(v_steps=12, prefix_lengths=((4, 3),))
+# r-ROME keys and the scale-free lr (the tests of exactness use k* in every term); 4 generated tokens
+FAST = EditConfig(v_steps=12, prefix_lengths=((5, 3),), key_mode="symmetric", v_lr_scale="rms")
 TEXTS = [f"{a} is located in the country of {b}." for a in ("Paris", "Lyon", "Berlin", "Rome", "Oslo", "Tokyo")
          for b in ("France", "Germany", "Italy", "Norway", "Japan")] * 4
 
@@ -18,19 +21,35 @@ def tiny_stats(tiny_model, tmp_path_factory):
             for layer in range(tiny_model.cfg.n_layers)}
 
 
+def _direct_moment(model, layer, texts):
+    """E[k k^T] in float64 from one unbatched forward per text (BOS excluded)."""
+    keys = []
+    for t in texts:
+        _, cache = model.run_with_cache(t, names_filter=f"blocks.{layer}.mlp.hook_post")
+        keys.append(cache[f"blocks.{layer}.mlp.hook_post"][0, 1:].double())
+    k = torch.cat(keys)
+    return k.T @ k / k.shape[0], k.shape[0]
+
+
 def test_key_statistics_match_direct_computation(tiny_model, tmp_path):
+    direct, count = _direct_moment(tiny_model, 1, TEXTS[:10])
+    # Batch 1: the activations are the same float32 numbers as the direct run's (same shapes, same
+    # kernels), so only the order of the float64 sums differs: agreement to float64 rounding.
+    one = KeyStatistics.compute(tiny_model, 1, TEXTS[:10], n_texts=None, progress=False, directory=tmp_path / "a",
+                                batch_size=1)
+    assert one.count == count
+    assert torch.allclose(one.moment, direct, rtol=0, atol=1e-12 * direct.abs().max())
+    # Batch 3: the float32 activations themselves may differ in the last bits (a padded batch can pick
+    # other matmul kernels, e.g. on AVX-512 hosts), so the tolerance is float32's: a relative error of a
+    # few units of 2**-24 per activation, 1e-5 of the largest entry leaves two orders of margin.
     stats = KeyStatistics.compute(tiny_model, 1, TEXTS[:10], n_texts=None, progress=False, directory=tmp_path,
                                   batch_size=3)
-    keys = []
-    for t in TEXTS[:10]:
-        _, cache = tiny_model.run_with_cache(t, names_filter="blocks.1.mlp.hook_post")
-        keys.append(cache["blocks.1.mlp.hook_post"][0, 1:].double())  # BOS excluded
-    k = torch.cat(keys)
-    assert stats.count == k.shape[0]
-    assert torch.allclose(stats.moment, k.T @ k / k.shape[0], atol=1e-9)
+    assert stats.count == count
+    assert torch.allclose(stats.moment, direct, rtol=0, atol=1e-5 * direct.abs().max())
+    assert not torch.allclose(stats.moment, direct * (1 + 1e-3), rtol=0, atol=1e-5 * direct.abs().max())
     again = KeyStatistics.compute(tiny_model, 1, TEXTS[:10], n_texts=None, progress=False, directory=tmp_path)
     assert torch.equal(again.moment, stats.moment) and again == stats  # from the disk cache
-    assert len(list(tmp_path.iterdir())) == 1
+    assert [p.suffix for p in tmp_path.iterdir() if p.is_file()] == [".safetensors"]  # no temporary file left
 
 
 def test_compute_edit_is_pure_and_update_is_exact(tiny_model, tiny_stats):
@@ -92,7 +111,7 @@ def test_asymmetric_keys_differ(tiny_model, tiny_stats):
     req = EditRequest("{} is located in the country of", "Paris", "Japan")
     a = compute_edit(tiny_model, req, layer=2, stats=tiny_stats[2], config=FAST)
     b = compute_edit(tiny_model, req, layer=2, stats=tiny_stats[2],
-                     config=EditConfig(v_steps=12, prefix_lengths=((4, 3),), key_mode="asymmetric"))
+                     config=dataclasses.replace(FAST, key_mode="asymmetric"))
     assert torch.allclose(a.left, b.left) and not torch.allclose(a.right, b.right)
 
 
@@ -152,7 +171,9 @@ def test_edit_on_other_architectures(tokenizer, tmp_path, arch, method):
     req = EditRequest("{} is located in the country of", "Paris", "Japan")
     new = model.to_tokens(" Japan", prepend_bos=False)[0, 0]
     p_before = model(req.text)[0, -1].softmax(-1)[new].item()
-    upd = compute_edit(model, req, method=method, layer=1, stats=stats, config=EditConfig(prefix_lengths=()))
+    # the default model preset's formulas (named options): the thresholds below were measured with them
+    config = EditConfig.default_model_preset(prefix_lengths=(), v_weight_decay=0.5, clamp_norm_factor=4.0, v_steps=20)
+    upd = compute_edit(model, req, method=method, layer=1, stats=stats, config=config)
     W = model.blocks[1].mlp.W_out.detach().double()
     b = model.blocks[1].mlp.b_out.detach().double()
     assert torch.allclose(upd.key @ (W + upd.delta()) + b, upd.value, atol=1e-6)
@@ -171,3 +192,19 @@ def test_edit_on_other_architectures(tokenizer, tmp_path, arch, method):
         # is the subject token, whose effect on the answer must pass through random attention: its
         # clamped v* reaches only ~1e-5 on these models, so only the direction is asserted for it.
         assert p_after > 0.5, (p_before, upd.info["history"][-1]["p_new"], p_after)
+
+
+def test_statistics_cache_writes_atomically_under_concurrency(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from relation_lens.statistics import _atomic_save
+
+    file = tmp_path / "stats.safetensors"
+    payloads = [{"moment": torch.full((64, 64), float(i), dtype=torch.float64)} for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda t: _atomic_save(t, file), payloads))
+    from safetensors.torch import load_file
+
+    got = load_file(file)["moment"]
+    assert any(torch.equal(got, p["moment"]) for p in payloads)  # one whole payload, never a mix
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.safetensors"]  # no temporary file left

@@ -35,7 +35,7 @@ def test_evaluate_undoes_and_keeps_records(tiny_model, tmp_path):
     texts = [f"{a} is located in the country of {b}." for a in ("Paris", "Lyon", "Rome") for b in ("France", "Italy")]
     stats = KeyStatistics.compute(tiny_model, 2, texts * 5, n_texts=None, progress=False, directory=tmp_path)
     saved = checksum(tiny_model)
-    config = EditConfig(v_steps=10, prefix_lengths=((3, 2),))
+    config = EditConfig(v_steps=10, prefix_lengths=((4, 2),), key_mode="symmetric", v_lr_scale="rms")
     res = evaluate(tiny_model, recs, layer=2, stats=stats, config=config)
     assert same_weights(tiny_model, saved)
     assert len(res.records) == 2 and res.n_failed == 0

@@ -178,11 +178,42 @@ def test_bad_input(tiny_model):
         rl.trace(tiny_model, PROMPT, subject=SUBJECT, corrupt="object")
     with pytest.raises(rl.UnsupportedModelError, match="HookedTransformer"):
         rl.trace(torch.nn.Linear(2, 2), PROMPT, subject=SUBJECT)
-    with pytest.raises(rl.UnsupportedModelError, match="unknown kind"):
+    with pytest.raises(rl.ConfigError, match=r"unknown kind\(s\) \['heads'\]"):
         rl.trace(tiny_model, PROMPT, subject=SUBJECT, kinds=("resid", "heads"))
+    with pytest.raises(rl.ConfigError, match="kinds .* is empty"):
+        rl.trace(tiny_model, PROMPT, subject=SUBJECT, kinds=())
+    for name, value in (("window", 0), ("window", -1), ("batch_size", 0), ("batch_size", -3)):
+        with pytest.raises(rl.ConfigError, match=f"{name} must be a positive int.*, got {value}"):
+            rl.trace(tiny_model, PROMPT, subject=SUBJECT, **{name: value})
+    with pytest.raises(rl.ConfigError, match=r"unknown tracing setting\(s\) \['windows'\]"):
+        rl.trace(tiny_model, PROMPT, subject=SUBJECT, windows=3)
     with pytest.raises(rl.NoiseError, match="noise std"):
         rl.trace(tiny_model, PROMPT, subject=SUBJECT, noise=float("nan"))
+    with pytest.raises(rl.NoiseError, match="noise='gauss'"):
+        rl.trace(tiny_model, PROMPT, subject=SUBJECT, noise="gauss")
+    # a long prompt is quoted head ... tail with its length, not whole
+    long_prompt = "The Space Needle " + "is very tall and " * 200 + "in"
+    with pytest.raises(rl.PromptError, match=rf"\({len(long_prompt)} characters\) is \d+ tokens") as info:
+        rl.trace(tiny_model, long_prompt, subject=SUBJECT)
+    assert len(str(info.value)) < 300
     assert all_hooks(tiny_model) == 0 and same_weights(tiny_model, saved)
+
+
+def test_one_kind_as_a_string(tiny_model):
+    res = rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2, kinds="mlp", window=2)
+    assert res.kinds == ("mlp",)
+
+
+def test_default_window_is_depth_scaled_for_every_caller(tiny_model, default_model):
+    from relation_lens.tracing import TraceConfig, depth_scaled_window
+
+    assert TraceConfig().window is None
+    assert [depth_scaled_window(n) for n in (48, 12, 6, 4)] == [10, 2, 1, 1]
+    res = rl.trace(default_model, "Germany is located in the continent of", subject="Germany", n_samples=2,
+                   kinds="mlp")
+    assert res.window == 1  # 10 of 48 layers scaled to 6, not 10 (which restores every layer)
+    res = rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2, kinds="mlp", window=3)
+    assert res.window == 3
 
 
 def test_attention_only_model_has_no_mlp(tokenizer):

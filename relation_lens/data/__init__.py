@@ -105,19 +105,11 @@ class World:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{str(path)!r} line {i + 1} is not valid JSON ({exc})") from None
-    return rows
+    from relation_lens.data.io import read_json
+
+    return read_json(path, lines=True)
 
 
-@lru_cache(maxsize=4)
 def load_world(path: str | None = None) -> World:
     """Load the world of facts (default: the one vendored with the package)."""
     folder = Path(path) if path else world_dir()
@@ -138,3 +130,28 @@ def load_world(path: str | None = None) -> World:
         facts.append(Fact(row["fact_id"], row["subject"], relations[row["relation_id"]], row["object"],
                           row.get("source", "")))
     return World(tuple(facts), relations)
+
+
+@lru_cache(maxsize=1)
+def known_1000_subjects() -> tuple[str, ...]:
+    """The subjects of ROME's known_1000 (vendored, MIT), as ROME's causal tracing pools them for its
+    noise level."""
+    path = world_dir() / "known_1000_subjects.json"
+    return tuple(_read_json_file(path)["subjects"])
+
+
+def _read_json_file(path: Path):
+    from relation_lens.data.io import read_json
+
+    return read_json(path, lines=False)
+
+
+def world_trace_facts(relation: str | None = None, limit: int = 50) -> list[dict]:
+    """Up to ``limit`` facts of the world (of one relation if given), spread evenly over it, as
+    ``{prompt, subject, target}`` records for :func:`relation_lens.trace_dataset`. Facts whose first
+    template starts with the subject are preferred, so that relation words follow the subject."""
+    world = load_world()
+    facts = world.by_relation(relation) if relation else list(world)
+    facts = [f for f in facts if f.train_templates[0].startswith("{}")] or facts
+    step = max(1, len(facts) // max(1, limit))
+    return [{"prompt": f.prompt(0), "subject": f.subject, "target": f.object} for f in facts[::step][:limit]]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from relation_lens.data.io import read_json
 from relation_lens.data.loaders import COUNTERFACT_FIELDS, validate_counterfact
 from relation_lens.errors import DataError
 from relation_lens.spans import object_tokens, right_pad
@@ -99,9 +100,7 @@ def load_counterfactual(path: str | Path | None = None):
     import datasets
 
     path = Path(path) if path else counterfactual_path()
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_json(path, lines=True)
     validate_counterfact(rows, str(path))
     return datasets.Dataset.from_list([{k: r[k] for k in COUNTERFACT_FIELDS} for r in rows])
 

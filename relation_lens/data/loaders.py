@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from relation_lens.errors import DataError
+from relation_lens.data.io import read_json
+from relation_lens.errors import DataError, shorten
 
 # Cloze templates for the 16 relations of FewRel's validation split (and a few more), "{}" for the
 # subject, ending right before the object. Sources: MQuAKE's cloze templates (P26, P40, P361, P463,
@@ -48,16 +49,7 @@ COUNTERFACT_FIELDS = ("case_id", "prompt", "subject", "target_new", "target_true
 
 
 def _read_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{str(path)!r} is not valid JSON ({exc})") from None
+    return read_json(path)
 
 
 def _require(record: Any, fields: dict[str, type | tuple], where: str) -> None:
@@ -166,7 +158,7 @@ def _normalise_mend(rec: dict, i: int, where: str) -> dict:
     prompt = rec["prompt"]
     if "{}" not in prompt:
         if rec["subject"] not in prompt:
-            raise DataError(f"{where}: field 'subject' {rec['subject']!r} does not occur in 'prompt' {prompt!r}")
+            raise DataError(f"{where}: field 'subject' {rec['subject']!r} does not occur in 'prompt' {shorten(prompt)}")
         prompt = prompt.replace(rec["subject"], "{}", 1)
     loc = [rec["locality_prompt"]] if rec.get("locality_prompt") else []
     return {"case_id": rec.get("case_id", i), "prompt": prompt, "subject": rec["subject"],

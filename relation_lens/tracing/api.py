@@ -1,0 +1,83 @@
+"""``trace()``: one prompt, one config, one :class:`~relation_lens.tracing.results.TraceResult`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from relation_lens._locks import model_lock
+from relation_lens.errors import PromptError, shorten
+from relation_lens.spans import find_spans
+from relation_lens.tracing.config import TraceConfig
+from relation_lens.tracing.engine import _cells, _clean_run, _corrupted_run, _run_cells, _Runs
+from relation_lens.tracing.inputs import check_model, corrupt_span_for, make_noise, resolve_target
+from relation_lens.tracing.results import TraceResult
+
+
+def trace(model, prompt: str, *, subject: str, target: str | int | None = None, config: TraceConfig | None = None,
+          progress: bool = False, **settings: Any) -> TraceResult:
+    """Trace where ``model`` carries the relation (or subject) of ``prompt``.
+
+    Args:
+        model: a HookedTransformer. It is left exactly as it was (no hooks, no weight changes).
+        prompt: text ending right before the answer, e.g. ``"The Space Needle is located in the city of"``.
+        subject: a substring of ``prompt``; the relation span is the tokens after it up to the end.
+        target: the answer to score (string, token id), or ``None`` for the model's top clean prediction.
+            A multi-token string is scored by its first token (with a :class:`TargetWarning`).
+        config: a :class:`TraceConfig` (defaults if ``None``).
+        progress: show a progress bar.
+        **settings: any :class:`TraceConfig` field, overriding ``config``'s (``corrupt="subject"``,
+            ``kinds="mlp"``, ``window=10``, ``n_samples``, ``noise``, ``seed``, ``include_last``,
+            ``batch_size``, ``prepend_bos``...).
+
+    Returns:
+        TraceResult with ``scores[kind]`` a ``[n_layers, n_pos]`` grid of P(target).
+
+    Raises:
+        ConfigError, NoiseError, SpanError, PromptError, TargetError, UnsupportedModelError: each names
+        the input that was wrong; the model is unchanged.
+    """
+    cfg = TraceConfig.of(config, settings)
+    check_model(model, cfg.kinds, prompt)
+    window = cfg.window_for(model.cfg.n_layers)
+    spans = find_spans(model, prompt, subject, include_last=cfg.include_last,
+                       require_relation=cfg.corrupt == "relation", prepend_bos=cfg.prepend_bos)
+    T = len(spans.tokens)
+    if T > model.cfg.n_ctx:
+        raise PromptError(f"prompt {shorten(prompt)} is {T} tokens, longer than the model's context of "
+                          f"{model.cfg.n_ctx}")
+    mode, span = corrupt_span_for(spans, cfg.corrupt, T)
+    tokens = spans.tokens.to(model.cfg.device)
+    noise_t, std = make_noise(model, cfg.n_samples, span[1] - span[0], cfg.noise, cfg.seed, cfg.noise_subjects)
+
+    with model_lock(model), torch.no_grad():
+        clean, clean_logits = _clean_run(model, tokens, cfg.kinds)
+        tgt = resolve_target(model, prompt, target, clean_logits)
+        resids, kvs, corrupt_logits = _corrupted_run(model, tokens, span, noise_t)
+        runs = _Runs(clean, resids, kvs)
+        corrupted_prob = corrupt_logits.float().softmax(-1)[:, tgt.token].mean().item()
+        # Before the corrupted span the clean and corrupted runs are the same (causal attention, noise
+        # only on the span), so restoring a site there changes nothing: its score is the corrupted one.
+        cells = _cells(cfg.kinds, model.cfg.n_layers, T, window)
+        values = dict.fromkeys([c for c in cells if c.pos < span[0]], corrupted_prob)
+        values.update(_run_cells(model, runs, [c for c in cells if c.pos >= span[0]], tgt.token, cfg.n_samples,
+                                 cfg.batch_size, progress))
+    grids = {k: torch.zeros(model.cfg.n_layers, T) for k in cfg.kinds}
+    for c, v in values.items():
+        grids[c.kind][c.layer, c.pos] = v
+    top = int(clean_logits.argmax())
+    return TraceResult(
+        prompt=prompt, tokens=spans.str_tokens, subject=subject, subject_span=spans.subject_span,
+        relation_span=spans.relation_span, corrupt=mode, corrupt_span=span, target=tgt.text,
+        target_token=tgt.token, target_requested=tgt.requested, target_n_tokens=tgt.n_tokens,
+        clean_top=model.tokenizer.decode([top]), clean_top_token=top,
+        clean_prob=clean_logits.float().softmax(-1)[tgt.token].item(),
+        corrupted_prob=corrupted_prob,
+        scores=grids, window=window, n_samples=cfg.n_samples, noise_std=std, seed=cfg.seed,
+        model_name=model.cfg.model_name,
+        settings={"include_last": cfg.include_last, "kinds": list(cfg.kinds), "batch_size": cfg.batch_size,
+                  "prepend_bos": cfg.prepend_bos,
+                  "noise": cfg.noise if isinstance(cfg.noise, str) else None},
+    )

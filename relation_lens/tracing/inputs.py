@@ -1,0 +1,165 @@
+"""What a trace starts from: the model check, the noise, the target to score, the corrupted span."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from relation_lens.errors import NoiseError, SpanError, TargetError, UnsupportedModelError
+from relation_lens.errors import shorten
+from relation_lens.spans import PromptSpans, Span, object_tokens
+from relation_lens.tracing.config import KINDS, NOISE_MULTIPLIER
+
+
+class TargetWarning(UserWarning):
+    """A target string is several tokens long; only its first token is scored."""
+
+
+def check_model(model, kinds: Sequence[str] = KINDS, prompt: str | None = None) -> None:
+    """Raise :class:`UnsupportedModelError` unless tracing can run on ``model``."""
+    try:
+        _check_model(model, kinds)
+    except UnsupportedModelError as exc:
+        if prompt is not None:
+            raise UnsupportedModelError(f"{exc} (prompt {shorten(prompt)})") from None
+        raise
+
+
+def _check_model(model, kinds: Sequence[str]) -> None:
+    from transformer_lens import HookedTransformer
+
+    if not isinstance(model, HookedTransformer):
+        raise UnsupportedModelError(
+            f"expected a transformer_lens.HookedTransformer, got {type(model).__name__}; "
+            "load models with relation_lens.load_model()")
+    cfg = model.cfg
+    if cfg.attention_dir != "causal":
+        raise UnsupportedModelError(f"model {cfg.model_name!r} has {cfg.attention_dir} attention; tracing needs a causal LM")
+    if cfg.positional_embedding_type == "shortformer":
+        raise UnsupportedModelError(f"model {cfg.model_name!r} uses shortformer positional embeddings, not supported")
+    if model.tokenizer is None:
+        raise UnsupportedModelError(f"model {cfg.model_name!r} has no tokenizer; tracing works on text prompts")
+    if "mlp" in kinds and cfg.attn_only:
+        raise UnsupportedModelError(f"model {cfg.model_name!r} is attention-only: it has no MLP outputs to restore")
+
+
+def noise_std(model) -> float:
+    """The default noise level: 3 x the standard deviation of the whole token embedding matrix."""
+    return NOISE_MULTIPLIER * model.W_E.detach().float().std().item()
+
+
+def default_noise_subjects(model) -> tuple[str, ...]:
+    """The subjects ROME's noise rule averages over when none are given: the default model's world
+    subjects on the default model, known_1000's subjects (ROME's own list) on any other model."""
+    from relation_lens.models import DEFAULT_MODEL_NAME
+
+    if model.cfg.model_name == DEFAULT_MODEL_NAME:
+        from relation_lens.data import load_world
+
+        return tuple(dict.fromkeys(f.subject for f in load_world()))
+    from relation_lens.data import known_1000_subjects
+
+    return known_1000_subjects()
+
+
+def rome_noise_std(model, subjects: Sequence[str] | None = None) -> float:
+    """ROME's noise level (``collect_embedding_std`` in its ``experiments/causal_trace.py``): 3 x the
+    standard deviation of the token embeddings (``hook_embed``, no positions) of every token of
+    every subject, each subject tokenised alone without BOS, pooled over the list."""
+    subjects = default_noise_subjects(model) if subjects is None else tuple(subjects)
+    ids = [model.to_tokens(s, prepend_bos=False)[0] for s in subjects]
+    if not ids:
+        raise NoiseError("noise='rome' needs at least one subject to measure the embeddings of")
+    with torch.no_grad():
+        emb = model.embed(torch.cat(ids).to(model.cfg.device)[None])
+    return NOISE_MULTIPLIER * emb.float().std().item()
+
+
+def resolve_noise_std(model, noise: float | str | None, subjects: Sequence[str] | None = None) -> float:
+    """The std a noise setting stands for (``None``/``"embedding"``, ``"rome"`` or a number)."""
+    if noise is None or noise == "embedding":
+        return noise_std(model)
+    if noise == "rome":
+        return rome_noise_std(model, subjects)
+    return float(noise)
+
+
+def make_noise(model, n_samples: int, span_len: int, noise: float | str | Tensor | None, seed: int,
+               subjects: Sequence[str] | None = None) -> tuple[Float[Tensor, "sample span d_model"], float | None]:
+    """The noise added to the corrupted span's token embeddings, and its std (None if given)."""
+    d = model.cfg.d_model
+    if isinstance(noise, Tensor):
+        want = (n_samples, span_len, d)
+        if tuple(noise.shape) != want:
+            raise NoiseError(f"noise tensor has shape {tuple(noise.shape)}, expected [n_samples, span_len, d_model] "
+                             f"= {list(want)}")
+        if not torch.isfinite(noise).all():
+            raise NoiseError("noise tensor holds NaN or Inf")
+        return noise.detach().to(model.cfg.device, model.cfg.dtype), None
+    std = resolve_noise_std(model, noise, subjects)
+    if not math.isfinite(std) or std < 0:
+        raise NoiseError(f"noise std must be a finite number >= 0, got {noise!r}")
+    gen = torch.Generator().manual_seed(seed)
+    draw = torch.randn((n_samples, span_len, d), generator=gen) * std
+    return draw.to(model.cfg.device, model.cfg.dtype), std
+
+
+@dataclass(frozen=True)
+class Target:
+    token: int
+    text: str  # the decoded scored token
+    requested: str | None  # what the caller asked for (None: the model's own prediction)
+    n_tokens: int  # tokens in the requested string; only the first is scored
+
+
+def resolve_target(model, prompt: str, target: str | int | None, clean_logits: Tensor) -> Target:
+    """Turn ``target`` into the token to score.
+
+    A string is tokenised as a continuation of the prompt (:func:`relation_lens.spans.continuation_text`:
+    a space in front unless either side already has whitespace there, GPT-2 convention " Paris"). A
+    string of several tokens is scored by its first token, with a :class:`TargetWarning`.
+    """
+    if target is None:
+        tok = int(clean_logits.argmax())
+        return Target(tok, model.tokenizer.decode([tok]), None, 1)
+    if isinstance(target, int):
+        if not 0 <= target < model.cfg.d_vocab:
+            raise TargetError(f"target token id {target} is outside the vocabulary [0, {model.cfg.d_vocab}) "
+                              f"(prompt {shorten(prompt)})")
+        return Target(target, model.tokenizer.decode([target]), str(target), 1)
+    if not isinstance(target, str) or not target.strip():
+        raise TargetError(f"target {target!r} is empty (prompt {shorten(prompt)})")
+    ids = object_tokens(model, prompt, target).tolist()
+    if len(ids) > 1:
+        warnings.warn(f"target {target!r} is {len(ids)} tokens; scoring its first token "
+                      f"{model.tokenizer.decode(ids[:1])!r} (prompt {shorten(prompt)})", TargetWarning, stacklevel=3)
+    return Target(ids[0], model.tokenizer.decode(ids[:1]), target, len(ids))
+
+
+def corrupt_span_for(spans: PromptSpans, corrupt: str | tuple[int, int], n_pos: int) -> tuple[str, Span]:
+    if isinstance(corrupt, str):
+        if corrupt == "relation":
+            span = spans.relation_span
+        elif corrupt == "subject":
+            span = spans.subject_span
+        else:
+            raise SpanError(f"corrupt={corrupt!r} is not 'relation', 'subject' or a (start, end) token span "
+                            f"(prompt {shorten(spans.prompt)})")
+        if span[1] <= span[0]:
+            raise SpanError(f"the {corrupt} span is empty in prompt {shorten(spans.prompt)}")
+        return corrupt, span
+    try:
+        a, b = (int(v) for v in corrupt)
+    except (TypeError, ValueError):
+        raise SpanError(f"corrupt={corrupt!r} is not 'relation', 'subject' or a (start, end) token span") from None
+    if not 0 <= a < b <= n_pos:
+        raise SpanError(f"corrupt span {(a, b)} is not a non-empty range inside the {n_pos} tokens of prompt "
+                        f"{shorten(spans.prompt)} {list(spans.str_tokens)}")
+    return "explicit", (a, b)
+
