@@ -151,6 +151,21 @@ class EvaluationResult(JsonRoundTrip, ValueEquality):
                 "|---|---|---|---|---|---|---|---|---|")
 
 
+def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Mean and 95% half-width of each metric over the rows without an ``error`` (rates in percent,
+    fluency in bits), and the Scores: harmonic means of ES, PS, NS, RS (``Score``) and of ES, PS,
+    NS (``ScoreROME``, ROME's three-way Score)."""
+    ok = [r for r in rows if "error" not in r]
+    summary = {}
+    for k in METRICS:
+        mu, ci = mean_ci95_list([r[k] for r in ok if k in r])
+        scale = 1.0 if k == "fluency" else 100.0
+        summary[k] = (mu * scale, ci * scale)
+    summary["Score"] = (_harmonic([summary[k][0] for k in ("ES", "PS", "NS", "RS")]), float("nan"))
+    summary["ScoreROME"] = (_harmonic([summary[k][0] for k in ("ES", "PS", "NS")]), float("nan"))
+    return summary
+
+
 def evaluate(model, records, *, method: str = "relation_rome", layer: int | None = None,
              config: EditConfig | None = None, stats=None, fluency: bool = True,
              progress: bool = False) -> EvaluationResult:
@@ -198,14 +213,6 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
             with apply_edit(model, update):
                 row.update(_record_metrics(model, rec, fluency))
         out.append(row)
-    ok = [r for r in out if "error" not in r]
-    summary = {}
-    for k in METRICS:
-        vals = [r[k] for r in ok if k in r]
-        mu, ci = mean_ci95_list(vals)
-        scale = 1.0 if k == "fluency" else 100.0
-        summary[k] = (mu * scale, ci * scale)
-    summary["Score"] = (_harmonic([summary[k][0] for k in ("ES", "PS", "NS", "RS")]), float("nan"))
-    summary["ScoreROME"] = (_harmonic([summary[k][0] for k in ("ES", "PS", "NS")]), float("nan"))
+    summary = summarise(out)
     return EvaluationResult(method=method, layer=layer, records=tuple(out), summary=summary, n_failed=failed,
                             settings={"key_mode": config.key_mode, "n_records": len(records), "fluency": fluency})

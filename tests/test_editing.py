@@ -208,3 +208,29 @@ def test_statistics_cache_writes_atomically_under_concurrency(tmp_path):
     got = load_file(file)["moment"]
     assert any(torch.equal(got, p["moment"]) for p in payloads)  # one whole payload, never a mix
     assert [p.name for p in tmp_path.iterdir()] == ["stats.safetensors"]  # no temporary file left
+
+
+def test_left_vector_is_the_inverse_second_moment_times_the_key(tiny_model, tiny_stats):
+    """u = C^-1 k*: C u is k* (float64 direct solve), and the update leaves alone every key k with
+    k . u = 0, i.e. the keys C-orthogonal to k*. Replacing C^-1 by C, or dropping it, fails here."""
+    # a well-conditioned second moment (eigenvalues 0.1 .. 10, random eigenvectors): the tiny corpus's own
+    # is singular, and the identity to check is exact algebra either way
+    g = torch.Generator().manual_seed(0)
+    d = tiny_model.cfg.d_mlp
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    C = q @ torch.diag(torch.logspace(-1, 1, d, dtype=torch.float64)) @ q.T
+    stats = KeyStatistics(layer=2, moment=C, count=1000, model_fingerprint="synthetic", corpus_hash="synthetic",
+                          n_texts=1)
+    req = EditRequest("{} is located in the country of", "Paris", "Japan")
+    upd = compute_edit(tiny_model, req, method="relation_rome", layer=2, stats=stats, config=FAST)
+    k = upd.key
+    assert torch.allclose(C @ upd.left, k, rtol=0, atol=1e-8 * k.abs().max())
+    assert torch.allclose(upd.left, torch.linalg.solve(C, k), rtol=1e-9, atol=0)
+    # a key C-orthogonal to k*: k_perp^T C^-1 k* = 0
+    other = torch.randn(k.shape[0], generator=g, dtype=torch.float64)
+    k_perp = other - (other @ upd.left) / (k @ upd.left) * k
+    assert abs(float(k_perp @ upd.left)) < 1e-9 * float(other.norm() * upd.left.norm())
+    assert (k_perp @ upd.delta()).abs().max() < 1e-9 * float(upd.delta().abs().max() * k_perp.norm())
+    # and the update is not the plain-key one that ignores C
+    plain = k / k.norm()
+    assert (upd.left / upd.left.norm() - plain).norm() > 1e-2
