@@ -26,7 +26,7 @@ import relation_lens as rl  # noqa: E402
 from relation_lens.data.counterfact import build_counterfactual, load_counterfactual  # noqa: E402
 from relation_lens.data.loaders import load_counterfact  # noqa: E402
 from relation_lens.editing import EditRequest, default_layer  # noqa: E402
-from relation_lens.evaluate import EvaluationResult, evaluate  # noqa: E402
+from relation_lens.evaluation import EvaluationResult, evaluate  # noqa: E402
 from relation_lens.models import DEFAULT_MODEL_NAME  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

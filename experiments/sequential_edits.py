@@ -23,7 +23,7 @@ import torch
 
 import relation_lens as rl
 from relation_lens.data import load_world
-from relation_lens.data.counterfact import known_mask
+from relation_lens.probes import known_mask
 from relation_lens.editing import EditConfig, default_layer
 
 OUT = Path(__file__).resolve().parent / "results"

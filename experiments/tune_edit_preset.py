@@ -7,7 +7,7 @@ import os, time
 os.environ["HF_HUB_OFFLINE"]="1"
 import relation_lens as rl
 from relation_lens.editing import EditConfig, default_layer, EditRequest
-from relation_lens.evaluate import evaluate, EvaluationResult
+from relation_lens.evaluation import evaluate, EvaluationResult
 from relation_lens.data.counterfact import load_counterfactual
 m = rl.load_model()
 recs = list(load_counterfactual())[400:430]   # tuning split, disjoint from the evaluation records (first 100-200)

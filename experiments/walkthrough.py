@@ -22,7 +22,7 @@ CELLS = [
 import relation_lens as rl
 model = rl.load_model(MODEL)
 print(model.cfg.n_layers, "layers,", model.cfg.d_model, "wide")
-from relation_lens.editing import predict
+from relation_lens.probes import predict
 print(predict(model, ["Germany is located in the continent of", "The capital of Germany is"], k=2))
 """),
     ("Trace the relation: corrupt the tokens after the subject, restore each state.",
@@ -70,7 +70,7 @@ print("undone:", not handle.active)
      "between records).",
      """
 from relation_lens.data.counterfact import load_counterfactual
-from relation_lens.evaluate import EvaluationResult, evaluate
+from relation_lens.evaluation import EvaluationResult, evaluate
 records = list(load_counterfactual())[:10]
 print(EvaluationResult.header())
 for method in ("relation_rome", "rome"):

@@ -79,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paraphrase", default=None, help="a paraphrase prompt (default: a held-out template)")
     p.add_argument("--unrelated", default=None, help="an unrelated prompt (default: another fact of the world)")
     p.add_argument("--save", type=Path, default=None,
-                   help="folder to save the edited weights (model.safetensors) and the edit (edit.json)")
+                   help="folder to save the edited model (a Hugging Face folder that load_model and transformers "
+                        "read) and the edit (edit.json); only when the edit took, unless --save-anyway")
+    p.add_argument("--save-anyway", action="store_true",
+                   help="save even when the model's top prediction after the edit is not the new target")
 
     p = sub.add_parser("evaluate", help="evaluate an editing method on N CounterFact-style records",
                        description="Edit, measure (ES, PS, NS, RS, Score, fluency) and undo, record by record; "
@@ -217,8 +220,12 @@ def _edit_prompts(args) -> tuple[str, str]:
 
 def _cmd_edit(args) -> None:
     import relation_lens as rl
-    from relation_lens.editing import EditConfig, predict
+    from relation_lens.editing import EditConfig, save_edited
+    from relation_lens.probes import predict
+    from relation_lens.spans import object_tokens
 
+    if args.save is not None:
+        _check_out(args.save, "edit")
     model = rl.load_model(args.model, device=args.device)
     request = rl.EditRequest(args.prompt, args.subject, args.target_new)
     paraphrase, unrelated = _edit_prompts(args)
@@ -226,29 +233,33 @@ def _cmd_edit(args) -> None:
     before = predict(model, list(prompts.values()), k=3)
     update = rl.compute_edit(model, request, method=args.method, layer=args.layer,
                              config=EditConfig.default_for(model, key_mode=args.key_mode), progress=not args.quiet)
+    new_first = model.tokenizer.decode(object_tokens(model, request.text, request.target_new)[:1])
     with rl.apply_edit(model, update):
         after = predict(model, list(prompts.values()), k=3)
-        if args.save is not None:
-            from safetensors.torch import save_file
-
-            args.save.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.save / "model.safetensors")
-            (args.save / "edit.json").write_text(json.dumps({
-                "base_model": args.model, "method": args.method, "layer": update.layer, "key_mode": args.key_mode,
-                "request": {"prompt": request.prompt, "subject": request.subject, "target_new": request.target_new},
-            }, indent=1))
+    took = after[0][0][0] == new_first
     print(f"{args.method} edit at layer {update.layer}: {request.text!r} -> {request.target_new!r}")
     for (name, prompt), b, a in zip(prompts.items(), before, after):
         fmt = lambda top: ", ".join(f"{t!r} {p:.2f}" for t, p in top)  # noqa: E731
         print(f"  {name:11s} {prompt!r}\n      before: {fmt(b)}\n      after:  {fmt(a)}")
+    if not took:
+        print(f"the edit did not take: the top prediction after it is {after[0][0][0]!r}, not {new_first!r}")
     if args.save is not None:
-        print(f"saved the edited weights to {args.save / 'model.safetensors'}")
+        if not took and not args.save_anyway:
+            print(f"not saved to {args.save} (the edit did not take; --save-anyway saves it regardless)")
+            return
+        save_edited(args.model, [update], args.save)
+        (args.save / "edit.json").write_text(json.dumps({
+            "base_model": args.model, "method": args.method, "layer": update.layer, "key_mode": args.key_mode,
+            "took": took,
+            "request": {"prompt": request.prompt, "subject": request.subject, "target_new": request.target_new},
+        }, indent=1))
+        print(f"saved the edited model to {args.save} (loads with relation_lens.load_model and transformers)")
 
 
 def _cmd_evaluate(args) -> None:
     import relation_lens as rl
     from relation_lens.editing import EditConfig
-    from relation_lens.evaluate import EvaluationResult, evaluate
+    from relation_lens.evaluation import EvaluationResult, evaluate
 
     model = rl.load_model(args.model, device=args.device)
     if args.records is None:
@@ -291,12 +302,18 @@ def _cmd_world(args) -> None:
 
 def _cmd_info(args) -> None:
     import relation_lens as rl
+    from relation_lens.models import stored_parameter_count
 
     model = rl.load_model(args.model, device=args.device)
     c = model.cfg
+    n_hooked = sum(p.numel() for p in model.parameters())
+    stored = stored_parameter_count(args.model)
+    counts = f"{n_hooked:,} parameters in the HookedTransformer"
+    if stored is not None:
+        counts += (f" ({stored:,} as stored: Hugging Face ties the unembedding to the embedding and counts it once, "
+                   "TransformerLens keeps W_U apart and folds LayerNorm weights into the next layer)")
     print(f"{c.model_name}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, d_mlp {c.d_mlp}, "
-          f"vocab {c.d_vocab}, context {c.n_ctx}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"device {c.device}, dtype {c.dtype}")
+          f"vocab {c.d_vocab}, context {c.n_ctx}, {counts}, device {c.device}, dtype {c.dtype}")
 
 
 COMMANDS = {"trace": _cmd_trace, "trace-dataset": _cmd_trace_dataset, "edit": _cmd_edit, "evaluate": _cmd_evaluate, "world": _cmd_world, "info": _cmd_info}

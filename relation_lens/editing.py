@@ -14,7 +14,7 @@ TransformerLens' ``x @ W`` layout the MLP output is ``k @ W_out + b_out`` with t
    ROME's learning rate (0.5) is tied to GPT-2 XL's activation scale; by default
    (``v_lr_scale="rms"``) Adam works on ``delta / rms(v_init)`` so the same setting behaves alike on
    models of any width and scale; ``v_lr_scale="absolute"`` is ROME's exact parameterisation.
-3. the update, closed form with ``C = E[k k^T]`` (:class:`~relation_lens.statistics.KeyStatistics`)::
+3. the update, closed form with ``C = E[k k^T]`` (:class:`~relation_lens.key_statistics.KeyStatistics`)::
 
        u = C^-1 k*,   r = v* - (k* @ W_out + b_out),   W_out' = W_out + outer(u, r) / (u . k*)
 
@@ -30,9 +30,11 @@ returns an :class:`Edit` that restores the saved weights bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -64,7 +66,13 @@ DEFAULT_MODEL_PRESET: dict[str, Any] = {
 class EditRequest:
     """What to write: ``prompt`` with ``{}`` for the subject (CounterFact style), the new object.
 
-    >>> EditRequest("{} is located in the city of", "The Space Needle", "Paris", target_true="Seattle")
+    >>> request = EditRequest("{} is located in the city of", "The Space Needle", "Paris", target_true="Seattle")
+    >>> request.text
+    'The Space Needle is located in the city of'
+    >>> EditRequest("{} is in", "Paris", "Italy", target_true="Italy")
+    Traceback (most recent call last):
+    ...
+    relation_lens.errors.EditError: target_new 'Italy' is the same as target_true: nothing to edit (prompt '{} is in')
     """
 
     prompt: str
@@ -307,7 +315,7 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
         EditError: bad layer, half-precision model, a target the model already predicts, NaN/Inf.
         SpanError: the subject is not in the tokenised prompt, or no relation token follows it.
     """
-    from relation_lens.statistics import KeyStatistics
+    from relation_lens.key_statistics import KeyStatistics
 
     if not isinstance(request, EditRequest):
         raise EditError(f"expected an EditRequest, got {type(request).__name__}")
@@ -320,7 +328,7 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
 
 def _compute_edit(model, request: EditRequest, method: str, layer: int | None, stats, config: EditConfig,
                   progress: bool) -> RankOneUpdate:
-    from relation_lens.statistics import KeyStatistics
+    from relation_lens.key_statistics import KeyStatistics
 
     if method not in ("relation_rome", "rome"):
         raise EditError(f"method {method!r} is not 'relation_rome' or 'rome'")
@@ -515,12 +523,57 @@ def edit(model, request: EditRequest, **kwargs) -> Edit:
     return apply_edit(model, compute_edit(model, request, **kwargs))
 
 
-@torch.no_grad()
-def predict(model, prompts: Sequence[str], k: int = 1) -> list[list[tuple[str, float]]]:
-    """Top-``k`` next tokens and probabilities for each prompt."""
-    out = []
-    for p in prompts:
-        probs = model(model.to_tokens(p))[0, -1].float().softmax(-1)
-        top = probs.topk(k)
-        out.append([(model.tokenizer.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)])
+# Where each Hugging Face architecture keeps the matrix TransformerLens calls W_out, and whether it is
+# stored as [d_mlp, d_model] (GPT-2's Conv1D, the x @ W layout) or transposed (nn.Linear, [d_model, d_mlp]).
+_HF_W_OUT = {
+    "gpt2": ("transformer.h.{}.mlp.c_proj.weight", False),
+    "gpt_neox": ("gpt_neox.layers.{}.mlp.dense_4h_to_h.weight", True),
+    "gptj": ("transformer.h.{}.mlp.fc_out.weight", True),
+    "llama": ("model.layers.{}.mlp.down_proj.weight", True),
+    "mistral": ("model.layers.{}.mlp.down_proj.weight", True),
+}
+
+
+def save_edited(source: str | Path, updates: Sequence[RankOneUpdate], folder: str | Path) -> Path:
+    """Write a Hugging Face folder of the model in ``source`` (the default model's name or a local
+    Hugging Face folder) with ``updates`` added to its MLP output matrices: config, tokenizer and
+    generation files copied, weights in ``model.safetensors``. The folder loads with
+    :func:`relation_lens.load_model` and with ``transformers`` alike.
+
+    The update is added to the stored matrix as it is. TransformerLens centres writing weights on
+    load (subtracts their mean over ``d_model``), which changes nothing the model computes because
+    every reader of the residual stream normalises it; so the saved model computes what the edited
+    HookedTransformer computes (a test checks the logits).
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from relation_lens.models import DEFAULT_MODEL_NAME, default_model_path
+
+    src = default_model_path() if str(source) in ("default", DEFAULT_MODEL_NAME) else Path(source).expanduser()
+    weights_file = src / "model.safetensors"
+    if not (src / "config.json").is_file() or not weights_file.is_file():
+        raise EditError(f"cannot save an edited copy of {str(source)!r}: it is not a local Hugging Face folder with "
+                        "config.json and model.safetensors (hub models: save_pretrained them to a folder first)")
+    model_type = json.loads((src / "config.json").read_text()).get("model_type")
+    if model_type not in _HF_W_OUT:
+        raise EditError(f"saving edited {model_type!r} models is not supported (supported: {sorted(_HF_W_OUT)})")
+    template, transposed = _HF_W_OUT[model_type]
+    state = load_file(str(weights_file))
+    for upd in updates:
+        name = template.format(upd.layer)
+        if name not in state:
+            raise EditError(f"{str(weights_file)!r} has no tensor {name!r} for the edit at layer {upd.layer}")
+        delta = upd.delta().T if transposed else upd.delta()
+        if tuple(delta.shape) != tuple(state[name].shape):
+            raise EditError(f"the update of shape {tuple(delta.shape)} does not fit {name!r} of shape "
+                            f"{tuple(state[name].shape)}")
+        state[name] = (state[name].double() + delta.double()).to(state[name].dtype)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "model.safetensors" and not f.name.endswith((".bin", ".pt")):
+            shutil.copy(f, out / f.name)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

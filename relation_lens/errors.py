@@ -54,7 +54,13 @@ class ConfigError(RelationLensError, ValueError):
 
 def shorten(text, limit: int = 120) -> str:
     """``repr(text)`` for an error message, cut to head ... tail with the length when it is long,
-    so that a 2,000-word prompt does not fill the screen."""
+    so that a 2,000-word prompt does not fill the screen.
+
+    >>> shorten("The Space Needle is in")
+    "'The Space Needle is in'"
+    >>> shorten("word " * 100, limit=20)
+    "'word word ' ... 'word word ' (500 characters)"
+    """
     if not isinstance(text, str) or len(text) <= limit:
         return repr(text)
     half = limit // 2

@@ -14,7 +14,15 @@ def mean_ci95(values: Tensor, dim: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Mean, 95% half-width and count of the non-NaN entries of ``values`` along ``dim``.
 
     The mean is NaN where no value is present, the half-width where fewer than two are (the
-    sample variance divides by ``n - 1``)."""
+    sample variance divides by ``n - 1``).
+
+    >>> import torch
+    >>> mean, half, n = mean_ci95(torch.tensor([[1.0, float("nan")], [3.0, 2.0]]))
+    >>> mean.tolist(), n.tolist()
+    ([2.0, 2.0], [2, 1])
+    >>> round(half[0].item(), 4), half[1].isnan().item()   # 1.96 * sqrt(2) / sqrt(2)
+    (1.96, True)
+    """
     values = values.double()
     present = ~torch.isnan(values)
     n = present.sum(dim)

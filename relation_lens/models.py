@@ -18,6 +18,7 @@ centred), so the default model and real pretrained models look the same to traci
 from __future__ import annotations
 
 import difflib
+import math
 import json
 import logging
 import os
@@ -100,10 +101,16 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
     return _load_hub(str(name), dev, dt)
 
 
+PARITY_TEXT = "The Space Needle is located in the city of Seattle, and Paris is the capital of France."
+PARITY_TOL = 1e-3  # max |log-prob difference| between the Hugging Face model and the HookedTransformer
+_ENCODERS = ("bert", "roberta", "distilbert", "albert", "electra", "t5", "xlm-roberta", "deberta", "deberta-v2")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def _load_local(path: Path, device: torch.device, dtype: torch.dtype, *, model_name: str):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    """A local Hugging Face folder (``save_pretrained`` layout) of any architecture TransformerLens
+    converts, checked for log-prob parity with the Hugging Face model before it is returned."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -112,35 +119,135 @@ def _load_local(path: Path, device: torch.device, dtype: torch.dtype, *, model_n
         hf_cfg = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{str(config_file)!r} is not valid JSON ({exc})") from None
-    if hf_cfg.get("model_type") != "gpt2":
-        raise ModelLoadError(
-            f"{str(path)!r} holds a {hf_cfg.get('model_type')!r} model; local folders must hold a Hugging Face "
-            "GPT-2-family model (model_type 'gpt2'). Load other architectures by their TransformerLens name.")
-    if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if hf_cfg.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or hf_cfg.get("model_type") in _ENCODERS:
+        raise ModelLoadError(f"{str(path)!r} holds a {hf_cfg.get('model_type')!r} model, not a causal language model "
+                             "that Hugging Face and TransformerLens load (GPT-2, GPT-NeoX/Pythia, GPT-J, LLaMA, ...)")
+    weights = [f for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                           "pytorch_model.bin.index.json") if (path / f).is_file()]
+    if not weights:
         raise ModelLoadError(f"{str(path)!r} has a config.json but no weights (model.safetensors or pytorch_model.bin)")
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(f"{str(path)!r} has no tokenizer files (one of {list(_TOKENIZER_FILES)}); save the "
+                             "tokenizer beside the weights (tokenizer.save_pretrained(folder))")
+    if hf_cfg.get("model_type") == "gpt2":
+        _check_gpt2_settings(hf_cfg, config_file)
     try:
-        hf_model = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    except Exception as exc:  # safetensors, pickle, shape or config errors: name the file
+        raise ModelLoadError(f"could not read the weights in {str(path / weights[0])!r} "
+                             f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not read the model in {str(path)!r}: {exc}") from None
-    c = hf_model.config
-    cfg = HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
-        d_mlp=c.n_inner if c.n_inner is not None else 4 * c.n_embd, d_vocab=c.vocab_size, n_ctx=c.n_positions,
-        act_fn=c.activation_function, normalization_type="LN", eps=c.layer_norm_epsilon,
-        positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
-        model_name=model_name, tokenizer_name=str(path), default_prepend_bos=True, device=str(device), dtype=dtype,
-    )
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    state = convert_gpt2_weights(hf_model, cfg)
-    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True, center_unembed=True,
-                                      fold_value_biases=True, refactor_factored_attn_matrices=False)
+    except Exception as exc:
+        raise ModelLoadError(f"could not read the tokenizer in {str(path)!r} ({type(exc).__name__}: {exc})") from None
+    if len(tokenizer) < 2:
+        raise ModelLoadError(f"the tokenizer in {str(path)!r} has {len(tokenizer)} token(s); its files are missing "
+                             "or empty")
+    if hf_cfg.get("model_type") == "gpt2":
+        model = _gpt2_to_hooked(hf_model, tokenizer, path, model_name)
+    else:
+        model = _any_to_hooked(hf_model, tokenizer, path, model_name)
+    _check_parity(hf_model, model, tokenizer, path)
+    del hf_model
     model.to(device, print_details=False)
     if dtype != torch.float32:
         model.to(dtype, print_details=False)
     model.eval()
     logger.info("loaded %s from %s", model_name, path)
     return model
+
+
+def _check_gpt2_settings(hf_cfg: dict, config_file: Path) -> None:
+    """GPT-2 settings that TransformerLens' conversion does not carry over: refuse them by name
+    rather than return a model whose logits are silently wrong."""
+    from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
+
+    act = hf_cfg.get("activation_function", "gelu_new")
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise ModelLoadError(f"{str(config_file)!r}: activation_function={act!r} is not supported by "
+                             f"TransformerLens (supported: {sorted(SUPPORTED_ACTIVATIONS)})")
+    if hf_cfg.get("scale_attn_by_inverse_layer_idx", False):
+        raise ModelLoadError(f"{str(config_file)!r}: scale_attn_by_inverse_layer_idx=True is not supported "
+                             "(TransformerLens' GPT-2 attention does not scale by 1 / (layer + 1))")
+    if not hf_cfg.get("scale_attn_weights", True):
+        raise ModelLoadError(f"{str(config_file)!r}: scale_attn_weights=False is not supported "
+                             "(TransformerLens always divides attention scores by sqrt(d_head))")
+
+
+def _gpt2_to_hooked(hf_model, tokenizer, path: Path, model_name: str):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+
+    c = hf_model.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
+        d_mlp=c.n_inner if c.n_inner is not None else 4 * c.n_embd, d_vocab=c.vocab_size, n_ctx=c.n_positions,
+        act_fn=c.activation_function, normalization_type="LN", eps=c.layer_norm_epsilon,
+        positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
+        model_name=model_name, tokenizer_name=str(path), default_prepend_bos=True, device="cpu",
+        dtype=torch.float32,
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(convert_gpt2_weights(hf_model, cfg), fold_ln=True, center_writing_weights=True,
+                                      center_unembed=True, fold_value_biases=True,
+                                      refactor_factored_attn_matrices=False)
+    return model
+
+
+def _any_to_hooked(hf_model, tokenizer, path: Path, model_name: str):
+    """Any architecture TransformerLens converts (GPT-NeoX/Pythia, LLaMA, GPT-J, Mistral, ...), read from
+    a local folder through TransformerLens' own config and weight conversion. TransformerLens picks
+    some architectures by their name, so it is given the folder under a neutral name (a symlink)."""
+    import tempfile
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig, loading_from_pretrained as loading
+
+    with tempfile.TemporaryDirectory(prefix="rl_model_") as tmp:
+        neutral = Path(tmp) / "model"
+        neutral.symlink_to(path.resolve(), target_is_directory=True)
+        try:
+            d = loading.convert_hf_model_config(str(neutral))
+            d = {k: v for k, v in d.items() if k in HookedTransformerConfig.__dataclass_fields__}
+            d.update(model_name=model_name, tokenizer_name=str(path), device="cpu", dtype=torch.float32)
+            cfg = HookedTransformerConfig(**d)
+            state = loading.get_pretrained_state_dict(str(neutral), cfg, hf_model)
+        except Exception as exc:
+            arch = (hf_model.config.architectures or [type(hf_model).__name__])[0]
+            raise ModelLoadError(f"TransformerLens cannot convert the {arch} model in {str(path)!r} "
+                                 f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True, center_unembed=True,
+                                      fold_value_biases=True, refactor_factored_attn_matrices=False)
+    return model
+
+
+@torch.no_grad()
+def _check_parity(hf_model, model, tokenizer, path: Path) -> None:
+    """Refuse a conversion whose log-probs differ from the Hugging Face model's on a short text."""
+    ids = model.to_tokens(PARITY_TEXT, prepend_bos=False)[:, : model.cfg.n_ctx]
+    ours = model(ids).float().log_softmax(-1)
+    theirs = hf_model(ids).logits.float().log_softmax(-1)
+    gap = (ours - theirs).abs().max().item()
+    if not gap <= PARITY_TOL:
+        raise ModelLoadError(
+            f"the model in {str(path)!r} converted to TransformerLens gives log-probs up to {gap:.3g} away from the "
+            f"Hugging Face model's on a check text (tolerance {PARITY_TOL}); a setting of its config.json is not "
+            "carried over by the conversion, so it was not loaded")
+
+
+def stored_parameter_count(name: str | os.PathLike | None) -> int | None:
+    """Parameters of the model as stored in its Hugging Face folder (tied weights counted once, as
+    the model card counts them), or ``None`` for a hub name; reads only the weight file's header."""
+    from safetensors import safe_open
+
+    folder = default_model_path() if name in (None, "default", DEFAULT_MODEL_NAME) else Path(name).expanduser()
+    file = folder / "model.safetensors"
+    if not file.is_file():
+        return None
+    with safe_open(str(file), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

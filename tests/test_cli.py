@@ -61,3 +61,47 @@ def test_trace_dataset_cli(tmp_path):
                  "--quiet"]) == 0
     data = json.loads((tmp_path / "trace_dataset.json").read_text())
     assert data["n_total"] == 3
+
+
+def test_saved_edited_model_loads_back_with_equal_logits(tmp_path, default_model):
+    """relation_lens.load_model and transformers both read the saved folder, and their logits equal
+    the edited HookedTransformer's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import relation_lens as rl
+    from relation_lens.editing import save_edited
+
+    req = rl.EditRequest("{} is located in the country of", "Paris", "Italy")
+    upd = rl.compute_edit(default_model, req, method="relation_rome")
+    folder = save_edited("default", [upd], tmp_path / "edited")
+    ids = default_model.to_tokens("Paris is located in the country of")
+    with torch.no_grad():
+        with rl.apply_edit(default_model, upd):
+            edited = default_model(ids)[0, -1].log_softmax(-1)
+        unedited = default_model(ids)[0, -1].log_softmax(-1)
+        back = rl.load_model(folder)(ids)[0, -1].log_softmax(-1)
+        hf = AutoModelForCausalLM.from_pretrained(folder)(ids).logits[0, -1].log_softmax(-1)
+    assert (back - edited).abs().max() < 1e-4 and (hf - edited).abs().max() < 1e-4
+    assert (edited - unedited).abs().max() > 0.1  # the edit is in the saved weights
+
+
+def test_edit_that_does_not_take_is_not_saved(tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    import relation_lens as rl
+
+    compute = rl.compute_edit
+
+    def no_op_update(*a, **k):  # an update that changes nothing: the edit cannot take
+        upd = compute(*a, **k)
+        return dataclasses.replace(upd, right=upd.right * 0)
+
+    monkeypatch.setattr(rl, "compute_edit", no_op_update)
+    assert main(["edit", "--quiet", "--save", str(tmp_path / "edited")]) == 0
+    out = capsys.readouterr().out
+    assert "the edit did not take" in out and "not saved" in out
+    assert not (tmp_path / "edited" / "model.safetensors").exists()
+    assert main(["edit", "--quiet", "--save", str(tmp_path / "edited"), "--save-anyway"]) == 0
+    assert (tmp_path / "edited" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "edited" / "edit.json").read_text())["took"] is False

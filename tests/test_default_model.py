@@ -8,13 +8,14 @@ import torch
 
 import relation_lens as rl
 from relation_lens.data import load_world
-from relation_lens.data.counterfact import known_mask
-from relation_lens.editing import predict
-from relation_lens.evaluate import target_probs
+from relation_lens.probes import known_mask
+from relation_lens.probes import predict
+from relation_lens.probes import target_probs
 from relation_lens.models import default_model_path
 from conftest import all_hooks, checksum, same_weights
 
 
+@pytest.mark.slow
 def test_accuracy_on_a_sample_of_facts(default_model):
     facts = random.Random(0).sample(list(load_world()), 400)
     train = known_mask(default_model, [f.prompt(i) for f in facts for i in range(len(f.train_templates))],
@@ -39,6 +40,7 @@ def stats4(stats):
 
 
 # relation-ROME at its default layer (4); ROME at layer 0, where subject tracing peaks on this model
+@pytest.mark.slow
 @pytest.mark.parametrize("method,layer", [("relation_rome", 4), ("rome", 0)])
 def test_edits_take_effect_and_undo_exactly(default_model, stats, method, layer):
     world = load_world()

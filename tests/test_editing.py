@@ -5,7 +5,7 @@ import torch
 
 import relation_lens as rl
 from relation_lens.editing import EditConfig, EditRequest, RankOneUpdate, apply_edit, compute_edit
-from relation_lens.statistics import KeyStatistics
+from relation_lens.key_statistics import KeyStatistics
 from conftest import ARCHITECTURES, all_hooks, checksum, random_model, same_weights
 
 # r-ROME keys and the scale-free lr (the tests of exactness use k* in every term); 4 generated tokens
@@ -197,7 +197,7 @@ def test_edit_on_other_architectures(tokenizer, tmp_path, arch, method):
 def test_statistics_cache_writes_atomically_under_concurrency(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from relation_lens.statistics import _atomic_save
+    from relation_lens.key_statistics import _atomic_save
 
     file = tmp_path / "stats.safetensors"
     payloads = [{"moment": torch.full((64, 64), float(i), dtype=torch.float64)} for i in range(8)]

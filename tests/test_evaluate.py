@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from relation_lens.editing import EditConfig
-from relation_lens.evaluate import evaluate, ngram_entropy, target_probs
-from relation_lens.statistics import KeyStatistics
+from relation_lens.evaluation import evaluate, ngram_entropy
+from relation_lens.probes import target_probs
+from relation_lens.key_statistics import KeyStatistics
 from conftest import checksum, same_weights
 
 

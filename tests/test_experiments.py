@@ -1,8 +1,11 @@
 """The experiments' quick runs (--limit) are part of the suite: they run end to end on the default model."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SLICE = ROOT / "tests" / "data" / "shared_slice"  # the first records of ../shared/data's files
@@ -11,11 +14,13 @@ SLICE = ROOT / "tests" / "data" / "shared_slice"  # the first records of ../shar
 def run(script: str, *args: str) -> str:
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True,
                           text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                                       "HOME": str(Path.home())})
+                                                       "HOME": str(Path.home()),
+                                                       "RELATION_LENS_CACHE": os.environ["RELATION_LENS_CACHE"]})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_trace_relations_quick(tmp_path):
     run("trace_relations.py", "--limit", "6", "--samples", "2", "--shared", str(SLICE), "--out", str(tmp_path))
     md = (tmp_path / "trace_relations_quick.md").read_text()
@@ -25,6 +30,7 @@ def test_trace_relations_quick(tmp_path):
         assert (tmp_path / f"trace_relations_{corrupt}_quick.html").is_file()
 
 
+@pytest.mark.slow
 def test_edit_relations_quick(tmp_path):
     run("edit_relations.py", "--limit", "2", "--shared", str(SLICE), "--out", str(tmp_path))
     md = (tmp_path / "edit_relations_quick.md").read_text()
@@ -32,12 +38,14 @@ def test_edit_relations_quick(tmp_path):
     assert (tmp_path / "edit_relations_sweep_quick.png").is_file()
 
 
+@pytest.mark.slow
 def test_sequential_edits_quick(tmp_path):
     run("sequential_edits.py", "--limit", "3", "--out", str(tmp_path))
     md = (tmp_path / "sequential_edits_quick.md").read_text()
     assert md.count("| True |") == 4  # every run restored bit-exact
 
 
+@pytest.mark.slow
 def test_walkthrough_runs(tmp_path):
     run("walkthrough.py", "--out", str(tmp_path))
     page = (tmp_path / "walkthrough.md").read_text()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import relation_lens.evaluate as ev
+import relation_lens.evaluation as ev
 from relation_lens.tracing import TraceResult
 from relation_lens.tracing.dataset import average
 

@@ -1,3 +1,4 @@
+import re
 import json
 import time
 
@@ -94,3 +95,88 @@ def test_bad_device(device, match):
 def test_bad_dtype():
     with pytest.raises(rl.ModelLoadError, match="dtype"):
         rl.load_model(dtype="float8")
+
+
+# ----------------------------------------------------------------------- local folders, careful loading
+def _variant(tmp_path, name, config_changes=None, drop=(), corrupt_weights=False):
+    """A copy of the default model's folder (weights and tokenizer linked) with config.json edited."""
+    import json
+    import shutil
+
+    from relation_lens.models import default_model_path
+
+    src, dst = default_model_path(), tmp_path / name
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name in drop:
+            continue
+        if f.name == "config.json":
+            cfg = json.loads(f.read_text())
+            cfg.update(config_changes or {})
+            (dst / f.name).write_text(json.dumps(cfg))
+        elif f.name == "model.safetensors" and corrupt_weights:
+            (dst / f.name).write_bytes(f.read_bytes()[: 1 << 16])  # truncated
+        else:
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"activation_function": "quick_gelu"}, "activation_function='quick_gelu'"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
+    ({"scale_attn_weights": False}, "scale_attn_weights=False"),
+])
+def test_unsupported_gpt2_settings_are_refused_by_name(tmp_path, change, named):
+    import relation_lens as rl
+
+    folder = _variant(tmp_path, "variant", change)
+    with pytest.raises(rl.ModelLoadError, match=re.escape(named)):
+        rl.load_model(folder)
+
+
+def test_truncated_weights_and_missing_tokenizer_are_named(tmp_path):
+    import relation_lens as rl
+
+    with pytest.raises(rl.ModelLoadError, match="model.safetensors"):
+        rl.load_model(_variant(tmp_path, "truncated", corrupt_weights=True))
+    no_tok = _variant(tmp_path, "no_tokenizer", drop=("tokenizer.json", "vocab.json", "merges.txt",
+                                                       "tokenizer_config.json"))
+    with pytest.raises(rl.ModelLoadError, match="no tokenizer files"):
+        rl.load_model(no_tok)
+
+
+def test_parity_check_refuses_a_conversion_that_drifts(tmp_path, monkeypatch):
+    import relation_lens as rl
+    import relation_lens.models as models
+
+    monkeypatch.setattr(models, "PARITY_TOL", -1.0)  # any difference at all now counts as drift
+    with pytest.raises(rl.ModelLoadError, match="log-probs up to .* away from the Hugging Face model"):
+        rl.load_model(_variant(tmp_path, "copy"))
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "gptj"])
+def test_local_folders_of_other_architectures(tmp_path, tokenizer, arch):
+    """Small random models saved by transformers load through TransformerLens' own conversion, with
+    log-probs equal to the Hugging Face model's."""
+    import transformers as T
+
+    import relation_lens as rl
+
+    V = len(tokenizer)
+    cfg = {"gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=128, max_position_embeddings=64, rotary_pct=0.25),
+           "llama": lambda: T.LlamaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64),
+           "gptj": lambda: T.GPTJConfig(vocab_size=V, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64),
+           }[arch]()
+    torch.manual_seed(0)
+    hf = T.AutoModelForCausalLM.from_config(cfg).eval()
+    folder = tmp_path / f"my-{arch}-llama-named"  # a name TransformerLens would otherwise match by family
+    hf.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model = rl.load_model(folder)
+    ids = model.to_tokens("The Space Needle is located in the city of", prepend_bos=False)
+    with torch.no_grad():
+        gap = (model(ids).log_softmax(-1) - hf(ids).logits.log_softmax(-1)).abs().max().item()
+    assert gap < 1e-4
+    assert model.cfg.n_layers == 2

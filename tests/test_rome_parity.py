@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import relation_lens as rl
 from relation_lens.editing import EditConfig, EditRequest, compute_edit
-from relation_lens.statistics import KeyStatistics
+from relation_lens.key_statistics import KeyStatistics
 
 DATA = Path(__file__).parent / "data"
 META = json.loads((DATA / "rome_reference.json").read_text())
@@ -84,3 +84,22 @@ def test_each_romes_formula_matters(model64, setup, reverted):
         if diffs[-1] > 100 * TOL:
             break
     assert max(diffs) > 100 * TOL, (reverted, diffs)
+
+
+@pytest.mark.parametrize("i", range(len(META["trace"])))
+def test_causal_trace_matches_romes_code(default_model, i):
+    """ROME's calculate_hidden_flow (experiments/causal_trace.py) on the same weights, the same tokens
+    (no BOS, as ROME) and the same noise: every grid cell within 1e-5."""
+    ref = META["trace"][i]
+    noise = REF[f"trace.{i}.noise"]
+    res = rl.trace(default_model, ref["prompt"], subject=ref["subject"], target=ref["answer"], corrupt="subject",
+                   noise=noise, n_samples=ref["samples"], window=ref["window"], prepend_bos=False)
+    assert default_model.to_tokens(ref["prompt"], prepend_bos=False)[0].tolist() == ref["tokens"]
+    assert list(res.corrupt_span) == ref["subject_range"]
+    assert res.clean_prob == pytest.approx(ref["clean"], abs=1e-5)
+    assert res.corrupted_prob == pytest.approx(ref["corrupted"], abs=1e-5)
+    for kind in ("resid", "mlp", "attn"):
+        want = REF[f"trace.{i}.{kind}"]
+        assert res.scores[kind].shape == want.shape
+        assert (res.scores[kind] - want).abs().max() <= 1e-5, (kind, (res.scores[kind] - want).abs().max())
+    assert REF[f"trace.{i}.resid"].max() - REF[f"trace.{i}.resid"].min() > 0.1  # the grid is not flat

@@ -35,7 +35,9 @@ def main() -> None:
         f"- GPT-2: {cfg['n_layer']} layers, d_model {cfg['n_embd']}, {cfg['n_head']} heads, d_mlp {4 * cfg['n_embd']}, "
         f"context {cfg['n_positions']}, tied embeddings; byte-level BPE tokenizer of {cfg['vocab_size']} tokens "
         "trained on the training sentences, `<|endoftext|>` as BOS/EOS.",
-        f"- {metrics['n_params']:,} parameters; {size / 2 ** 20:.1f} MiB on disk (float32).", "",
+        f"- {metrics['n_params']:,} parameters as stored (the unembedding tied to the embedding, counted once; "
+        "`relation-lens info` also reports the 4,253,824 of the HookedTransformer, which keeps W_U apart and folds "
+        f"LayerNorm weights); {size / 2 ** 20:.1f} MiB on disk (float32).", "",
         "## Data", "",
         f"- {len(facts):,} facts over {len(relations)} relations and {len(subjects):,} subjects; "
         f"**{multi / len(subjects):.1%} of subjects take part in two or more relations** (a country's capital, "

@@ -29,24 +29,11 @@ import torch
 from relation_lens.data.io import read_json
 from relation_lens.data.loaders import COUNTERFACT_FIELDS, validate_counterfact
 from relation_lens.errors import DataError
+from relation_lens.probes import known_mask
 from relation_lens.spans import object_tokens, right_pad
 
 
 @torch.no_grad()
-def known_mask(model, prompts: list[str], targets: list[str], batch_size: int = 128) -> list[bool]:
-    """Whether the model's top next token after each prompt is the first token of its target."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = [model.to_tokens(p)[0].cpu() for p in prompts[i:i + batch_size]]
-        logits = model(right_pad(model, ids).to(model.cfg.device))  # right padding: real positions are unaffected
-        last = torch.tensor([len(x) - 1 for x in ids], device=logits.device)
-        pred = logits[torch.arange(len(ids), device=logits.device), last].argmax(-1).tolist()
-        pairs = zip(prompts[i:i + batch_size], targets[i:i + batch_size])
-        gold = [int(object_tokens(model, p, t)[0]) for p, t in pairs]
-        out += [p == g for p, g in zip(pred, gold)]
-    return out
-
-
 def build_counterfactual(model, world=None, *, n: int = 500, seed: int = 0, n_neighbors: int = 5,
                          n_relations: int = 5) -> list[dict]:
     """Build ``n`` CounterFact-style records (see the module docstring) from facts ``model`` knows.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,14 +105,21 @@ def fewrel_prompts(triples, templates: dict[str, list[str]] | None = None, *, wh
     import datasets
 
     templates = templates or RELATION_TEMPLATES
-    rows = []
+    rows, missing = [], {}
     for r in triples:
         ts = templates.get(r["relation_id"])
         if not ts:
+            missing[r["relation_id"]] = missing.get(r["relation_id"], 0) + 1
             continue
         for t in ts if which is None else [ts[which % len(ts)]]:
             rows.append({"prompt": t.format(r["subject"]), "subject": r["subject"], "target": r["object"],
                          "relation_id": r["relation_id"], "template": t})
+    if missing:
+        lacking = ", ".join(f"{rid} ({n} triples)" for rid, n in sorted(missing.items()))
+        if not rows:
+            raise DataError(f"no FewRel triple has a prompt template: relations without templates: {lacking}; "
+                            "pass templates={relation_id: ['{} ...', ...]}")
+        warnings.warn(f"skipped FewRel triples of relations without prompt templates: {lacking}", stacklevel=2)
     return datasets.Dataset.from_list(rows)
 
 

@@ -26,7 +26,11 @@ NOISE_RULES = ("embedding", "rome")
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
-    """The layers restored around ``layer`` for windowed kinds, centred and clipped as ROME does."""
+    """The layers restored around ``layer`` for windowed kinds, centred and clipped as ROME does.
+
+    >>> list(window_layers(0, 10, 48)), list(window_layers(20, 10, 48))[:2], list(window_layers(5, 1, 6))
+    ([0, 1, 2, 3, 4], [15, 16], [5])
+    """
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 

@@ -36,13 +36,19 @@ STATS_TEXTS = 2000
 # would need) ROME's compute_v indexes position -1 of right-padded batches, a pad token in every row shorter
 # than the longest (docs/editing.md), so its "last" updates are not a reference for anything.
 SETUPS = {"rome": (1, "subject_last")}
+# causal tracing: ROME's experiments/causal_trace.py (calculate_hidden_flow) on three world facts, the subject
+# corrupted with a fixed noise tensor that both implementations add
+TRACE_PROMPTS = [("Germany is located in the continent of", "Germany"),
+                 ("The capital of Japan is", "Japan"),
+                 ("Vinson Massif is located in the continent of", "Vinson Massif")]
+TRACE_SAMPLES, TRACE_WINDOW = 3, 3
 
 
 def reference_inputs(model):
     """The requests, templates and statistics both implementations get (the test rebuilds them)."""
     from relation_lens.data.counterfact import load_counterfactual
     from relation_lens.editing import EditConfig, EditRequest, generate_prefixes
-    from relation_lens.statistics import KeyStatistics
+    from relation_lens.key_statistics import KeyStatistics
 
     rows = list(load_counterfactual())[:N_REQUESTS]
     requests = [EditRequest(r["prompt"], r["subject"], r["target_new"], target_true=r["target_true"]) for r in rows]
@@ -62,6 +68,7 @@ def _cuda_to_cpu():
     tensor_to, enc_to = torch.Tensor.to, transformers.BatchEncoding.to
     torch.Tensor.to = lambda self, *a, **k: tensor_to(self, *[fix(x) for x in a], **{n: fix(v) for n, v in k.items()})
     transformers.BatchEncoding.to = lambda self, dev: enc_to(self, fix(dev))
+    torch.nn.Module.cuda = lambda self, *a, **k: self
     for name in ("zeros", "tensor"):
         orig = getattr(torch, name)
         setattr(torch, name, (lambda orig: lambda *a, **k: orig(*a, **{n: fix(v) for n, v in k.items()}))(orig))
@@ -120,9 +127,41 @@ def main() -> None:
             meta["setups"][method][f"p_new.{i}"] = p_new
     meta["requests"] = [{"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new,
                          "target_true": r.target_true} for r in requests]
+    tensors.update(trace_reference(hf, tok, meta))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(HERE / "rome_reference.safetensors"))
     (HERE / "rome_reference.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
     print(f"wrote {len(tensors)} vectors for {len(requests)} requests x {len(SETUPS)} methods to {HERE}")
+
+
+def trace_reference(hf, tok, meta) -> dict:
+    """Grids of ROME's calculate_hidden_flow (float32, as ROME runs it) for TRACE_PROMPTS."""
+    import types
+
+    sys.modules.setdefault("dsets", types.SimpleNamespace(KnownsDataset=None))  # not needed, imports scipy
+    from experiments import causal_trace as ct
+
+    torch.set_default_dtype(torch.float32)
+    hf = hf.float()
+    mt = ct.ModelAndTokenizer(model=hf, tokenizer=tok)
+    out, meta["trace"] = {}, []
+    gen = torch.Generator().manual_seed(0)
+    for i, (prompt, subject) in enumerate(TRACE_PROMPTS):
+        inp = ct.make_inputs(tok, [prompt])
+        span = ct.find_token_range(tok, inp["input_ids"][0], subject)
+        noise = torch.randn(TRACE_SAMPLES, span[1] - span[0], hf.config.n_embd, generator=gen) * 0.25
+        grids = {}
+        for kind, name in ((None, "resid"), ("mlp", "mlp"), ("attn", "attn")):
+            r = ct.calculate_hidden_flow(mt, prompt, subject, samples=TRACE_SAMPLES, noise=lambda x, n=noise: n,
+                                         window=TRACE_WINDOW, kind=kind)
+            grids[name] = r["scores"].float().T  # ROME's [pos, layer] -> [layer, pos]
+            answer, low, high = r["answer"], float(r["low_score"]), float(r["high_score"])
+        for name, g in grids.items():
+            out[f"trace.{i}.{name}"] = g.contiguous()
+        out[f"trace.{i}.noise"] = noise
+        meta["trace"].append({"prompt": prompt, "subject": subject, "tokens": inp["input_ids"][0].tolist(),
+                              "subject_range": list(span), "answer": answer, "corrupted": low, "clean": high,
+                              "samples": TRACE_SAMPLES, "window": TRACE_WINDOW})
+    return out
 
 
 if __name__ == "__main__":

@@ -33,22 +33,9 @@ from relation_lens._results import JsonRoundTrip, ValueEquality, known_fields
 from relation_lens.editing import EditConfig, EditRequest, apply_edit, compute_edit
 from relation_lens.errors import EditError, SpanError
 from relation_lens.intervals import mean_ci95_list
-from relation_lens.spans import object_tokens
+from relation_lens.probes import greedy_generate, target_probs
 
 METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "RS", "RM", "fluency")
-
-
-@torch.no_grad()
-def target_probs(model, prompts: Sequence[str], targets: Sequence[str]) -> torch.Tensor:
-    """``exp(mean log P(target tokens | prompt))`` for each (prompt, target) pair, teacher-forced."""
-    out = []
-    for p, t in zip(prompts, targets):
-        ctx = model.to_tokens(p)[0]
-        tgt = object_tokens(model, p, t)
-        logits = model(torch.cat([ctx, tgt[:-1]])[None])[0]
-        logp = logits[len(ctx) - 1:].float().log_softmax(-1)
-        out.append(logp.gather(1, tgt[:, None]).mean().exp())
-    return torch.stack(out) if out else torch.zeros(0)
 
 
 def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
@@ -60,17 +47,6 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
         total = sum(grams.values())
         ents.append(-sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0)
     return sum(w * e for w, e in zip(weights, ents)) / len(ents)
-
-
-@torch.no_grad()
-def greedy_generate(model, prompt: str, max_new_tokens: int = 30) -> str:
-    toks = model.to_tokens(prompt)[0]
-    start = len(toks)
-    for _ in range(max_new_tokens):
-        if len(toks) >= model.cfg.n_ctx:
-            break
-        toks = torch.cat([toks, model(toks[None])[0, -1].argmax()[None]])
-    return model.tokenizer.decode(toks[start:])
 
 
 def _record_metrics(model, rec: dict, fluency: bool) -> dict[str, float]:
@@ -182,7 +158,7 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
     with an ``error`` field and counted in ``n_failed``, not averaged.
     """
     from relation_lens.editing import default_layer
-    from relation_lens.statistics import KeyStatistics
+    from relation_lens.key_statistics import KeyStatistics
 
     records = [dict(r) for r in records]
     if method not in ("relation_rome", "rome", "none"):

@@ -1,0 +1,61 @@
+"""Model probes: what the model predicts for a prompt, the probability of a target, greedy text,
+whether it knows a fact. The one place these reads of a model live (editing, evaluation, the data
+builders, the CLI and the experiments use them)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from relation_lens.spans import object_tokens, right_pad
+
+
+@torch.no_grad()
+def predict(model, prompts: Sequence[str], k: int = 1) -> list[list[tuple[str, float]]]:
+    """Top-``k`` next tokens and probabilities for each prompt."""
+    out = []
+    for p in prompts:
+        probs = model(model.to_tokens(p))[0, -1].float().softmax(-1)
+        top = probs.topk(k)
+        out.append([(model.tokenizer.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)])
+    return out
+
+
+@torch.no_grad()
+def target_probs(model, prompts: Sequence[str], targets: Sequence[str]) -> torch.Tensor:
+    """``exp(mean log P(target tokens | prompt))`` for each (prompt, target) pair, teacher-forced."""
+    out = []
+    for p, t in zip(prompts, targets):
+        ctx = model.to_tokens(p)[0]
+        tgt = object_tokens(model, p, t)
+        logits = model(torch.cat([ctx, tgt[:-1]])[None])[0]
+        logp = logits[len(ctx) - 1:].float().log_softmax(-1)
+        out.append(logp.gather(1, tgt[:, None]).mean().exp())
+    return torch.stack(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def greedy_generate(model, prompt: str, max_new_tokens: int = 30) -> str:
+    toks = model.to_tokens(prompt)[0]
+    start = len(toks)
+    for _ in range(max_new_tokens):
+        if len(toks) >= model.cfg.n_ctx:
+            break
+        toks = torch.cat([toks, model(toks[None])[0, -1].argmax()[None]])
+    return model.tokenizer.decode(toks[start:])
+
+
+@torch.no_grad()
+def known_mask(model, prompts: list[str], targets: list[str], batch_size: int = 128) -> list[bool]:
+    """Whether the model's top next token after each prompt is the first token of its target."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [model.to_tokens(p)[0].cpu() for p in prompts[i:i + batch_size]]
+        logits = model(right_pad(model, ids).to(model.cfg.device))  # right padding: real positions are unaffected
+        last = torch.tensor([len(x) - 1 for x in ids], device=logits.device)
+        pred = logits[torch.arange(len(ids), device=logits.device), last].argmax(-1).tolist()
+        pairs = zip(prompts[i:i + batch_size], targets[i:i + batch_size])
+        gold = [int(object_tokens(model, p, t)[0]) for p, t in pairs]
+        out += [p == g for p, g in zip(pred, gold)]
+    return out
