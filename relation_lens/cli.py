@@ -98,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-mode", default="symmetric", choices=["symmetric", "asymmetric"])
     p.add_argument("--out", type=Path, default=Path("out"))
 
+    p = sub.add_parser("stats", help="compute (and cache) the key statistics an edit needs",
+                       description="Accumulate C = E[k k^T] of the MLP keys at --layer over a corpus (default: the "
+                                   "default model's training text) into the disk cache, so that later edits load it. "
+                                   "Runs data-parallel under torchrun.")
+    _common(p)
+    p.add_argument("--layer", type=int, required=True, help="MLP layer")
+    p.add_argument("--corpus", type=Path, default=None,
+                   help="a JSON list of strings or JSONL of {text} records (default: the default model's texts)")
+    p.add_argument("--n-texts", type=int, default=10_000, help="texts to use (a seeded sample; default 10,000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-bos", action="store_true", help="tokenise without BOS, as ROME's layer_stats on GPT-2")
+
     p = sub.add_parser("world", help="summarise the default model's world of facts",
                        description="Print the relations of the world with their fact counts and templates.")
     p.add_argument("--relation", default=None, help="list the facts of this relation id")
@@ -189,13 +201,18 @@ def _load_facts(args) -> list:
 
 def _cmd_trace_dataset(args) -> None:
     import relation_lens as rl
+    from relation_lens.distributed import ranks
 
     config, formats = _trace_config(args), _formats(args)
-    _check_out(args.out, "trace-dataset")
+    r = ranks()
+    if r.is_main:
+        _check_out(args.out, "trace-dataset")
     model = rl.load_model(args.model, device=args.device)
     facts = _load_facts(args)
     result = rl.trace_dataset(model, facts, config=config, exclude_incorrect=not args.include_incorrect,
-                              progress=not args.quiet)
+                              progress=not args.quiet, checkpoint=args.out)
+    if not r.is_main:
+        return
     if not args.quiet:
         print(repr(result))
     _write_views(result, args.out, "trace_dataset", formats, args.quiet)
@@ -259,8 +276,12 @@ def _cmd_edit(args) -> None:
 def _cmd_evaluate(args) -> None:
     import relation_lens as rl
     from relation_lens.editing import EditConfig
+    from relation_lens.distributed import ranks
     from relation_lens.evaluation import EvaluationResult, evaluate
 
+    r = ranks()
+    if r.is_main:
+        _check_out(args.out, "evaluate")
     model = rl.load_model(args.model, device=args.device)
     if args.records is None:
         from relation_lens.data.counterfact import load_counterfactual
@@ -272,12 +293,32 @@ def _cmd_evaluate(args) -> None:
         records = list(load_counterfact(args.records, limit=args.n))
     result = evaluate(model, records, method=args.method, layer=args.layer, fluency=not args.no_fluency,
                       config=EditConfig.default_for(model, key_mode=args.key_mode), progress=not args.quiet)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if not r.is_main:
+        return
     result.to_json(args.out / "evaluation.json")
     table = EvaluationResult.header() + "\n" + result.row() + "\n"
     (args.out / "evaluation.md").write_text(table)
     if not args.quiet:
         print(table + f"{result.n_failed} of {len(records)} records could not be edited; wrote {args.out}/evaluation.json")
+
+
+def _cmd_stats(args) -> None:
+    import relation_lens as rl
+    from relation_lens.distributed import ranks
+
+    corpus = None
+    if args.corpus is not None:
+        from relation_lens.data.io import read_json
+
+        rows = read_json(args.corpus)
+        corpus = [row["text"] if isinstance(row, dict) else row for row in rows]
+    model = rl.load_model(args.model, device=args.device)
+    stats = rl.KeyStatistics.compute(model, args.layer, corpus, n_texts=args.n_texts, batch_size=args.batch_size,
+                                     progress=not args.quiet, prepend_bos=False if args.no_bos else None)
+    if ranks().is_main and not args.quiet:
+        from relation_lens.key_statistics import cache_dir
+
+        print(f"{stats!r}; cached under {cache_dir()}")
 
 
 def _cmd_world(args) -> None:
@@ -316,7 +357,7 @@ def _cmd_info(args) -> None:
           f"vocab {c.d_vocab}, context {c.n_ctx}, {counts}, device {c.device}, dtype {c.dtype}")
 
 
-COMMANDS = {"trace": _cmd_trace, "trace-dataset": _cmd_trace_dataset, "edit": _cmd_edit, "evaluate": _cmd_evaluate, "world": _cmd_world, "info": _cmd_info}
+COMMANDS = {"stats": _cmd_stats, "trace": _cmd_trace, "trace-dataset": _cmd_trace_dataset, "edit": _cmd_edit, "evaluate": _cmd_evaluate, "world": _cmd_world, "info": _cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,11 +371,15 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.set_verbosity_error()
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    from relation_lens.distributed import shutdown
+
     try:
         COMMANDS[args.command](args)
     except RelationLensError as exc:
         print(f"relation-lens {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()
     return 0
 
 

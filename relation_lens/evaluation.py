@@ -156,6 +156,9 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
 
     Records whose edit cannot be computed (e.g. the model already predicts ``target_new``) are kept
     with an ``error`` field and counted in ``n_failed``, not averaged.
+
+    Under torch.distributed each rank edits and measures records ``i`` with ``i % world_size == rank``
+    and every rank returns the whole result, its records in the input's order.
     """
     from relation_lens.editing import default_layer
     from relation_lens.key_statistics import KeyStatistics
@@ -170,9 +173,14 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
             layer = default_layer(model, method, EditRequest(first["prompt"], first["subject"], first["target_new"],
                                                              first["target_true"]))
         if stats is None:
-            stats = KeyStatistics.compute(model, layer, n_texts=config.stats_n_texts, progress=progress)
-    out, failed = [], 0
-    for rec in tqdm(records, desc=f"evaluating {method}", disable=not progress):
+            stats = KeyStatistics.compute(model, layer, n_texts=config.stats_n_texts, progress=progress,
+                                          prepend_bos=config.prepend_bos)
+    from relation_lens.distributed import gather, ranks
+
+    r = ranks()
+    mine: dict[int, dict[str, Any]] = {}
+    for i in tqdm(r.share(len(records)), desc=f"evaluating {method}", disable=not (progress and r.is_main)):
+        rec = records[i]
         row = {"case_id": rec.get("case_id"), "subject": rec["subject"], "prompt": rec["prompt"],
                "target_new": rec["target_new"], "target_true": rec["target_true"]}
         if method == "none":
@@ -183,12 +191,14 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
                 update = compute_edit(model, req, method=method, layer=layer, stats=stats, config=config)
             except (EditError, SpanError) as exc:
                 row["error"] = str(exc)
-                failed += 1
-                out.append(row)
+                mine[i] = row
                 continue
             with apply_edit(model, update):
                 row.update(_record_metrics(model, rec, fluency))
-        out.append(row)
+        mine[i] = row
+    rows = {i: row for part in gather(mine, r) for i, row in part.items()}
+    out = [rows[i] for i in range(len(records))]
+    failed = sum("error" in row for row in out)
     summary = summarise(out)
     return EvaluationResult(method=method, layer=layer, records=tuple(out), summary=summary, n_failed=failed,
                             settings={"key_mode": config.key_mode, "n_records": len(records), "fluency": fluency})

@@ -107,11 +107,14 @@ class KeyStatistics(ValueEquality):
                 directory: str | Path | None = None, prepend_bos: bool | None = None) -> "KeyStatistics":
         """Compute (or load from the disk cache) the key statistics of ``layer``.
 
+        Under torch.distributed, batch ``b`` of ``batch_size`` texts is run by rank ``b % world_size`` and
+        the float64 sums are all-reduced: every rank gets the one-process moment (to float64 rounding).
+
         Args:
             corpus: texts (list of strings or a ``datasets.Dataset`` with a ``text`` column); default:
                 the default model's training text.
             n_texts: use at most this many texts (a seeded sample); ``None`` for all.
-            cache: read and write the disk cache (``directory`` or :func:`cache_dir`).
+            cache: read and write the disk cache (``directory`` or :func:`cache_dir`; only rank 0 writes).
             prepend_bos: ``None`` follows the model; ``False`` tokenises as ROME's ``layer_stats`` does on
                 GPT-2 (no BOS, every token counted). A prepended BOS's key is never counted (it is the
                 same for every text).
@@ -129,10 +132,20 @@ class KeyStatistics(ValueEquality):
             data = load_file(file)
             logger.info("loaded key statistics from %s", file)
             return cls(layer, data["moment"], int(data["count"].item()), fp, ch, len(texts))
+        from relation_lens.distributed import all_reduce_sum, ranks
+
+        r = ranks()
+        starts = list(range(0, len(texts), batch_size))
+        mine = [starts[b] for b in r.share(len(starts))]  # batch b goes to rank b % world_size
         with model_lock(model):
-            moment, count = _accumulate(model, layer, texts, batch_size, progress, bos)
+            total, count = _accumulate(model, layer, texts, mine, batch_size, progress and r.is_main, bos)
+        total = all_reduce_sum(total, r)
+        count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64), r).item())
+        if count == 0:
+            raise DataError("the corpus gave no tokens to accumulate key statistics over")
+        moment = total / count
         stats = cls(layer, moment, count, fp, ch, len(texts))
-        if cache:
+        if cache and r.is_main:
             _atomic_save({"moment": moment.contiguous(), "count": torch.tensor([count])}, file)
         return stats
 
@@ -164,13 +177,14 @@ def _atomic_save(tensors: dict[str, Tensor], file: Path) -> None:
 
 
 @torch.no_grad()
-def _accumulate(model, layer: int, texts: list[str], batch_size: int, progress: bool,
+def _accumulate(model, layer: int, texts: list[str], starts: list[int], batch_size: int, progress: bool,
                 bos: bool) -> tuple[Tensor, int]:
+    """The float64 sum of ``k k^T`` and the number of keys over the batches starting at ``starts``."""
     name = f"blocks.{layer}.mlp.hook_post"
     d = model.cfg.d_mlp
     moment = torch.zeros(d, d, dtype=torch.float64)
     count = 0
-    for i in tqdm(range(0, len(texts), batch_size), desc=f"key statistics L{layer}", disable=not progress):
+    for i in tqdm(starts, desc=f"key statistics L{layer}", disable=not progress):
         ids = [model.to_tokens(t, prepend_bos=bos, truncate=True)[0].cpu() for t in texts[i:i + batch_size]]
         batch = right_pad(model, ids)
         mask = torch.zeros(batch.shape, dtype=torch.bool)
@@ -188,6 +202,4 @@ def _accumulate(model, layer: int, texts: list[str], batch_size: int, progress: 
         k = stored["k"][mask.to(stored["k"].device)].double().cpu()
         moment += k.T @ k
         count += k.shape[0]
-    if count == 0:
-        raise DataError("the corpus gave no tokens to accumulate key statistics over")
-    return moment / count, count
+    return moment, count

@@ -5,6 +5,7 @@ last token), with 95% intervals (:func:`relation_lens.intervals.mean_ci95`)."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,7 +86,8 @@ def average(results: list[TraceResult], kinds, n_layers: int, exclude_incorrect:
 
 
 def trace_dataset(model, facts, *, config: TraceConfig | None = None, exclude_incorrect: bool = True,
-                  skip_invalid: bool = True, progress: bool = False, **settings: Any) -> DatasetTraceResult:
+                  skip_invalid: bool = True, progress: bool = False, checkpoint: str | Path | None = None,
+                  **settings: Any) -> DatasetTraceResult:
     """Trace many prompts and average the indirect effects by layer and position bucket.
 
     Args:
@@ -98,10 +100,19 @@ def trace_dataset(model, facts, *, config: TraceConfig | None = None, exclude_in
             the target (they are traced and kept in ``results`` either way, and counted).
         skip_invalid: a fact that cannot be traced (e.g. no relation words left with
             ``include_last=False``) is recorded in ``skipped`` with the reason instead of raising.
+        checkpoint: a folder where each prompt's result is appended as it finishes
+            (:class:`relation_lens.distributed.Checkpoint`); a run started again with the same
+            arguments skips what is done. A folder of a run with other arguments is refused.
+
+    Under torch.distributed (an initialised process group, or ``torchrun``'s environment) each rank
+    traces prompts ``i`` with ``i % world_size == rank`` and every rank returns the whole result,
+    identical to one process's (each prompt has its own seed).
 
     Returns:
         DatasetTraceResult (its means are NaN, and its repr says so, when nothing was averaged).
     """
+    from relation_lens.distributed import Checkpoint, fingerprint, gather, ranks
+
     cfg = TraceConfig.of(config, settings)
     check_model(model, cfg.kinds)
     items = [fact_fields(f, i) for i, f in enumerate(facts)]
@@ -109,16 +120,43 @@ def trace_dataset(model, facts, *, config: TraceConfig | None = None, exclude_in
         raise DataError("trace_dataset got no facts")
     if not isinstance(cfg.noise, Tensor):
         cfg = cfg.replace(noise=resolve_noise_std(model, cfg.noise, cfg.noise_subjects))
-    results, skipped = [], []
-    for i, (prompt, subject, target) in enumerate(tqdm(items, desc="prompts", disable=not progress)):
+    r = ranks()
+    ckpt = None
+    if checkpoint is not None:
+        from relation_lens.key_statistics import model_fingerprint
+
+        ckpt = Checkpoint(checkpoint, {"workload": "trace_dataset", "config": cfg.to_dict(),
+                                       "facts": fingerprint(items), "n_facts": len(items),
+                                       "model": model_fingerprint(model), "skip_invalid": skip_invalid}, r)
+    done = ckpt.done() if ckpt else {}
+    mine: dict[int, dict[str, Any]] = {}
+    todo = [i for i in r.share(len(items)) if i not in done]
+    for i in tqdm(todo, desc="prompts", disable=not (progress and r.is_main)):
+        prompt, subject, target = items[i]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TargetWarning)
             try:
-                results.append(trace(model, prompt, subject=subject, target=target, config=cfg.replace(seed=cfg.seed + i)))
+                row = {"index": i, "result": trace(model, prompt, subject=subject, target=target,
+                                                   config=cfg.replace(seed=cfg.seed + i)).to_dict()}
             except (SpanError, PromptError, TargetError) as exc:
                 if not skip_invalid:
                     raise
-                skipped.append((i, str(exc)))
+                row = {"index": i, "skipped": str(exc)}
+        mine[i] = row
+        if ckpt:
+            ckpt.append(row)
+    mine.update({i: row for i, row in done.items() if i % r.world_size == r.rank})
+    rows = {i: row for part in gather(mine, r) for i, row in part.items()}
+    if ckpt:  # items recorded by a rank of an earlier run with another world size
+        rows.update({i: row for i, row in done.items() if i not in rows})
+    results, skipped = [], []
+    for i in sorted(rows):
+        row = rows[i]
+        if "skipped" in row:
+            skipped.append((i, row["skipped"]))
+        else:
+            res = row["result"]
+            results.append(res if isinstance(res, TraceResult) else TraceResult.from_dict(res))
     used, mean, ci, count, clean, corrupted = average(results, cfg.kinds, model.cfg.n_layers, exclude_incorrect)
     return DatasetTraceResult(
         buckets=BUCKETS, mean=mean, ci95=ci, count=count, clean_prob=clean, corrupted_prob=corrupted,

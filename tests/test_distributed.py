@@ -1,0 +1,105 @@
+"""Data parallelism on torch.distributed (2 gloo processes on the CPU) gives the one-process numbers,
+and a checkpointed dataset trace killed part-way and started again loses nothing and duplicates
+nothing."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import relation_lens as rl
+from relation_lens.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _without_stamps(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in ("relation_lens_version", "schema_version")}
+
+
+def test_trace_dataset_with_torchrun_equals_one_process(tmp_path):
+    args = ["trace-dataset", "--relation", "P30", "--limit", "5", "--samples", "2", "--quiet", "--formats", "png"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    # the same intra-op threads as this process (torchrun would set 1): float32 kernels may round differently
+    # with another thread count, and the claim is bit-for-bit equality
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "relation_lens",
+                           *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "trace_dataset.json").read_text())
+    two = json.loads((tmp_path / "two" / "trace_dataset.json").read_text())
+    assert _without_stamps(one) == _without_stamps(two)  # every grid, bit for bit
+    assert one["n_total"] == 5
+    # both ranks appended their share to the checkpoint; outputs came from rank 0 alone
+    shards = sorted(p.name for p in (tmp_path / "two").glob("items.rank*.jsonl"))
+    assert shards == ["items.rank0.jsonl", "items.rank1.jsonl"]
+    lines = [json.loads(l) for s in shards for l in (tmp_path / "two" / s).read_text().splitlines()]
+    assert sorted(row["index"] for row in lines) == list(range(5))
+
+
+def test_statistics_and_evaluation_on_two_processes_equal_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    from dist_worker import run_workloads, workloads
+
+    out = str(tmp_path / "result")
+    mp.spawn(run_workloads, args=(2, _free_port(), out), nprocs=2, join=True)
+    single = workloads()
+    for rank in (0, 1):
+        got = torch.load(f"{out}.rank{rank}", weights_only=False)
+        assert got["count"] == single["count"]
+        rel = (got["moment"] - single["moment"]).abs().max() / single["moment"].abs().max()
+        assert rel <= 1e-12, rel
+        # every record, in order (compared as results: NaN, e.g. the unmeasured fluency, equals NaN)
+        assert rl.EvaluationResult.from_dict(got["evaluation"]) == rl.EvaluationResult.from_dict(single["evaluation"])
+    assert len(single["evaluation"]["records"]) == 5
+
+
+def test_killed_dataset_trace_resumes_without_loss_or_duplicates(tiny_model, tmp_path, monkeypatch):
+    import relation_lens.tracing.dataset as ds
+
+    facts = [("The Space Needle is located in the city of", "The Space Needle"),
+             ("The Eiffel Tower is located in the city of", "The Eiffel Tower"),
+             ("Big Ben is located in the city of", "Big Ben"),
+             ("The Colosseum is located in the city of", "The Colosseum"),
+             ("I visited the Louvre", "the Louvre")]  # no relation words: recorded as skipped
+    settings = dict(n_samples=2, window=2, kinds=("resid", "mlp"))
+    whole = rl.trace_dataset(tiny_model, facts, **settings)
+    real_trace, calls = ds.trace, []
+
+    def dies_after_two(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real_trace(*a, **k)
+
+    monkeypatch.setattr(ds, "trace", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        rl.trace_dataset(tiny_model, facts, checkpoint=tmp_path, **settings)
+    monkeypatch.setattr(ds, "trace", real_trace)
+    shard = tmp_path / "items.rank0.jsonl"
+    assert len(shard.read_text().splitlines()) == 2
+    with open(shard, "a") as fh:  # a third line cut short by the kill
+        fh.write('{"index": 2, "result": {"prom')
+    resumed = rl.trace_dataset(tiny_model, facts, checkpoint=tmp_path, **settings)
+    assert resumed == whole
+    rows = [l for l in shard.read_text().splitlines()]
+    indices = [json.loads(l)["index"] for l in rows if l.endswith("}")]
+    assert sorted(indices) == [0, 1, 2, 3, 4] and len(indices) == 5  # nothing lost, nothing twice
+    again = rl.trace_dataset(tiny_model, facts, checkpoint=tmp_path, **settings)  # all done: nothing recomputed
+    assert again == whole and len(shard.read_text().splitlines()) == len(rows)
+    with pytest.raises(rl.ConfigError, match=r"other arguments \(differing: \['config'\]\)"):
+        rl.trace_dataset(tiny_model, facts, checkpoint=tmp_path, **{**settings, "n_samples": 3})
