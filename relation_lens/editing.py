@@ -390,12 +390,27 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
     max_norm = config.clamp_norm_factor * target_init.norm()
     delta = z * unit
 
-    def add_delta(act, hook):
-        act = act.clone()
-        act[torch.arange(act.shape[0], device=dev), lookup] += delta
-        return act
-
+    # The layers up to the edited one do not change while delta is optimised, and the MLP output enters
+    # the residual stream additively: so the residual after block `layer` is computed once, each step adds
+    # delta to it at the key positions and runs only the blocks above, and only the positions the loss
+    # reads (the target tokens, the KL prompt's key) are normalised and unembedded.
+    L = model.cfg.n_layers
+    rows = torch.arange(batch.shape[0], device=dev)
     tgt_pos = torch.stack([torch.arange(len(new_ids)) + p - 1 for p in plens]).to(dev)  # [rw, n_tgt]
+    read_rows = torch.cat([torch.arange(n_rw, device=dev).repeat_interleave(len(new_ids)),
+                           torch.tensor([n_rw], device=dev)])
+    read_pos = torch.cat([tgt_pos.flatten(), torch.tensor([kl_pos], device=dev)])
+    with torch.no_grad():
+        resid_base = model(batch, stop_at_layer=layer + 1)
+
+    def log_probs(delta: Tensor) -> Tensor:
+        resid = resid_base.index_put((rows, lookup), delta.to(resid_base.dtype).expand(len(rows), -1),
+                                     accumulate=True)
+        if layer + 1 < L:
+            resid = model(resid, start_at_layer=layer + 1, stop_at_layer=L)
+        picked = resid[read_rows, read_pos][:, None]  # [reads, 1, d_model]
+        return model(picked, start_at_layer=L)[:, 0].float().log_softmax(-1)  # final norm, unembed, soft cap
+
     kl_init = None
     history = []
     saved_flags = [p.requires_grad for p in model.parameters()]
@@ -403,11 +418,10 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
         p.requires_grad_(False)
     try:
         for step in range(config.v_steps):
-            logits = model.run_with_hooks(batch, fwd_hooks=[(hook_out, add_delta)])
-            logp = logits.float().log_softmax(-1)
-            rw = logp[:n_rw].gather(1, tgt_pos[..., None].expand(-1, -1, logp.shape[-1]))
+            logp = log_probs(delta)
+            rw = logp[:-1].view(n_rw, len(new_ids), -1)
             nll = -rw.gather(2, new_ids.to(dev)[None, :, None].expand(n_rw, -1, 1)).squeeze(-1).mean()
-            kl_logp = logp[n_rw, kl_pos]
+            kl_logp = logp[-1]
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
             if config.kl_direction == "rome":  # kl_div(init, edited, log_target=True) = KL(edited || original)

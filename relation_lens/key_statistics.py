@@ -1,8 +1,10 @@
 """Second moment of MLP keys, ``C = E[k k^T]``, for the rank-one editors.
 
 A key is the MLP hidden activation ``blocks.{layer}.mlp.hook_post`` at one token. ``C`` is
-accumulated streaming in float64 over a text corpus (every token of every text, BOS excluded),
-so memory stays at one ``[d_mlp, d_mlp]`` matrix plus one batch of activations. Results are cached
+accumulated streaming over a text corpus (every token of every text, BOS excluded; texts batched by
+length, the forward stopped at the key), each batch's ``k^T k`` in float32 and their sum in float64
+(``precision="float64"`` keeps the products in float64 too), so memory stays at one
+``[d_mlp, d_mlp]`` matrix plus one batch of activations. Results are cached
 on disk, keyed by a fingerprint of the model, the layer, the corpus and the number of texts.
 """
 
@@ -104,7 +106,8 @@ class KeyStatistics(ValueEquality):
     @classmethod
     def compute(cls, model, layer: int, corpus: Iterable[str] | None = None, *, n_texts: int | None = 10_000,
                 batch_size: int = 64, cache: bool = True, progress: bool = True,
-                directory: str | Path | None = None, prepend_bos: bool | None = None) -> "KeyStatistics":
+                directory: str | Path | None = None, prepend_bos: bool | None = None,
+                precision: str = "mixed") -> "KeyStatistics":
         """Compute (or load from the disk cache) the key statistics of ``layer``.
 
         Under torch.distributed, batch ``b`` of ``batch_size`` texts is run by rank ``b % world_size`` and
@@ -118,14 +121,20 @@ class KeyStatistics(ValueEquality):
             prepend_bos: ``None`` follows the model; ``False`` tokenises as ROME's ``layer_stats`` does on
                 GPT-2 (no BOS, every token counted). A prepended BOS's key is never counted (it is the
                 same for every text).
+            precision: ``"mixed"`` (default): each batch's ``k^T k`` in float32, summed over batches in
+                float64 (ROME's ``layer_stats`` keeps all of it in float32); ``"float64"``: the products in
+                float64 too, about 2x slower, exact to float64 rounding.
         """
         if not 0 <= layer < model.cfg.n_layers:
             raise EditError(f"layer {layer} is out of range for a model with {model.cfg.n_layers} layers")
+        if precision not in ("mixed", "float64"):
+            raise EditError(f"precision {precision!r} is not 'mixed' or 'float64'")
         texts = _texts(corpus, n_texts)
         fp, ch = model_fingerprint(model, layer), _corpus_hash(texts)
         path = Path(directory) if directory else cache_dir()
         bos = model.cfg.default_prepend_bos if prepend_bos is None else bool(prepend_bos)
-        file = path / f"{fp}_L{layer}_{ch}_{len(texts)}{'' if bos else '_nobos'}.safetensors"
+        file = path / (f"{fp}_L{layer}_{ch}_{len(texts)}{'' if bos else '_nobos'}"
+                       f"{'' if precision == 'mixed' else '_f64'}.safetensors")
         if cache and file.is_file():
             from safetensors.torch import load_file
 
@@ -135,10 +144,12 @@ class KeyStatistics(ValueEquality):
         from relation_lens.distributed import all_reduce_sum, ranks
 
         r = ranks()
-        starts = list(range(0, len(texts), batch_size))
-        mine = [starts[b] for b in r.share(len(starts))]  # batch b goes to rank b % world_size
+        tokens = tokenize_corpus(model, texts, bos)
+        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))  # similar lengths together: little padding
+        batches = [[tokens[i] for i in order[b:b + batch_size]] for b in range(0, len(order), batch_size)]
+        mine = [batches[b] for b in r.share(len(batches))]  # batch b goes to rank b % world_size
         with model_lock(model):
-            total, count = _accumulate(model, layer, texts, mine, batch_size, progress and r.is_main, bos)
+            total, count = _accumulate(model, layer, mine, progress and r.is_main, bos, precision)
         total = all_reduce_sum(total, r)
         count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64), r).item())
         if count == 0:
@@ -176,30 +187,60 @@ def _atomic_save(tensors: dict[str, Tensor], file: Path) -> None:
         raise
 
 
+def tokenize_corpus(model, texts: Sequence[str], bos: bool) -> list[Tensor]:
+    """Each text's tokens as ``model.to_tokens(text, prepend_bos=bos, truncate=True)`` gives them, in
+    one batched tokenizer call (a call per text costs more than the forward passes on a small model)."""
+    tok = model.tokenizer
+    limit = model.cfg.n_ctx
+    if not getattr(tok, "is_fast", False) or tok.bos_token_id is None:
+        return [model.to_tokens(t, prepend_bos=bos, truncate=True)[0].cpu() for t in texts]
+    head = [tok.bos_token_id] if bos else []
+    out = []
+    for i in range(0, len(texts), 1024):
+        for ids in tok(list(texts[i:i + 1024]), add_special_tokens=False)["input_ids"]:
+            out.append(torch.tensor((head + ids)[:limit], dtype=torch.long))
+    return out
+
+
+class _StopForward(Exception):
+    """Raised by the key hook: nothing after ``hook_post`` of the layer is needed."""
+
+
 @torch.no_grad()
-def _accumulate(model, layer: int, texts: list[str], starts: list[int], batch_size: int, progress: bool,
-                bos: bool) -> tuple[Tensor, int]:
-    """The float64 sum of ``k k^T`` and the number of keys over the batches starting at ``starts``."""
+def _accumulate(model, layer: int, batches: list[list[Tensor]], progress: bool, bos: bool,
+                precision: str = "mixed") -> tuple[Tensor, int]:
+    """The float64 sum of ``k k^T`` and the number of keys over ``batches`` of token sequences. The
+    forward stops at the key (``hook_post`` of the layer): the rest of the block and of the model is
+    not run, as ROME's ``layer_stats`` stops its trace."""
     name = f"blocks.{layer}.mlp.hook_post"
     d = model.cfg.d_mlp
     moment = torch.zeros(d, d, dtype=torch.float64)
     count = 0
-    for i in tqdm(starts, desc=f"key statistics L{layer}", disable=not progress):
-        ids = [model.to_tokens(t, prepend_bos=bos, truncate=True)[0].cpu() for t in texts[i:i + batch_size]]
+    stored = {}
+
+    def grab(act, hook):
+        stored["k"] = act.detach()
+        raise _StopForward
+
+    for ids in tqdm(batches, desc=f"key statistics L{layer}", disable=not progress):
         batch = right_pad(model, ids)
         mask = torch.zeros(batch.shape, dtype=torch.bool)
         for r, x in enumerate(ids):
             mask[r, :len(x)] = True
         if bos:
             mask[:, 0] = False  # the BOS state is the same for every text
-        stored = {}
-
-        def grab(act, hook):
-            stored["k"] = act.detach()
-
         # right padding under causal attention leaves real tokens untouched
-        model.run_with_hooks(batch.to(model.cfg.device), fwd_hooks=[(name, grab)], stop_at_layer=layer + 1)
-        k = stored["k"][mask.to(stored["k"].device)].double().cpu()
-        moment += k.T @ k
+        with model.hooks(fwd_hooks=[(name, grab)]):
+            try:
+                model(batch.to(model.cfg.device), stop_at_layer=layer + 1)
+            except _StopForward:
+                pass
+        k = stored.pop("k")[mask.to(model.cfg.device)]
+        if precision == "float64":
+            k = k.double().cpu()
+            moment.addmm_(k.T, k)
+        else:
+            k = k.float()
+            moment += (k.T @ k).cpu().double()
         count += k.shape[0]
     return moment, count

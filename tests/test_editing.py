@@ -36,12 +36,13 @@ def test_key_statistics_match_direct_computation(tiny_model, tmp_path):
     # Batch 1: the activations are the same float32 numbers as the direct run's (same shapes, same
     # kernels), so only the order of the float64 sums differs: agreement to float64 rounding.
     one = KeyStatistics.compute(tiny_model, 1, TEXTS[:10], n_texts=None, progress=False, directory=tmp_path / "a",
-                                batch_size=1)
+                                batch_size=1, precision="float64")
     assert one.count == count
     assert torch.allclose(one.moment, direct, rtol=0, atol=1e-12 * direct.abs().max())
-    # Batch 3: the float32 activations themselves may differ in the last bits (a padded batch can pick
-    # other matmul kernels, e.g. on AVX-512 hosts), so the tolerance is float32's: a relative error of a
-    # few units of 2**-24 per activation, 1e-5 of the largest entry leaves two orders of margin.
+    # Batch 3, the default precision: the float32 activations themselves may differ in the last bits (a
+    # padded batch can pick other matmul kernels, e.g. on AVX-512 hosts) and each batch's k^T k is summed
+    # in float32 (over at most 3 texts' keys), so the tolerance is float32's: a relative error of a few
+    # units of 2**-24 per term, 1e-5 of the largest entry leaves two orders of margin.
     stats = KeyStatistics.compute(tiny_model, 1, TEXTS[:10], n_texts=None, progress=False, directory=tmp_path,
                                   batch_size=3)
     assert stats.count == count
