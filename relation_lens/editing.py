@@ -409,7 +409,8 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
         if layer + 1 < L:
             resid = model(resid, start_at_layer=layer + 1, stop_at_layer=L)
         picked = resid[read_rows, read_pos][:, None]  # [reads, 1, d_model]
-        return model(picked, start_at_layer=L)[:, 0].float().log_softmax(-1)  # final norm, unembed, soft cap
+        logits = model(picked, start_at_layer=L)[:, 0]  # final norm, unembed, soft cap
+        return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # float64 stays float64
 
     kl_init = None
     history = []

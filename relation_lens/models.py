@@ -72,14 +72,19 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def load_model(name: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None):
+               dtype: str | torch.dtype | None = None, center_writing_weights: bool = True):
     """Load a model as a ``HookedTransformer``.
 
     Args:
         name: ``None``/``"default"`` for the embedded model, a local Hugging Face GPT-2-family
             folder, or a TransformerLens model name.
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
-        dtype: ``torch.float32`` (default), ``float16``, ``bfloat16`` (or their names).
+        dtype: ``torch.float32`` (default), ``float16``, ``bfloat16``, ``float64`` (or their names).
+        center_writing_weights: TransformerLens' default processing subtracts the mean over ``d_model``
+            from every weight that writes to the residual stream (invisible to the model's outputs,
+            which normalise the stream). ``False`` keeps the Hugging Face weights' MLP outputs as
+            they are, so that norms of MLP outputs (ROME's weight decay and clamp radius) are the
+            original implementation's exactly.
 
     Returns:
         HookedTransformer in eval mode.
@@ -90,15 +95,15 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     if name is None or name == "default" or name == DEFAULT_MODEL_NAME:
-        return _load_local(default_model_path(), dev, dt, model_name=DEFAULT_MODEL_NAME)
+        return _load_local(default_model_path(), dev, dt, model_name=DEFAULT_MODEL_NAME, center=center_writing_weights)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{str(path)!r} is a file, not a model folder (expected a folder with config.json)")
-        return _load_local(path, dev, dt, model_name=path.name)
+        return _load_local(path, dev, dt, model_name=path.name, center=center_writing_weights)
     if isinstance(name, Path) or str(name).startswith((".", "/", "~")):
         raise ModelLoadError(f"model folder {str(name)!r} does not exist")
-    return _load_hub(str(name), dev, dt)
+    return _load_hub(str(name), dev, dt, center_writing_weights)
 
 
 PARITY_TEXT = "The Space Needle is located in the city of Seattle, and Paris is the capital of France."
@@ -107,7 +112,7 @@ _ENCODERS = ("bert", "roberta", "distilbert", "albert", "electra", "t5", "xlm-ro
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
-def _load_local(path: Path, device: torch.device, dtype: torch.dtype, *, model_name: str):
+def _load_local(path: Path, device: torch.device, dtype: torch.dtype, *, model_name: str, center: bool = True):
     """A local Hugging Face folder (``save_pretrained`` layout) of any architecture TransformerLens
     converts, checked for log-prob parity with the Hugging Face model before it is returned."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,7 +139,10 @@ def _load_local(path: Path, device: torch.device, dtype: torch.dtype, *, model_n
     if hf_cfg.get("model_type") == "gpt2":
         _check_gpt2_settings(hf_cfg, config_file)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        # converted in float64 when float64 is asked for (so no float32 rounding enters the folded weights),
+        # in float32 otherwise (half precisions are cast after the conversion)
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=work).eval()
     except Exception as exc:  # safetensors, pickle, shape or config errors: name the file
         raise ModelLoadError(f"could not read the weights in {str(path / weights[0])!r} "
                              f"({type(exc).__name__}: {str(exc)[:300]})") from None
@@ -146,13 +154,13 @@ def _load_local(path: Path, device: torch.device, dtype: torch.dtype, *, model_n
         raise ModelLoadError(f"the tokenizer in {str(path)!r} has {len(tokenizer)} token(s); its files are missing "
                              "or empty")
     if hf_cfg.get("model_type") == "gpt2":
-        model = _gpt2_to_hooked(hf_model, tokenizer, path, model_name)
+        model = _gpt2_to_hooked(hf_model, tokenizer, path, model_name, work, center)
     else:
-        model = _any_to_hooked(hf_model, tokenizer, path, model_name)
+        model = _any_to_hooked(hf_model, tokenizer, path, model_name, work, center)
     _check_parity(hf_model, model, tokenizer, path)
     del hf_model
     model.to(device, print_details=False)
-    if dtype != torch.float32:
+    if dtype != work:
         model.to(dtype, print_details=False)
     model.eval()
     logger.info("loaded %s from %s", model_name, path)
@@ -176,7 +184,8 @@ def _check_gpt2_settings(hf_cfg: dict, config_file: Path) -> None:
                              "(TransformerLens always divides attention scores by sqrt(d_head))")
 
 
-def _gpt2_to_hooked(hf_model, tokenizer, path: Path, model_name: str):
+def _gpt2_to_hooked(hf_model, tokenizer, path: Path, model_name: str, dtype: torch.dtype = torch.float32,
+                    center: bool = True):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
 
@@ -187,16 +196,17 @@ def _gpt2_to_hooked(hf_model, tokenizer, path: Path, model_name: str):
         act_fn=c.activation_function, normalization_type="LN", eps=c.layer_norm_epsilon,
         positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
         model_name=model_name, tokenizer_name=str(path), default_prepend_bos=True, device="cpu",
-        dtype=torch.float32,
+        dtype=dtype,
     )
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(convert_gpt2_weights(hf_model, cfg), fold_ln=True, center_writing_weights=True,
+    model.load_and_process_state_dict(convert_gpt2_weights(hf_model, cfg), fold_ln=True, center_writing_weights=center,
                                       center_unembed=True, fold_value_biases=True,
                                       refactor_factored_attn_matrices=False)
     return model
 
 
-def _any_to_hooked(hf_model, tokenizer, path: Path, model_name: str):
+def _any_to_hooked(hf_model, tokenizer, path: Path, model_name: str, dtype: torch.dtype = torch.float32,
+                   center: bool = True):
     """Any architecture TransformerLens converts (GPT-NeoX/Pythia, LLaMA, GPT-J, Mistral, ...), read from
     a local folder through TransformerLens' own config and weight conversion. TransformerLens picks
     some architectures by their name, so it is given the folder under a neutral name (a symlink)."""
@@ -210,7 +220,7 @@ def _any_to_hooked(hf_model, tokenizer, path: Path, model_name: str):
         try:
             d = loading.convert_hf_model_config(str(neutral))
             d = {k: v for k, v in d.items() if k in HookedTransformerConfig.__dataclass_fields__}
-            d.update(model_name=model_name, tokenizer_name=str(path), device="cpu", dtype=torch.float32)
+            d.update(model_name=model_name, tokenizer_name=str(path), device="cpu", dtype=dtype)
             cfg = HookedTransformerConfig(**d)
             state = loading.get_pretrained_state_dict(str(neutral), cfg, hf_model)
         except Exception as exc:
@@ -218,7 +228,7 @@ def _any_to_hooked(hf_model, tokenizer, path: Path, model_name: str):
             raise ModelLoadError(f"TransformerLens cannot convert the {arch} model in {str(path)!r} "
                                  f"({type(exc).__name__}: {str(exc)[:300]})") from None
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True, center_unembed=True,
+    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=center, center_unembed=True,
                                       fold_value_biases=True, refactor_factored_attn_matrices=False)
     return model
 
@@ -260,7 +270,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_hub(name: str, device: torch.device, dtype: torch.dtype):
+def _load_hub(name: str, device: torch.device, dtype: torch.dtype, center: bool = True):
     from transformer_lens import HookedTransformer, loading_from_pretrained as loading
 
     try:
@@ -276,7 +286,7 @@ def _load_hub(name: str, device: torch.device, dtype: torch.dtype):
         raise HubUnreachableError(
             f"model {name!r} ({official}) is not in the local Hugging Face cache and the hub cannot be reached "
             "(no network, or HF_HUB_OFFLINE=1). Download it on a machine with a network, or pass a local folder.")
-    model = HookedTransformer.from_pretrained(official, device=str(device), dtype=dtype)
+    model = HookedTransformer.from_pretrained(official, device=str(device), dtype=dtype, center_writing_weights=center)
     model.eval()
     return model
 

@@ -50,3 +50,9 @@ def test_walkthrough_runs(tmp_path):
     run("walkthrough.py", "--out", str(tmp_path))
     page = (tmp_path / "walkthrough.md").read_text()
     assert "undone: True" in page and (tmp_path / "walkthrough_trace.png").is_file()
+
+
+@pytest.mark.slow
+def test_rome_exact_quick(tmp_path):
+    out = run("rome_exact.py", "--limit", "2", "--out", str(tmp_path))
+    assert "ROME's code: EditConfig()" in out and (tmp_path / "rome_exact_quick.md").is_file()

@@ -180,3 +180,27 @@ def test_local_folders_of_other_architectures(tmp_path, tokenizer, arch):
         gap = (model(ids).log_softmax(-1) - hf(ids).logits.log_softmax(-1)).abs().max().item()
     assert gap < 1e-4
     assert model.cfg.n_layers == 2
+
+
+def test_uncentred_load_keeps_huggingface_mlp_outputs():
+    """center_writing_weights=False: the MLP outputs are the Hugging Face model's (ROME's v_init norm);
+    the default (centred) load differs from them by their mean over d_model only."""
+    from transformers import GPT2LMHeadModel
+
+    import relation_lens as rl
+
+    hf = GPT2LMHeadModel.from_pretrained(default_model_path()).eval()
+    raw = rl.load_model(center_writing_weights=False)
+    centred = rl.load_model()
+    ids = raw.to_tokens("The capital of Canada is", prepend_bos=False)
+    got = {}
+    handle = hf.transformer.h[1].mlp.register_forward_hook(lambda mod, i, o: got.setdefault("out", o))
+    with torch.no_grad():
+        hf(ids)
+        handle.remove()
+        _, c_raw = raw.run_with_cache(ids, names_filter="blocks.1.hook_mlp_out")
+        _, c_cen = centred.run_with_cache(ids, names_filter="blocks.1.hook_mlp_out")
+    ref = got["out"][0]
+    assert torch.allclose(c_raw["blocks.1.hook_mlp_out"][0], ref, atol=1e-5)
+    assert torch.allclose(c_cen["blocks.1.hook_mlp_out"][0], ref - ref.mean(-1, keepdim=True), atol=1e-5)
+    assert (ref.mean(-1).abs() > 1e-5).any()  # the two loads really differ

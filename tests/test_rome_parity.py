@@ -19,18 +19,16 @@ from relation_lens.key_statistics import KeyStatistics
 DATA = Path(__file__).parent / "data"
 META = json.loads((DATA / "rome_reference.json").read_text())
 REF = load_file(DATA / "rome_reference.safetensors")
-# Relative Frobenius difference of the rank-one updates. Measured in float64: 3e-7 to 1e-6 on four
-# requests, 1.24e-4 on the first (its delta sits on the norm clamp from step 4 on; ROME's printed
-# losses and ours agree to every printed digit over the 20 steps). So: every request within 2e-4,
-# and all but one within 1e-5.
-TOL = 2e-4
-TIGHT = 1e-5
+# Relative Frobenius difference of the rank-one updates (measured: 1e-7 to 5e-7 on every request).
+TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def model64():
-    """The default model in float64, as the reference was made (so float32 rounding is out of it)."""
-    return rl.load_model(dtype="float64")
+    """The default model in float64 with the Hugging Face MLP outputs uncentred, as the reference was
+    made (so neither float32 rounding nor TransformerLens' weight centring, which moves ROME's clamp
+    radius by ~3e-6 relative, is part of the comparison)."""
+    return rl.load_model(dtype="float64", center_writing_weights=False)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +67,6 @@ def test_rome_update_matches_romes_code(model64, setup, method):
             new_id = model64.to_tokens(" " + req.target_new, prepend_bos=False)[0, 0]
             p_new = model64(ids)[0, -1].softmax(-1)[new_id].item()
         assert p_new == pytest.approx(META["setups"][method][f"p_new.{i}"], abs=1e-4)
-    assert sum(d <= TIGHT for d in diffs) >= len(diffs) - 1, diffs
 
 
 @pytest.mark.parametrize("reverted", [dict(weight_decay_form="squared_ratio"), dict(early_stop_on="nll"),
