@@ -5,8 +5,10 @@ Three kinds of names, one function:
 * ``None`` or ``"default"``: the small GPT-2-architecture model that ships inside the
   package (Hugging Face format in ``relation_lens/data/default_model``), trained by this
   project on real relational facts (see ``docs/default_model.md``). Fully offline.
-* a path to a local folder holding a Hugging Face GPT-2-family model (``config.json`` with
-  ``model_type: gpt2``, weights, tokenizer files): converted offline.
+* a path to a local folder holding a Hugging Face causal language model that TransformerLens
+  converts (GPT-2, GPT-NeoX/Pythia, GPT-J, LLaMA, ...; ``config.json``, weights, tokenizer files, as
+  ``save_pretrained`` writes them): converted offline, and refused unless its log-probs match the
+  Hugging Face model's on a check text.
 * any TransformerLens model name (``"gpt2-xl"``, ``"EleutherAI/pythia-410m"``, ...): loaded with
   ``HookedTransformer.from_pretrained``. When the weights are not in the local Hugging Face
   cache and the hub cannot be reached, a :class:`HubUnreachableError` is raised at once.
@@ -76,7 +78,7 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
     """Load a model as a ``HookedTransformer``.
 
     Args:
-        name: ``None``/``"default"`` for the embedded model, a local Hugging Face GPT-2-family
+        name: ``None``/``"default"`` for the embedded model, a local Hugging Face causal-LM
             folder, or a TransformerLens model name.
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
         dtype: ``torch.float32`` (default), ``float16``, ``bfloat16``, ``float64`` (or their names).
@@ -90,7 +92,8 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
         HookedTransformer in eval mode.
 
     Raises:
-        ModelLoadError: unknown name, a folder that is not a GPT-2-family model, a device that
+        ModelLoadError: unknown name, a folder that is not a convertible causal-LM model (named setting or
+            file), a conversion whose log-probs drift from the Hugging Face model's, a device that
             does not exist. HubUnreachableError: a hub model that is not cached, offline.
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
