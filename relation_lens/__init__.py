@@ -23,10 +23,19 @@ from relation_lens.evaluation import EvaluationResult, evaluate
 from relation_lens.models import load_model
 from relation_lens.key_statistics import KeyStatistics
 from relation_lens.spans import find_spans
-from relation_lens.tracing import DatasetTraceResult, TargetWarning, TraceConfig, TraceResult, trace, trace_dataset
+from relation_lens.tracing import (
+    DatasetTraceResult,
+    KnockoutResult,
+    TargetWarning,
+    TraceConfig,
+    TraceResult,
+    knockout,
+    trace,
+    trace_dataset,
+)
 
 __all__ = [
-    "load_model", "trace", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
+    "load_model", "trace", "knockout", "KnockoutResult", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
     "edit", "evaluate", "EvaluationResult", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
     "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",
     "PromptError", "TargetError", "NoiseError", "EditError", "DataError", "TargetWarning",

@@ -1,0 +1,194 @@
+"""Attention knockout (Geva et al. 2023, "Dissecting Recall of Factual Associations"): block the
+last position's attention to a set of source positions over a window of layers and measure the
+change in P(target).
+
+For every layer ``l`` and source ``s`` the prompt is run clean, except that in the layers of the
+window around ``l`` (centred and clipped as the tracing windows, :func:`window_layers`) the attention
+scores from the last position to the positions of ``s`` are set to ``-inf`` before the softmax
+(``blocks.{j}.attn.hook_attn_scores``), in all heads or in one head. The result is the relative
+change ``(P_blocked - P_clean) / P_clean``. Sources: ``"subject"`` (the subject tokens),
+``"relation"`` (the tokens between the subject and the last token), ``"last"`` (the last token's
+attention to itself), ``"other"`` (every other position: BOS, tokens before the subject).
+
+All cells run as rows of batched forward passes; each row's hooks block only its own cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from relation_lens._locks import model_lock
+from relation_lens._results import JsonRoundTrip, ValueEquality, known_fields
+from relation_lens.errors import ConfigError, PromptError, shorten
+from relation_lens.spans import Span, find_spans
+from relation_lens.tracing.config import depth_scaled_window, window_layers
+from relation_lens.tracing.inputs import check_model, resolve_target
+
+SOURCES = ("subject", "relation", "last", "other")
+
+
+def source_positions(n_tokens: int, subject_span: Span) -> dict[str, list[int]]:
+    """The positions of each source in a prompt of ``n_tokens`` tokens."""
+    a, b = subject_span
+    last = n_tokens - 1
+    return {"subject": list(range(a, b)), "relation": list(range(b, last)), "last": [last],
+            "other": [p for p in range(last) if p < a]}
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class KnockoutResult(JsonRoundTrip, ValueEquality):
+    """``change[source]``: relative change of P(target) per layer (``Float[Tensor, "layer"]``), or per
+    layer and head (``"layer head"``) when traced per head; ``prob[source]`` the blocked probabilities."""
+
+    prompt: str
+    tokens: tuple[str, ...]
+    subject: str
+    subject_span: Span
+    target: str
+    target_token: int
+    clean_prob: float
+    positions: dict[str, list[int]]
+    change: dict[str, Tensor]
+    prob: dict[str, Tensor]
+    window: int
+    per_head: bool
+    model_name: str
+
+    def __repr__(self) -> str:
+        worst = ", ".join(f"{s} {float(v.min()):+.2f} at L{int(v.flatten().argmin()) // (v.shape[1] if v.dim() > 1 else 1)}"
+                          for s, v in self.change.items())
+        return (f"KnockoutResult({shorten(self.prompt)}, target={self.target!r}, clean {self.clean_prob:.3g}; "
+                f"largest drops: {worst}; window={self.window}, per_head={self.per_head})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "tokens": list(self.tokens), "subject": self.subject,
+                "subject_span": list(self.subject_span), "target": self.target, "target_token": self.target_token,
+                "clean_prob": self.clean_prob, "positions": self.positions,
+                "change": {k: v.tolist() for k, v in self.change.items()},
+                "prob": {k: v.tolist() for k, v in self.prob.items()}, "window": self.window,
+                "per_head": self.per_head, "model_name": self.model_name}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "KnockoutResult":
+        d = known_fields(cls, d)
+        d["tokens"], d["subject_span"] = tuple(d["tokens"]), tuple(d["subject_span"])
+        d["change"] = {k: torch.tensor(v, dtype=torch.float32) for k, v in d["change"].items()}
+        d["prob"] = {k: torch.tensor(v, dtype=torch.float32) for k, v in d["prob"].items()}
+        return cls(**d)
+
+    def plot(self, path: str | Path | None = None):
+        """Geva-style curves: relative change of P(target) by layer, one line per source (per head:
+        the head with the largest drop)."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(5.5, 3.2), layout="constrained")
+        ax = fig.subplots()
+        for source, v in self.change.items():
+            curve = v.min(dim=1).values if v.dim() > 1 else v
+            ax.plot(range(len(curve)), (100 * curve).tolist(), marker="o", label=source)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel(f"layer (centre of a {self.window}-layer window)")
+        ax.set_ylabel(f"% change in P({self.target.strip()})")
+        ax.set_title(f"attention knockout from the last position: {shorten(self.prompt, 60)}", fontsize=8)
+        ax.legend(fontsize=7)
+        if path is not None:
+            fig.savefig(path, dpi=150)
+        return fig
+
+    def to_html(self) -> str:
+        from relation_lens.viz import _png_data_uri
+
+        return f'<img alt="attention knockout" src="{_png_data_uri(self.plot())}">'
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+
+def knockout(model, prompt: str, *, subject: str, target: str | int | None = None,
+             sources: Sequence[str] = SOURCES, window: int | None = None, per_head: bool = False,
+             batch_size: int = 256, prepend_bos: bool | None = None) -> KnockoutResult:
+    """Attention knockout of ``prompt`` (see the module docstring).
+
+    Args:
+        sources: some of ``"subject"``, ``"relation"``, ``"last"``, ``"other"``.
+        window: layers blocked together, centred on each layer (``None``: depth-scaled, as tracing).
+        per_head: one head at a time instead of all heads (``change[s]`` is then ``[layer, head]``).
+        batch_size: most cells per forward pass.
+    """
+    check_model(model, ("resid",), prompt)
+    if isinstance(sources, str):
+        sources = (sources,)
+    bad = [s for s in sources if s not in SOURCES]
+    if not sources or bad:
+        raise ConfigError(f"sources {list(sources)!r} must be a non-empty choice of {list(SOURCES)}")
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    window = depth_scaled_window(L) if window is None else window
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ConfigError(f"window must be a positive int (or None for the depth-scaled default), got {window!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    spans = find_spans(model, prompt, subject, require_relation=False, prepend_bos=prepend_bos)
+    T = len(spans.tokens)
+    if T > model.cfg.n_ctx:
+        raise PromptError(f"prompt {shorten(prompt)} is {T} tokens, longer than the model's context of {model.cfg.n_ctx}")
+    positions = source_positions(T, spans.subject_span)
+    tokens = spans.tokens.to(model.cfg.device)
+    heads = list(range(H)) if per_head else [None]
+    cells = [(s, l, h) for s in sources for l in range(L) for h in heads]
+    with model_lock(model), torch.no_grad():
+        clean_logits = model(tokens[None])[0, -1]
+        tgt = resolve_target(model, prompt, target, clean_logits)
+        clean = clean_logits.float().softmax(-1)[tgt.token].item()
+        probs = _blocked_probs(model, tokens, cells, positions, window, tgt.token, batch_size)
+    prob, change = {}, {}
+    for s in sources:
+        p = torch.tensor([probs[(s, l, h)] for l in range(L) for h in heads], dtype=torch.float32)
+        p = p.view(L, H) if per_head else p
+        prob[s], change[s] = p, (p - clean) / clean
+    return KnockoutResult(prompt=prompt, tokens=spans.str_tokens, subject=subject, subject_span=spans.subject_span,
+                          target=tgt.text, target_token=tgt.token, clean_prob=clean,
+                          positions={s: positions[s] for s in sources}, change=change, prob=prob, window=window,
+                          per_head=per_head, model_name=model.cfg.model_name)
+
+
+def _blocked_probs(model, tokens: Tensor, cells: list, positions: dict[str, list[int]], window: int, target: int,
+                   batch_size: int) -> dict:
+    """P(target) with each cell's edges blocked, cells as rows of batched forward passes."""
+    L, H, T = model.cfg.n_layers, model.cfg.n_heads, len(tokens)
+    out = {}
+    for i in range(0, len(cells), batch_size):
+        chunk = cells[i:i + batch_size]
+        # block[j][row, head, key]: whether layer j blocks the last query's edge to that key in that row
+        block = torch.zeros(L, len(chunk), H, T, dtype=torch.bool)
+        for r, (s, l, h) in enumerate(chunk):
+            keys = positions[s]
+            if not keys:
+                continue
+            for j in window_layers(l, window, L):
+                if h is None:
+                    block[j, r][:, keys] = True
+                else:
+                    block[j, r, h, keys] = True
+        block = block.to(tokens.device)
+
+        def hook(scores: Float[Tensor, "batch head q k"], hook, _block=block):
+            j = hook.layer()
+            if not _block[j].any():
+                return scores
+            last = scores[:, :, -1, :].masked_fill(_block[j], float("-inf"))
+            scores = scores.clone()
+            scores[:, :, -1, :] = last
+            return scores
+
+        hooks = [(f"blocks.{j}.attn.hook_attn_scores", hook) for j in range(L)]
+        logits = model.run_with_hooks(tokens[None].expand(len(chunk), -1), fwd_hooks=hooks)
+        p = logits[:, -1].float().softmax(-1)[:, target].tolist()
+        out.update(zip(chunk, p))
+    return out

@@ -1,0 +1,84 @@
+"""Attention knockout against a naive one-run-per-cell oracle, and its invariants."""
+
+import pytest
+import torch
+
+import relation_lens as rl
+from conftest import all_hooks, checksum, random_model, same_weights
+
+PROMPT, SUBJECT = "The Space Needle is located in the city of", "The Space Needle"
+
+
+def naive_knockout(model, tokens, keys, layers, target, head=None):
+    """P(target) with the last position's attention to ``keys`` blocked in ``layers``: one run, its own hooks."""
+    def block(scores, hook):
+        scores = scores.clone()
+        heads = slice(None) if head is None else head
+        scores[0, heads, -1, keys] = float("-inf")
+        return scores
+
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens[None], fwd_hooks=[(f"blocks.{j}.attn.hook_attn_scores", block)
+                                                               for j in layers])
+    return logits[0, -1].softmax(-1)[target].item()
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_knockout_matches_naive_oracle(tiny_model, per_head):
+    from relation_lens.tracing import window_layers
+
+    saved = checksum(tiny_model)
+    res = rl.knockout(tiny_model, PROMPT, subject=SUBJECT, window=3, per_head=per_head, batch_size=7)
+    tokens = tiny_model.to_tokens(PROMPT)[0]
+    L, H, T = tiny_model.cfg.n_layers, tiny_model.cfg.n_heads, len(tokens)
+    # the sources, derived from the string tokens: BOS, the subject's tokens, the relation, the last token
+    strs = tiny_model.to_str_tokens(PROMPT)
+    end = next(k for k in range(2, T) if "".join(strs[1:k]) == "The Space Needle")
+    assert res.positions == {"subject": list(range(1, end)), "relation": list(range(end, T - 1)), "last": [T - 1],
+                             "other": [0]}
+    spread = 0.0
+    for source, keys in res.positions.items():
+        for layer in range(L):
+            for head in (range(H) if per_head else [None]):
+                want = naive_knockout(tiny_model, tokens, keys, list(window_layers(layer, 3, L)), res.target_token,
+                                      head) if keys else res.clean_prob
+                got = res.prob[source][layer, head].item() if per_head else res.prob[source][layer].item()
+                assert got == pytest.approx(want, abs=1e-5), (source, layer, head)
+                spread = max(spread, abs(want - res.clean_prob))
+    assert spread > 1000 * 1e-5  # the knockouts move P far more than the tolerance
+    assert same_weights(tiny_model, saved) and all_hooks(tiny_model) == 0
+
+
+def test_blocking_nothing_changes_nothing(tiny_model):
+    # the subject starts the prompt after BOS: with BOS off, the "other" source is empty
+    res = rl.knockout(tiny_model, PROMPT, subject=SUBJECT, window=2, prepend_bos=False)
+    assert res.positions["other"] == []
+    assert torch.all(res.change["other"] == 0)
+
+
+def test_blocking_everything_leaves_the_last_tokens_own_path(tokenizer):
+    """Blocking every other position at every layer: the last token then only attends to itself, so
+    its path is the model run on that token alone at its position (computed without hooks)."""
+    model = random_model(tokenizer, "knockout-gpt2", n_layers=3, normalization_type="LN", act_fn="gelu_new")
+    tokens = model.to_tokens(PROMPT)[0]
+    T = len(tokens)
+    res = rl.knockout(model, PROMPT, subject=SUBJECT, window=2 * model.cfg.n_layers, sources=("subject",))
+    everything = list(range(T - 1))
+    blocked = naive_knockout(model, tokens, everything, range(model.cfg.n_layers), res.target_token)
+    with torch.no_grad():  # the last token alone, with its own positional embedding, through every block
+        resid = model.embed(tokens[None, -1:]) + model.W_pos[T - 1]
+        alone = model(resid, start_at_layer=0)[0, -1].softmax(-1)[res.target_token].item()
+    assert blocked == pytest.approx(alone, abs=1e-5)
+    assert abs(blocked - res.clean_prob) > 1e-3  # the other positions did matter
+
+
+def test_result_round_trip_plot_and_bad_input(tiny_model, tmp_path):
+    res = rl.knockout(tiny_model, PROMPT, subject=SUBJECT, window=2, sources=("subject", "relation"))
+    back = rl.KnockoutResult.from_json(res.to_json(tmp_path / "k.json"))
+    assert back == res and "KnockoutResult(" in repr(res)
+    res.plot(tmp_path / "k.png")
+    assert (tmp_path / "k.png").stat().st_size > 1000 and "<img" in res.to_html()
+    with pytest.raises(rl.ConfigError, match="sources"):
+        rl.knockout(tiny_model, PROMPT, subject=SUBJECT, sources=("verbs",))
+    with pytest.raises(rl.ConfigError, match="window must be a positive int"):
+        rl.knockout(tiny_model, PROMPT, subject=SUBJECT, window=0)
