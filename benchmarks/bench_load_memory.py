@@ -1,0 +1,70 @@
+"""Peak memory of ``load_model`` on a local folder, against the size of the float32 weights.
+
+    python benchmarks/bench_load_memory.py [--shape medium] [--write docs/benchmarks.md]
+
+Writes a randomly initialised GPT-2 of the given shape (``medium``: 24 layers, d_model 1024, 355M
+parameters, as GPT-2 medium) with ``save_pretrained`` into a temporary folder, then loads it with
+``relation_lens.load_model`` in a fresh subprocess and reports that process's peak resident memory
+(``ru_maxrss``) over the float32 weights' size, and over a baseline subprocess that only imports
+the libraries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SHAPES = {"small": dict(n_layer=12, n_embd=768, n_head=12), "medium": dict(n_layer=24, n_embd=1024, n_head=16)}
+PROBE = """
+import resource, sys, time
+import relation_lens as rl, transformer_lens, transformers
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] != "-":
+    t = time.perf_counter(); rl.load_model(sys.argv[1]); print("seconds", time.perf_counter() - t)
+print("peak_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "base_kb", base)
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="medium", choices=sorted(SHAPES))
+    ap.add_argument("--write", type=Path, default=None)
+    args = ap.parse_args()
+    import torch
+    import transformers as T
+
+    from _report import emit, machine
+    from relation_lens.models import default_model_path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = T.GPT2Config(vocab_size=50257, n_positions=1024, **SHAPES[args.shape])
+        model = T.GPT2LMHeadModel(cfg)
+        n_params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(tmp)
+        del model
+        T.AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(tmp)
+        out = subprocess.run([sys.executable, "-c", PROBE, tmp], capture_output=True, text=True, check=True,
+                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}).stdout.split()
+        empty = subprocess.run([sys.executable, "-c", PROBE, "-"], capture_output=True, text=True, check=True,
+                               env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}).stdout.split()
+    peak = int(out[out.index("peak_kb") + 1]) * 1024
+    base = int(empty[empty.index("peak_kb") + 1]) * 1024
+    seconds = float(out[out.index("seconds") + 1])
+    weights = n_params * 4
+    emit([f"## Loading memory ({args.shape}-shaped GPT-2)", "",
+          f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; a random GPT-2 {args.shape} shape ({n_params:,} "
+          f"parameters, {weights / 2**30:.2f} GiB in float32) saved by transformers, loaded by `rl.load_model(folder)` "
+          "in a fresh process (`benchmarks/bench_load_memory.py`).", "",
+          "| peak RSS (GiB) | of which the libraries alone (GiB) | load peak above the libraries / weights | load time (s) |",
+          "|---|---|---|---|",
+          f"| {peak / 2**30:.2f} | {base / 2**30:.2f} | {(peak - base) / weights:.2f}x | {seconds:.1f} |"], args.write)
+
+
+if __name__ == "__main__":
+    main()
