@@ -315,8 +315,6 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
         EditError: bad layer, half-precision model, a target the model already predicts, NaN/Inf.
         SpanError: the subject is not in the tokenised prompt, or no relation token follows it.
     """
-    from relation_lens.key_statistics import KeyStatistics
-
     if not isinstance(request, EditRequest):
         raise EditError(f"expected an EditRequest, got {type(request).__name__}")
     config = config or EditConfig.default_for(model)
@@ -369,21 +367,22 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
     hook_post, hook_out = f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"
     dev = model.cfg.device
 
-    # 1. the key k*: average of hook_post at the key token over the prefixed prompts
+    # One forward of the prefixed prompts (with the target's tokens, teacher-forced) and the KL prompt up
+    # to the edited layer gives the keys, v_init, and the residual the value optimisation starts from.
+    seqs = [torch.cat([c, new_ids[:-1].cpu()]) for c in contexts] + [kl_toks]
+    batch = right_pad(model, seqs).to(dev)
     with torch.no_grad():
-        _, cache = model.run_with_cache(right_pad(model, contexts).to(dev), names_filter=[hook_post, hook_out],
-                                        stop_at_layer=layer + 1)
-    rows = torch.arange(len(contexts))
-    keys = cache[hook_post][rows, torch.tensor(positions)].double().cpu()
+        resid_base, cache = model.run_with_cache(batch, names_filter=[hook_post, hook_out], stop_at_layer=layer + 1)
+
+    # 1. the key k*: average of hook_post at the key token over the prefixed prompts
+    n_rw = len(contexts)
+    keys = cache[hook_post][torch.arange(n_rw), torch.tensor(positions)].double().cpu()
     k_star = keys.mean(0)
     k_plain = keys[0]  # the unprefixed prompt, as ROME's original code uses in part of the update
     target_init = cache[hook_out][0, positions[0]].detach().clone()
 
     # 2. the value v*: optimise delta on the MLP output at the key token
-    seqs = [torch.cat([c, new_ids[:-1].cpu()]) for c in contexts] + [kl_toks]
-    batch = right_pad(model, seqs).to(dev)
     lookup = torch.tensor(positions + [kl_pos], device=dev)
-    n_rw = len(contexts)
     unit = target_init.norm() / math.sqrt(model.cfg.d_model) if config.v_lr_scale == "rms" else 1.0
     z = torch.zeros(model.cfg.d_model, device=dev, dtype=target_init.dtype, requires_grad=True)
     opt = torch.optim.Adam([z], lr=config.v_lr)
@@ -391,17 +390,15 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
     delta = z * unit
 
     # The layers up to the edited one do not change while delta is optimised, and the MLP output enters
-    # the residual stream additively: so the residual after block `layer` is computed once, each step adds
-    # delta to it at the key positions and runs only the blocks above, and only the positions the loss
-    # reads (the target tokens, the KL prompt's key) are normalised and unembedded.
+    # the residual stream additively: so the residual after block `layer` is computed once (above), each
+    # step adds delta to it at the key positions and runs only the blocks above, and only the positions
+    # the loss reads (the target tokens, the KL prompt's key) are normalised and unembedded.
     L = model.cfg.n_layers
     rows = torch.arange(batch.shape[0], device=dev)
     tgt_pos = torch.stack([torch.arange(len(new_ids)) + p - 1 for p in plens]).to(dev)  # [rw, n_tgt]
     read_rows = torch.cat([torch.arange(n_rw, device=dev).repeat_interleave(len(new_ids)),
                            torch.tensor([n_rw], device=dev)])
     read_pos = torch.cat([tgt_pos.flatten(), torch.tensor([kl_pos], device=dev)])
-    with torch.no_grad():
-        resid_base = model(batch, stop_at_layer=layer + 1)
 
     def log_probs(delta: Tensor) -> Tensor:
         resid = resid_base.index_put((rows, lookup), delta.to(resid_base.dtype).expand(len(rows), -1),
