@@ -61,7 +61,7 @@ def main() -> None:
     from relation_lens.models import default_model_path
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from make_rome_reference import _cuda_to_cpu
+    from make_rome_reference import _cuda_to_cpu, gpt2_xl_hparams
 
     meta = json.loads((ROOT / "tests" / "data" / "rome_reference.json").read_text())
     model = rl.load_model()
@@ -87,13 +87,7 @@ def main() -> None:
     rome_main.CONTEXT_TEMPLATES_CACHE = list(meta["prefixes"])
     inv = torch.inverse(stats.moment).float()
     rome_u.get_inv_cov = lambda *a, **k: inv
-    hp = ROMEHyperParams(
-        layers=[args.layer], fact_token="subject_last", v_num_grad_steps=20, v_lr=0.5,
-        v_loss_layer=hf.config.n_layer - 1, v_weight_decay=0.5, clamp_norm_factor=4, kl_factor=0.0625,
-        mom2_adjustment=True, context_template_length_params=[[5, 10], [10, 10]],
-        rewrite_module_tmp="transformer.h.{}.mlp.c_proj", layer_module_tmp="transformer.h.{}",
-        mlp_module_tmp="transformer.h.{}.mlp", attn_module_tmp="transformer.h.{}.attn", ln_f_module="transformer.ln_f",
-        lm_head_module="transformer.wte", mom2_dataset="wikipedia", mom2_n_samples=100000, mom2_dtype="float32")
+    hp = gpt2_xl_hparams(ROMEHyperParams, args.layer, "subject_last", hf.config.n_layer)
 
     def ours_edit(req):
         return compute_edit(model, req, method="rome", layer=args.layer, stats=stats, config=config)

@@ -44,12 +44,13 @@ from torch import Tensor
 
 from relation_lens._locks import model_lock
 from relation_lens._results import ValueEquality
-from relation_lens.errors import EditError, PromptError, SpanError, UnsupportedModelError, shorten
-from relation_lens.spans import char_span_to_tokens, object_tokens, right_pad, token_offsets
+from relation_lens.errors import EditError, SpanError, UnsupportedModelError, shorten
+from relation_lens.spans import char_span_to_tokens, check_fits_context, object_tokens, right_pad, token_offsets
 
 logger = logging.getLogger(__name__)
 
 Method = Literal["relation_rome", "rome"]
+UNCHANGED = "; the model was not changed"
 RELATION_ROME_LAYER = 4  # the 5th MLP layer, as in Li, Chen & Wang (2024)
 # Settings for the embedded default model (used by EditConfig.default_for): it is tiny and was trained
 # to near-certainty on its facts, so a value vector needs more room than GPT-2 XL's (docs/editing.md).
@@ -341,9 +342,7 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
     bos = config.prepend_bos
     with torch.no_grad():
         prompt_tokens, _ = token_offsets(model, prompt_text, bos)
-        if len(prompt_tokens) > model.cfg.n_ctx:
-            raise PromptError(f"prompt {shorten(prompt_text)} is {len(prompt_tokens)} tokens, longer than the "
-                              f"model's context of {model.cfg.n_ctx}; the model was not changed")
+        check_fits_context(model, prompt_text, len(prompt_tokens), note=UNCHANGED)
         clean_logits = model(prompt_tokens[None].to(model.cfg.device))[0, -1]
     if int(clean_logits.argmax()) == int(new_ids[0]) and len(new_ids) == 1:
         raise EditError(f"the model already predicts {request.target_new!r} for {shorten(prompt_text)}; nothing to edit")
@@ -355,9 +354,8 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
         head = prefix.replace("{}", "")
         text = head + prompt_text
         toks, pos = _key_position(model, text, len(head) + request.prompt.index("{}"), request.subject, method, bos)
-        if len(toks) + len(new_ids) - 1 > model.cfg.n_ctx:
-            raise PromptError(f"prefixed prompt {shorten(text)} with the target is {len(toks) + len(new_ids) - 1} "
-                              f"tokens, longer than the model's context of {model.cfg.n_ctx}; the model was not changed")
+        check_fits_context(model, text, len(toks) + len(new_ids) - 1, what="prefixed prompt (with the target)",
+                           note=UNCHANGED)
         contexts.append(toks)
         positions.append(pos)
         plens.append(len(toks))

@@ -189,7 +189,7 @@ def _check_gpt2_settings(hf_cfg: dict, config_file: Path) -> None:
 
 def _gpt2_to_hooked(hf_model, tokenizer, path: Path, model_name: str, dtype: torch.dtype = torch.float32,
                     center: bool = True):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
 
     c = hf_model.config
@@ -201,11 +201,7 @@ def _gpt2_to_hooked(hf_model, tokenizer, path: Path, model_name: str, dtype: tor
         model_name=model_name, tokenizer_name=str(path), default_prepend_bos=True, device="cpu",
         dtype=dtype,
     )
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(convert_gpt2_weights(hf_model, cfg), fold_ln=True, center_writing_weights=center,
-                                      center_unembed=True, fold_value_biases=True,
-                                      refactor_factored_attn_matrices=False)
-    return model
+    return _hooked(cfg, tokenizer, convert_gpt2_weights(hf_model, cfg), center)
 
 
 def _any_to_hooked(hf_model, tokenizer, path: Path, model_name: str, dtype: torch.dtype = torch.float32,
@@ -215,7 +211,7 @@ def _any_to_hooked(hf_model, tokenizer, path: Path, model_name: str, dtype: torc
     some architectures by their name, so it is given the folder under a neutral name (a symlink)."""
     import tempfile
 
-    from transformer_lens import HookedTransformer, HookedTransformerConfig, loading_from_pretrained as loading
+    from transformer_lens import HookedTransformerConfig, loading_from_pretrained as loading
 
     with tempfile.TemporaryDirectory(prefix="rl_model_") as tmp:
         neutral = Path(tmp) / "model"
@@ -230,6 +226,14 @@ def _any_to_hooked(hf_model, tokenizer, path: Path, model_name: str, dtype: torc
             arch = (hf_model.config.architectures or [type(hf_model).__name__])[0]
             raise ModelLoadError(f"TransformerLens cannot convert the {arch} model in {str(path)!r} "
                                  f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    return _hooked(cfg, tokenizer, state, center)
+
+
+def _hooked(cfg, tokenizer, state: dict, center: bool):
+    """A HookedTransformer of ``cfg`` with ``state`` processed as ``from_pretrained`` does by default
+    (LayerNorm folded, unembedding centred, value biases folded; writing weights centred if ``center``)."""
+    from transformer_lens import HookedTransformer
+
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=center, center_unembed=True,
                                       fold_value_biases=True, refactor_factored_attn_matrices=False)

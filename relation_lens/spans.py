@@ -75,6 +75,13 @@ def token_offsets(model, prompt: str, prepend_bos: bool | None = None) -> tuple[
     return tokens, offsets
 
 
+def check_fits_context(model, text: str, n_tokens: int, what: str = "prompt", note: str = "") -> None:
+    """Raise :class:`PromptError` naming ``text`` (shortened) when ``n_tokens`` exceed the model's context."""
+    if n_tokens > model.cfg.n_ctx:
+        raise PromptError(f"{what} {shorten(text)} is {n_tokens} tokens, longer than the model's context of "
+                          f"{model.cfg.n_ctx}{note}")
+
+
 def char_span_to_tokens(offsets: list[tuple[int, int]], start: int, end: int) -> Span:
     """The half-open token range whose character ranges overlap ``[start, end)``."""
     hit = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]

@@ -8,13 +8,13 @@ into those used in training and those held out (for paraphrase evaluation). Sour
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
+from relation_lens.data.io import read_json
 from relation_lens.errors import DataError
 
 
@@ -104,23 +104,14 @@ class World:
         return datasets.Dataset.from_list([f.to_dict() for f in self.facts])
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    from relation_lens.data.io import read_json
-
-    return read_json(path, lines=True)
-
-
 def load_world(path: str | None = None) -> World:
     """Load the world of facts (default: the one vendored with the package)."""
     folder = Path(path) if path else world_dir()
-    rel_file = folder / "relations.json"
-    if not rel_file.is_file():
-        raise DataError(f"data file {str(rel_file)!r} does not exist")
-    raw = json.loads(rel_file.read_text(encoding="utf-8"))
+    raw = read_json(folder / "relations.json", lines=False)
     relations = {rid: Relation(rid, r["name"], tuple(r["train_templates"]), tuple(r["heldout_templates"]),
                                r.get("template_sources", "")) for rid, r in raw.items()}
     facts = []
-    for i, row in enumerate(_read_jsonl(folder / "facts.jsonl")):
+    for i, row in enumerate(read_json(folder / "facts.jsonl", lines=True)):
         for key in ("fact_id", "subject", "relation_id", "object"):
             if key not in row:
                 raise DataError(f"{str(folder / 'facts.jsonl')!r} record {i}: field {key!r} is missing")
@@ -137,13 +128,7 @@ def known_1000_subjects() -> tuple[str, ...]:
     """The subjects of ROME's known_1000 (vendored, MIT), as ROME's causal tracing pools them for its
     noise level."""
     path = world_dir() / "known_1000_subjects.json"
-    return tuple(_read_json_file(path)["subjects"])
-
-
-def _read_json_file(path: Path):
-    from relation_lens.data.io import read_json
-
-    return read_json(path, lines=False)
+    return tuple(read_json(path, lines=False)["subjects"])
 
 
 def world_trace_facts(relation: str | None = None, limit: int = 50) -> list[dict]:

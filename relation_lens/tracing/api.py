@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from relation_lens._locks import model_lock
-from relation_lens.errors import PromptError, shorten
-from relation_lens.spans import find_spans
+from relation_lens.spans import check_fits_context, find_spans
 from relation_lens.tracing.config import TraceConfig
 from relation_lens.tracing.engine import _cells, _clean_run, _corrupted_run, _run_cells, _Runs
 from relation_lens.tracing.inputs import check_model, corrupt_span_for, make_noise, resolve_target
@@ -45,9 +44,7 @@ def trace(model, prompt: str, *, subject: str, target: str | int | None = None, 
     spans = find_spans(model, prompt, subject, include_last=cfg.include_last,
                        require_relation=cfg.corrupt == "relation", prepend_bos=cfg.prepend_bos)
     T = len(spans.tokens)
-    if T > model.cfg.n_ctx:
-        raise PromptError(f"prompt {shorten(prompt)} is {T} tokens, longer than the model's context of "
-                          f"{model.cfg.n_ctx}")
+    check_fits_context(model, prompt, T)
     mode, span = corrupt_span_for(spans, cfg.corrupt, T)
     tokens = spans.tokens.to(model.cfg.device)
     noise_t, std = make_noise(model, cfg.n_samples, span[1] - span[0], cfg.noise, cfg.seed, cfg.noise_subjects)

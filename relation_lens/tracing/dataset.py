@@ -137,14 +137,14 @@ def trace_dataset(model, facts, *, config: TraceConfig | None = None, exclude_in
             warnings.simplefilter("ignore", TargetWarning)
             try:
                 row = {"index": i, "result": trace(model, prompt, subject=subject, target=target,
-                                                   config=cfg.replace(seed=cfg.seed + i)).to_dict()}
+                                                   config=cfg.replace(seed=cfg.seed + i))}
             except (SpanError, PromptError, TargetError) as exc:
                 if not skip_invalid:
                     raise
                 row = {"index": i, "skipped": str(exc)}
         mine[i] = row
-        if ckpt:
-            ckpt.append(row)
+        if ckpt:  # results are kept as values here and turned into JSON for the checkpoint only
+            ckpt.append({**row, "result": row["result"].to_dict()} if "result" in row else row)
     mine.update({i: row for i, row in done.items() if i % r.world_size == r.rank})
     rows = {i: row for part in gather(mine, r) for i, row in part.items()}
     if ckpt:  # items recorded by a rank of an earlier run with another world size
@@ -155,7 +155,7 @@ def trace_dataset(model, facts, *, config: TraceConfig | None = None, exclude_in
         if "skipped" in row:
             skipped.append((i, row["skipped"]))
         else:
-            res = row["result"]
+            res = row["result"]  # a value traced now, or a dict read back from the checkpoint
             results.append(res if isinstance(res, TraceResult) else TraceResult.from_dict(res))
     used, mean, ci, count, clean, corrupted = average(results, cfg.kinds, model.cfg.n_layers, exclude_incorrect)
     return DatasetTraceResult(

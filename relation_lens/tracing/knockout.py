@@ -25,11 +25,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from relation_lens._locks import model_lock
-from relation_lens._results import JsonRoundTrip, ValueEquality, known_fields
-from relation_lens.errors import ConfigError, PromptError, shorten
-from relation_lens.spans import Span, find_spans
-from relation_lens.tracing.config import depth_scaled_window, window_layers
+from relation_lens._results import known_fields
+from relation_lens.errors import ConfigError, shorten
+from relation_lens.spans import Span, check_fits_context, find_spans
+from relation_lens.tracing.config import TraceConfig, window_layers
 from relation_lens.tracing.inputs import check_model, resolve_target
+from relation_lens.tracing.results import _Views
 
 SOURCES = ("subject", "relation", "last", "other")
 
@@ -43,7 +44,7 @@ def source_positions(n_tokens: int, subject_span: Span) -> dict[str, list[int]]:
 
 
 @dataclass(frozen=True, repr=False, eq=False)
-class KnockoutResult(JsonRoundTrip, ValueEquality):
+class KnockoutResult(_Views):
     """``change[source]``: relative change of P(target) per layer (``Float[Tensor, "layer"]``), or per
     layer and head (``"layer head"``) when traced per head; ``prob[source]`` the blocked probabilities."""
 
@@ -107,9 +108,6 @@ class KnockoutResult(JsonRoundTrip, ValueEquality):
 
         return f'<img alt="attention knockout" src="{_png_data_uri(self.plot())}">'
 
-    def _repr_html_(self) -> str:
-        return self.to_html()
-
 
 def knockout(model, prompt: str, *, subject: str, target: str | int | None = None,
              sources: Sequence[str] = SOURCES, window: int | None = None, per_head: bool = False,
@@ -129,15 +127,11 @@ def knockout(model, prompt: str, *, subject: str, target: str | int | None = Non
     if not sources or bad:
         raise ConfigError(f"sources {list(sources)!r} must be a non-empty choice of {list(SOURCES)}")
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    window = depth_scaled_window(L) if window is None else window
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ConfigError(f"window must be a positive int (or None for the depth-scaled default), got {window!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    # the window, batch size and BOS settings mean what they mean for tracing, and are checked the same way
+    window = TraceConfig(window=window, batch_size=batch_size, prepend_bos=prepend_bos).window_for(L)
     spans = find_spans(model, prompt, subject, require_relation=False, prepend_bos=prepend_bos)
     T = len(spans.tokens)
-    if T > model.cfg.n_ctx:
-        raise PromptError(f"prompt {shorten(prompt)} is {T} tokens, longer than the model's context of {model.cfg.n_ctx}")
+    check_fits_context(model, prompt, T)
     positions = source_positions(T, spans.subject_span)
     tokens = spans.tokens.to(model.cfg.device)
     heads = list(range(H)) if per_head else [None]

@@ -59,6 +59,18 @@ def reference_inputs(model):
     return requests, prefixes, stats
 
 
+def gpt2_xl_hparams(ROMEHyperParams, layer: int, fact_token: str, n_layer: int):
+    """ROME's hparams/ROME/gpt2-xl.json with the edited layer, the key token rule and the loss layer
+    (the last) of the model at hand."""
+    return ROMEHyperParams(
+        layers=[layer], fact_token=fact_token, v_num_grad_steps=20, v_lr=0.5, v_loss_layer=n_layer - 1,
+        v_weight_decay=0.5, clamp_norm_factor=4, kl_factor=0.0625, mom2_adjustment=True,
+        context_template_length_params=[[5, 10], [10, 10]], rewrite_module_tmp="transformer.h.{}.mlp.c_proj",
+        layer_module_tmp="transformer.h.{}", mlp_module_tmp="transformer.h.{}.mlp",
+        attn_module_tmp="transformer.h.{}.attn", ln_f_module="transformer.ln_f", lm_head_module="transformer.wte",
+        mom2_dataset="wikipedia", mom2_n_samples=100000, mom2_dtype="float32")
+
+
 def _cuda_to_cpu():
     """ROME's code says "cuda" everywhere; send it to the CPU instead."""
     import transformers
@@ -104,13 +116,7 @@ def main() -> None:
     for method, (layer, fact_token) in SETUPS.items():
         inv = torch.inverse(stats[method].moment)  # ROME inverts (then casts to float32; float64 here)
         rome_u.get_inv_cov = lambda *a, inv=inv, **k: inv
-        hp = ROMEHyperParams(
-            layers=[layer], fact_token=fact_token, v_num_grad_steps=20, v_lr=0.5, v_loss_layer=hf.config.n_layer - 1,
-            v_weight_decay=0.5, clamp_norm_factor=4, kl_factor=0.0625, mom2_adjustment=True,
-            context_template_length_params=[[5, 10], [10, 10]], rewrite_module_tmp="transformer.h.{}.mlp.c_proj",
-            layer_module_tmp="transformer.h.{}", mlp_module_tmp="transformer.h.{}.mlp",
-            attn_module_tmp="transformer.h.{}.attn", ln_f_module="transformer.ln_f", lm_head_module="transformer.wte",
-            mom2_dataset="wikipedia", mom2_n_samples=100000, mom2_dtype="float32")
+        hp = gpt2_xl_hparams(ROMEHyperParams, layer, fact_token, hf.config.n_layer)
         meta["setups"][method] = {"layer": layer, "fact_token": fact_token}
         for i, req in enumerate(requests):
             request = {"prompt": req.prompt, "subject": req.subject, "target_new": {"str": req.target_new}}
