@@ -5,7 +5,7 @@
 Writes a randomly initialised GPT-2 of the given shape (``medium``: 24 layers, d_model 1024, 355M
 parameters, as GPT-2 medium) with ``save_pretrained`` into a temporary folder, then loads it with
 ``relation_lens.load_model`` in a fresh subprocess and reports that process's peak resident memory
-(``ru_maxrss``) over the float32 weights' size, and over a baseline subprocess that only imports
+(``VmHWM``) over the float32 weights' size, and over a baseline subprocess that only imports
 the libraries.
 """
 
@@ -21,13 +21,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHAPES = {"small": dict(n_layer=12, n_embd=768, n_head=12), "medium": dict(n_layer=24, n_embd=1024, n_head=16)}
+# VmHWM is the peak resident memory of the process's own address space (reset by exec); ru_maxrss is
+# not: Linux carries the parent's peak over into a forked child, which inflated both readings before
 PROBE = """
-import resource, sys, time
+import re, sys, time
+def hwm_kb():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 import relation_lens as rl, transformer_lens, transformers
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm_kb()
 if sys.argv[1] != "-":
     t = time.perf_counter(); rl.load_model(sys.argv[1]); print("seconds", time.perf_counter() - t)
-print("peak_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "base_kb", base)
+print("peak_kb", hwm_kb(), "base_kb", base)
 """
 
 

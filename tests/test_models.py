@@ -154,32 +154,107 @@ def test_parity_check_refuses_a_conversion_that_drifts(tmp_path, monkeypatch):
         rl.load_model(_variant(tmp_path, "copy"))
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "gptj"])
-def test_local_folders_of_other_architectures(tmp_path, tokenizer, arch):
-    """Small random models saved by transformers load through TransformerLens' own conversion, with
-    log-probs equal to the Hugging Face model's."""
+def _random_folder(tmp_path, tokenizer, arch):
+    """A small random model of ``arch`` saved by transformers (3 blocks: one more than the parity
+    check's cut, so the whole-model comparisons below see a block the check did not)."""
     import transformers as T
 
-    import relation_lens as rl
-
     V = len(tokenizer)
-    cfg = {"gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    cfg = {"gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                               intermediate_size=128, max_position_embeddings=64, rotary_pct=0.25),
-           "llama": lambda: T.LlamaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+           "llama": lambda: T.LlamaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                           num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64),
-           "gptj": lambda: T.GPTJConfig(vocab_size=V, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64),
+           "gptj": lambda: T.GPTJConfig(vocab_size=V, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=64),
            }[arch]()
     torch.manual_seed(0)
     hf = T.AutoModelForCausalLM.from_config(cfg).eval()
     folder = tmp_path / f"my-{arch}-llama-named"  # a name TransformerLens would otherwise match by family
     hf.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return hf, folder
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "gptj"])
+def test_local_folders_of_other_architectures(tmp_path, tokenizer, arch):
+    """Small random models saved by transformers load through TransformerLens' own conversion, with
+    log-probs equal to the Hugging Face model's."""
+    import relation_lens as rl
+
+    hf, folder = _random_folder(tmp_path, tokenizer, arch)
     model = rl.load_model(folder)
     ids = model.to_tokens("The Space Needle is located in the city of", prepend_bos=False)
     with torch.no_grad():
         gap = (model(ids).log_softmax(-1) - hf(ids).logits.log_softmax(-1)).abs().max().item()
     assert gap < 1e-4
-    assert model.cfg.n_layers == 2
+    assert model.cfg.n_layers == 3
+
+
+def _transformer_lens_reference(hf, folder, tokenizer, center=True):
+    """TransformerLens' own whole-dict path: convert, then ``load_and_process_state_dict`` into a
+    freshly initialised HookedTransformer (what the loader did before it went tensor by tensor)."""
+    from transformer_lens import HookedTransformer
+
+    from relation_lens import models
+
+    cfg, state = models._to_hooked_state(hf, tokenizer, folder, folder.name, torch.float32)
+    ref = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    ref.load_and_process_state_dict(dict(state), fold_ln=True, center_writing_weights=center, center_unembed=True,
+                                    fold_value_biases=True, refactor_factored_attn_matrices=False)
+    return ref
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+@pytest.mark.parametrize("center", [True, False])
+def test_tensor_by_tensor_load_equals_transformer_lens_whole_dict_processing(tmp_path, tokenizer, arch, center):
+    """Oracle: the block-by-block processing and the assignment of the processed tensors give
+    TransformerLens' whole-dict ``load_and_process_state_dict`` result bit for bit (every parameter
+    and buffer, the normalisation modules, the logits)."""
+    from transformers import GPT2LMHeadModel
+
+    import relation_lens as rl
+
+    if arch == "gpt2":
+        folder = default_model_path()
+        hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    else:
+        hf, folder = _random_folder(tmp_path, tokenizer, arch)
+    ref = _transformer_lens_reference(hf, folder, tokenizer, center)
+    got = rl.load_model(folder, center_writing_weights=center)
+    a, b = ref.state_dict(), got.state_dict()
+    assert set(a) == set(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert got.cfg.normalization_type == ref.cfg.normalization_type
+    ids = got.to_tokens("The Space Needle is located in the city of")
+    with torch.no_grad():
+        assert torch.equal(got(ids), ref(ids))
+
+
+def test_read_safetensors_equals_the_safetensors_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from relation_lens.models import read_safetensors
+
+    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(4, 2).bfloat16(), "f16": torch.randn(7).half(),
+               "i64": torch.arange(6).reshape(2, 3), "empty": torch.zeros(0, 3), "b": torch.tensor([True, False])}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    ref, got = load_file(tmp_path / "t.safetensors"), read_safetensors(tmp_path / "t.safetensors")
+    assert set(ref) == set(got)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    cast = read_safetensors(tmp_path / "t.safetensors", torch.float64)
+    assert cast["bf16"].dtype == torch.float64 and cast["i64"].dtype == torch.int64
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "t.safetensors").read_bytes()[:-4])
+    with pytest.raises(ValueError, match="ends inside tensor"):
+        read_safetensors(tmp_path / "cut.safetensors")
+
+
+@pytest.mark.parametrize("n, device, match", [(0, None, "positive whole number"), (2, None, "not one"),
+                                               (2, "cpu", "not one")])
+def test_n_devices_is_checked(n, device, match):
+    import relation_lens as rl
+
+    with pytest.raises(rl.ModelLoadError, match=match):
+        rl.load_model(device=device, n_devices=n)
 
 
 def test_uncentred_load_keeps_huggingface_mlp_outputs():
