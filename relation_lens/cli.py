@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relation", default=None, help="only this relation id of the world (e.g. P36)")
     p.add_argument("--limit", type=int, default=50, help="at most this many facts (default 50)")
     p.add_argument("--include-incorrect", action="store_true", help="average prompts the model gets wrong too")
+    p.add_argument("--pack", type=int, default=8,
+                   help="prompts whose sites share engine batches (default 8; 1: prompt by prompt)")
     _trace_args(p)
 
     p = sub.add_parser("edit", help="edit a fact with ROME or relation-ROME and show predictions before/after",
@@ -210,7 +212,7 @@ def _cmd_trace_dataset(args) -> None:
     model = rl.load_model(args.model, device=args.device)
     facts = _load_facts(args)
     result = rl.trace_dataset(model, facts, config=config, exclude_incorrect=not args.include_incorrect,
-                              progress=not args.quiet, checkpoint=args.out)
+                              progress=not args.quiet, checkpoint=args.out, pack=args.pack)
     if not r.is_main:
         return
     if not args.quiet:

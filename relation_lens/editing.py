@@ -374,6 +374,7 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
 
     # 1. the key k*: average of hook_post at the key token over the prefixed prompts
     n_rw = len(contexts)
+    dev = resid_base.device  # the edited block's device (blocks may be split over devices: n_devices)
     keys = cache[hook_post][torch.arange(n_rw), torch.tensor(positions)].double().cpu()
     k_star = keys.mean(0)
     k_plain = keys[0]  # the unprefixed prompt, as ROME's original code uses in part of the update
@@ -394,9 +395,9 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
     L = model.cfg.n_layers
     rows = torch.arange(batch.shape[0], device=dev)
     tgt_pos = torch.stack([torch.arange(len(new_ids)) + p - 1 for p in plens]).to(dev)  # [rw, n_tgt]
-    read_rows = torch.cat([torch.arange(n_rw, device=dev).repeat_interleave(len(new_ids)),
-                           torch.tensor([n_rw], device=dev)])
-    read_pos = torch.cat([tgt_pos.flatten(), torch.tensor([kl_pos], device=dev)])
+    last_dev = next(model.blocks[L - 1].parameters()).device
+    read_rows = torch.cat([torch.arange(n_rw).repeat_interleave(len(new_ids)), torch.tensor([n_rw])]).to(last_dev)
+    read_pos = torch.cat([tgt_pos.flatten().cpu(), torch.tensor([kl_pos])]).to(last_dev)
 
     def log_probs(delta: Tensor) -> Tensor:
         resid = resid_base.index_put((rows, lookup), delta.to(resid_base.dtype).expand(len(rows), -1),
@@ -416,8 +417,9 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
         for step in range(config.v_steps):
             logp = log_probs(delta)
             rw = logp[:-1].view(n_rw, len(new_ids), -1)
-            nll = -rw.gather(2, new_ids.to(dev)[None, :, None].expand(n_rw, -1, 1)).squeeze(-1).mean()
+            nll = -rw.gather(2, new_ids.to(rw.device)[None, :, None].expand(n_rw, -1, 1)).squeeze(-1).mean()
             kl_logp = logp[-1]
+            nll, kl_logp = nll.to(dev), kl_logp.to(dev)
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
             if config.kl_direction == "rome":  # kl_div(init, edited, log_target=True) = KL(edited || original)

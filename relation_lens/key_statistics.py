@@ -235,7 +235,8 @@ def _accumulate(model, layer: int, batches: list[list[Tensor]], progress: bool, 
                 model(batch.to(model.cfg.device), stop_at_layer=layer + 1)
             except _StopForward:
                 pass
-        k = stored.pop("k")[mask.to(model.cfg.device)]
+        k = stored.pop("k")
+        k = k[mask.to(k.device)]  # the edited layer's device (blocks may be split over devices)
         if precision == "float64":
             k = k.double().cpu()
             moment.addmm_(k.T, k)

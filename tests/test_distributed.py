@@ -29,7 +29,9 @@ def _without_stamps(d: dict) -> dict:
 
 
 def test_trace_dataset_with_torchrun_equals_one_process(tmp_path):
-    args = ["trace-dataset", "--relation", "P30", "--limit", "5", "--samples", "2", "--quiet", "--formats", "png"]
+    # packs of 2 prompts: rank 0 traces packs 0 and 2, rank 1 pack 1
+    args = ["trace-dataset", "--relation", "P30", "--limit", "5", "--samples", "2", "--quiet", "--formats", "png",
+            "--pack", "2"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
     # the same intra-op threads as this process (torchrun would set 1): float32 kernels may round differently
     # with another thread count, and the claim is bit-for-bit equality
@@ -68,7 +70,9 @@ def test_statistics_and_evaluation_on_two_processes_equal_one(tmp_path):
     assert len(single["evaluation"]["records"]) == 5
 
 
-def test_killed_dataset_trace_resumes_without_loss_or_duplicates(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pack, traced_by", [(1, "trace"), (2, "trace_packed")])
+def test_killed_dataset_trace_resumes_without_loss_or_duplicates(tiny_model, tmp_path, monkeypatch, pack, traced_by):
+    """Killed after two prompts (prompt by prompt) or after one pack of two (packed)."""
     import relation_lens.tracing.dataset as ds
 
     facts = [("The Space Needle is located in the city of", "The Space Needle"),
@@ -76,20 +80,20 @@ def test_killed_dataset_trace_resumes_without_loss_or_duplicates(tiny_model, tmp
              ("Big Ben is located in the city of", "Big Ben"),
              ("The Colosseum is located in the city of", "The Colosseum"),
              ("I visited the Louvre", "the Louvre")]  # no relation words: recorded as skipped
-    settings = dict(n_samples=2, window=2, kinds=("resid", "mlp"))
+    settings = dict(n_samples=2, window=2, kinds=("resid", "mlp"), pack=pack)
     whole = rl.trace_dataset(tiny_model, facts, **settings)
-    real_trace, calls = ds.trace, []
+    real_trace, calls = getattr(ds, traced_by), []
 
-    def dies_after_two(*a, **k):
-        if len(calls) == 2:
+    def dies_after_two_prompts(*a, **k):
+        if len(calls) == 2 // pack:
             raise KeyboardInterrupt("killed")
         calls.append(1)
         return real_trace(*a, **k)
 
-    monkeypatch.setattr(ds, "trace", dies_after_two)
+    monkeypatch.setattr(ds, traced_by, dies_after_two_prompts)
     with pytest.raises(KeyboardInterrupt):
         rl.trace_dataset(tiny_model, facts, checkpoint=tmp_path, **settings)
-    monkeypatch.setattr(ds, "trace", real_trace)
+    monkeypatch.setattr(ds, traced_by, real_trace)
     shard = tmp_path / "items.rank0.jsonl"
     assert len(shard.read_text().splitlines()) == 2
     with open(shard, "a") as fh:  # a third line cut short by the kill

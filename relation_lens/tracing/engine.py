@@ -42,7 +42,7 @@ def _noise_hook(span: Span, noise: Tensor):
     """A ``hook_embed`` hook adding ``noise`` ``[sample, span, d_model]`` to the tokens of ``span``."""
     def add_noise(act, hook):
         act = act.clone()
-        act[:, span[0]:span[1]] += noise
+        act[:, span[0]:span[1]] += noise.to(act.device)
         return act
 
     return add_noise
@@ -60,6 +60,7 @@ def _corrupted_run(model, tokens: Tensor, span: Span, noise: Tensor):
     resid = _embed_with_noise(model, tokens, span, noise)
     resids, kvs = [resid], []
     for block in model.blocks:
+        resid = resid.to(next(block.parameters()).device)  # blocks split over devices (n_devices)
         entry = Entry.init_cache_entry(model.cfg, resid.device, resid.shape[0])
         resid = block(resid, past_kv_cache_entry=entry)
         resids.append(resid)
@@ -70,7 +71,9 @@ def _corrupted_run(model, tokens: Tensor, span: Span, noise: Tensor):
 def _clean_run(model, tokens: Tensor, kinds: Sequence[str]):
     names = {HOOKS[k].format(l) for k in kinds for l in range(model.cfg.n_layers)}
     logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
-    clean = {k: torch.stack([cache[HOOKS[k].format(l)][0] for l in range(model.cfg.n_layers)]) for k in kinds}
+    # on one device (the blocks' activations may sit on several: n_devices); moved where they are restored
+    dev = logits.device
+    clean = {k: torch.stack([cache[HOOKS[k].format(l)][0].to(dev) for l in range(model.cfg.n_layers)]) for k in kinds}
     return clean, logits[0, -1]
 
 
@@ -96,12 +99,13 @@ def _cells(kinds: Sequence[str], n_layers: int, n_pos: int, window: int) -> list
 
 class _Plan:
     """What the restoring hooks do during the current block call: ``masks[(kind, layer)]`` marks
-    the rows (of the active prefix of the batch) whose output of that kind is restored."""
+    the rows (of the active prefix of the batch) whose output of that kind is restored, and
+    ``values[(kind, layer)]`` holds those rows' clean outputs ``[rows, d_model]`` (each row's own
+    prompt and position)."""
 
-    def __init__(self, clean: dict[str, Tensor]):
-        self.clean = clean
-        self.pos = 0
+    def __init__(self):
         self.masks: dict[tuple[str, int], Tensor] = {}
+        self.values: dict[tuple[str, int], Tensor] = {}
 
     def hook(self, kind: str, layer: int):
         def restore(act, hook):
@@ -109,72 +113,152 @@ class _Plan:
             if mask is None:
                 return act
             act = act.clone()
-            act[:, 0] = torch.where(mask[:, None], self.clean[kind][layer, self.pos], act[:, 0])
+            act[:, 0] = torch.where(mask[:, None], self.values[(kind, layer)], act[:, 0])
             return act
 
         return restore
 
 
+@dataclass
+class _Job:
+    """One prompt's share of an engine run: its runs, the cells to score, its target token."""
+    runs: _Runs
+    cells: list[_Cell]
+    target: int
+    n_tokens: int
+
+
+def _chunks(jobs: list[_Job], per_batch: int, pack: bool) -> list[list[tuple[int, _Cell]]]:
+    """Batches of at most ``per_batch`` cells. Unpacked, a batch holds cells of one prompt and one
+    position (no padding). Packed, the (prompt, position) groups are ordered by the length of the
+    suffix they recompute (longest first, so that batches hold similar lengths) and cut into
+    batches across prompts and positions."""
+    groups: dict[tuple[int, int], list[_Cell]] = defaultdict(list)
+    for i, job in enumerate(jobs):
+        for c in job.cells:
+            groups[(i, c.pos)].append(c)
+    order = sorted(groups, key=lambda g: (-(jobs[g[0]].n_tokens - g[1]), g) if pack else g)
+    if not pack:
+        return [[(g[0], c) for c in groups[g][k:k + per_batch]] for g in order
+                for k in range(0, len(groups[g]), per_batch)]
+    stream = [(g[0], c) for g in order for c in groups[g]]
+    return [stream[k:k + per_batch] for k in range(0, len(stream), per_batch)]
+
+
 @torch.no_grad()
-def _run_cells(model, runs: _Runs, cells: list[_Cell], target: int, n: int, batch_size: int,
-               progress: bool) -> dict[_Cell, float]:
-    """Score every cell. The layer loop is planned on the host: inside a batch the cells are sorted
+def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool = False,
+              pack: bool = False) -> list[dict[_Cell, float]]:
+    """Score the cells of every job, ``n`` noise samples per cell, in batches of at most
+    ``batch_size`` rows. The layer loop is planned on the host: inside a batch the cells are sorted
     by start layer, so the rows active at a layer are a prefix (a slice, not a gather); the restore
     masks go to the device once per batch; the scores come back once at the end. Nothing inside the
-    loop waits for the device, so on a GPU the launches queue up ahead of the work."""
+    loop waits for the device, so on a GPU the launches queue up ahead of the work.
+
+    ``pack=True`` fills batches with cells of several prompts and positions: each row's suffix is
+    right-padded and its cached prefix keys/values left-padded to the batch's longest, with an
+    attention mask over the padding (which also gives rotary models their positions), and each row
+    is read out at its own last position. A batch whose rows share one prompt and position runs
+    without padding or mask, exactly as unpacked."""
     from bisect import bisect_right
 
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry as Entry
 
     L = model.cfg.n_layers
-    plan = _Plan(runs.clean)
-    windowed = [k for k in ("mlp", "attn") if k in runs.clean]
+    plan = _Plan()
+    windowed = [k for k in ("mlp", "attn") if any(k in job.runs.clean for job in jobs)]
     hooks = [(HOOKS[k].format(l), plan.hook(k, l)) for k in windowed for l in range(L)]
-    by_pos: dict[int, list[_Cell]] = defaultdict(list)
-    for c in cells:
-        by_pos[c.pos].append(c)
-    per_batch = max(1, batch_size // n)
-    chunks = []
-    for p, group in sorted(by_pos.items()):
-        group = sorted(group, key=lambda c: c.start)  # stable: kind, layer order kept within a start
-        chunks += [(p, group[i:i + per_batch]) for i in range(0, len(group), per_batch)]
-    device = runs.corrupt_resid[0].device
-    scored: list[tuple[list[_Cell], Tensor]] = []
+    chunks = _chunks(jobs, max(1, batch_size // n), pack)
+    scored: list[tuple[list[tuple[int, _Cell]], Tensor]] = []
     with model.hooks(fwd_hooks=hooks):
-        for p, chunk in tqdm(chunks, desc="tracing", disable=not progress, leave=False):
-            plan.pos = p
+        for chunk in tqdm(chunks, desc="tracing", disable=not progress, leave=False):
+            chunk = sorted(chunk, key=lambda jc: jc[1].start)  # stable: the order within a start is kept
+            runs = [jobs[i].runs for i, _ in chunk]
+            pos = [c.pos for _, c in chunk]
+            suffix = [jobs[i].n_tokens - c.pos for i, c in chunk]
+            P, S = max(pos), max(suffix)
+            uniform = len({(i, c.pos) for i, c in chunk}) == 1
+            device = runs[0].corrupt_resid[chunk[0][1].start].device
             inputs = []
-            for c in chunk:
-                x = runs.corrupt_resid[c.start][:, p:]
-                if c.kind == "resid":
-                    x = x.clone()
-                    x[:, 0] = runs.clean["resid"][c.layer, p]
+            for (i, c), r, s in zip(chunk, runs, suffix):
+                x = r.corrupt_resid[c.start][:, c.pos:].to(device)
+                if c.kind == "resid" or s < S:
+                    x = torch.nn.functional.pad(x, (0, 0, 0, S - s)) if s < S else x.clone()
+                    if c.kind == "resid":
+                        x[:, 0] = r.clean["resid"][c.layer, c.pos].to(device)
                 inputs.append(x)
-            resid = torch.cat(inputs)  # [rows, pos - p, d_model], row = cell * n + sample
-            starts = [c.start for c in chunk]  # ascending
-            restore = {k: [[c.kind == k and j in c.patch_layers for c in chunk] for j in range(L)]
+            resid = torch.cat(inputs)  # [rows, S, d_model], row = cell * n + sample
+            starts = [c.start for _, c in chunk]  # ascending
+            restore = {k: [[c.kind == k and j in c.patch_layers for _, c in chunk] for j in range(L)]
                        for k in windowed}  # host [layer][cell]
             restore = {k: m for k, m in restore.items() if any(map(any, m))}
-            on_device = {k: torch.tensor(m, device=device).repeat_interleave(n, dim=1) for k, m in restore.items()}
+            masks = {k: torch.tensor(m, device=device).repeat_interleave(n, dim=1) for k, m in restore.items()}
+            clean = {k: torch.stack([r.clean[k][:, c.pos].to(device) for r, (_, c) in zip(runs, chunk)])
+                     for k in restore}  # [cell, layer, d_model]
+            attn_mask = None
+            if not uniform:
+                t = torch.arange(P + S, device=device)
+                lo = torch.tensor([P - p for p in pos], device=device).repeat_interleave(n)[:, None]
+                hi = torch.tensor([P + s for s in suffix], device=device).repeat_interleave(n)[:, None]
+                attn_mask = ((t >= lo) & (t < hi)).long()  # [rows, P + S]
             for j in range(starts[0], L):
-                active = n * bisect_right(starts, j)
+                block = model.blocks[j]
+                dev = next(block.parameters()).device
+                resid = resid.to(dev)
+                active_cells = bisect_right(starts, j)
+                active = n * active_cells
                 entry = None
-                if p > 0:
-                    keys, values = runs.corrupt_kv[j]
-                    reps = active // n
-                    entry = Entry(keys[:, :p].repeat(reps, 1, 1, 1), values[:, :p].repeat(reps, 1, 1, 1),
+                if P > 0:
+                    entry = Entry(*_prefix_kv(runs[:active_cells], chunk[:active_cells], j, n, P, uniform, dev),
                                   frozen=True)
-                plan.masks = {(k, j): on_device[k][j, :active] for k, m in restore.items() if any(m[j])}
-                y = model.blocks[j](resid[:active], past_kv_cache_entry=entry)
+                plan.masks = {(k, j): masks[k][j, :active].to(dev) for k, m in restore.items() if any(m[j])}
+                plan.values = {(k, j): clean[k][:active_cells, j].to(dev).repeat_interleave(n, dim=0)
+                               for k, m in restore.items() if any(m[j])}
+                kw = {} if attn_mask is None else {"attention_mask": attn_mask[:active].to(dev)}
+                y = block(resid[:active], past_kv_cache_entry=entry, **kw)
                 if active == resid.shape[0]:
                     resid = y
                 else:
                     resid[:active] = y
-            probs = _final_logits(model, resid[:, -1:]).float().softmax(-1)[:, target]
+            if uniform:
+                last = resid[:, -1:]
+            else:
+                idx = torch.tensor(suffix, device=resid.device).repeat_interleave(n) - 1
+                last = resid[torch.arange(resid.shape[0], device=resid.device), idx][:, None]
+            logits = _final_logits(model, last).float()
+            targets = torch.tensor([jobs[i].target for i, _ in chunk], device=logits.device).repeat_interleave(n)
+            probs = logits.softmax(-1).gather(1, targets[:, None])[:, 0]
             scored.append((chunk, probs.view(len(chunk), n).mean(1)))
-            plan.masks = {}
-    values = torch.cat([v for _, v in scored]).tolist() if scored else []
-    return dict(zip((c for chunk, _ in scored for c in chunk), values))
+            plan.masks, plan.values = {}, {}
+    values = torch.cat([v.cpu() for _, v in scored]).tolist() if scored else []
+    out: list[dict[_Cell, float]] = [{} for _ in jobs]
+    for (i, c), v in zip((jc for chunk, _ in scored for jc in chunk), values):
+        out[i][c] = v
+    return out
+
+
+def _prefix_kv(runs: list[_Runs], chunk: list[tuple[int, _Cell]], layer: int, n: int, P: int, uniform: bool,
+               device) -> tuple[Tensor, Tensor]:
+    """The cached corrupted keys and values of the positions before each row's own, ``[rows, P,
+    heads, d_head]``, left-padded to ``P`` (the padding is masked out by the attention mask)."""
+    if uniform:
+        keys, values = runs[0].corrupt_kv[layer]
+        p = chunk[0][1].pos
+        return (keys[:, :p].to(device).repeat(len(chunk), 1, 1, 1),
+                values[:, :p].to(device).repeat(len(chunk), 1, 1, 1))
+    ks, vs = [], []
+    for r, (_, c) in zip(runs, chunk):
+        keys, values = r.corrupt_kv[layer]
+        pad = (0, 0, 0, 0, P - c.pos, 0)
+        ks.append(torch.nn.functional.pad(keys[:, :c.pos].to(device), pad))
+        vs.append(torch.nn.functional.pad(values[:, :c.pos].to(device), pad))
+    return torch.cat(ks), torch.cat(vs)
+
+
+def _run_cells(model, runs: _Runs, cells: list[_Cell], target: int, n: int, batch_size: int,
+               progress: bool) -> dict[_Cell, float]:
+    """Score the cells of one prompt (batches of one position each, no padding)."""
+    return _run_jobs(model, [_Job(runs, cells, target, runs.corrupt_resid[0].shape[1])], n, batch_size,
+                     progress)[0]
 
 
 @torch.no_grad()

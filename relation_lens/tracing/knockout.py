@@ -176,7 +176,7 @@ def _blocked_probs(model, tokens: Tensor, cells: list, positions: dict[str, list
             j = hook.layer()
             if not _block[j].any():
                 return scores
-            last = scores[:, :, -1, :].masked_fill(_block[j], float("-inf"))
+            last = scores[:, :, -1, :].masked_fill(_block[j].to(scores.device), float("-inf"))  # blocks may be split
             scores = scores.clone()
             scores[:, :, -1, :] = last
             return scores
