@@ -42,7 +42,9 @@ def run(procs: int, prompts: int, device: str, threads: int) -> tuple[float, dic
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-addr",
                "127.0.0.1", "--master-port", str(_port()), "-m", "relation_lens", *args]
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - t, json.loads((out / "trace_dataset.json").read_text())
 
 

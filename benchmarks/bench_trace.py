@@ -162,7 +162,7 @@ def _quiet_tqdm():
     p.tqdm = partial(tqdm, disable=True)
 
 
-def run(name, model, repeats, corrupt, n=10, window=10, with_tl=True, count_on=None):
+def run(name, model, repeats, corrupt, n=10, window=10, with_tl=True, count_on=None, counts=True):
     tokens = model.to_tokens(PROMPT)[0]
     T = len(tokens)
     res = rl.trace(model, PROMPT, subject=SUBJECT, n_samples=n, window=window, corrupt=corrupt)
@@ -179,7 +179,8 @@ def run(name, model, repeats, corrupt, n=10, window=10, with_tl=True, count_on=N
             t_tl = time_it(lambda: tl_patching(model, tokens, res.corrupt_span, noise, res.target_token),
                            max(1, repeats - 2))
     f = flops(model, T, n, window, res.corrupt_span)
-    calls_naive, calls_engine = launch_proxy(count_on if count_on is not None else model, corrupt, n, window)
+    calls_naive, calls_engine = (launch_proxy(count_on if count_on is not None else model, corrupt, n, window)
+                                 if counts else (None, None))
     return {"calls_naive": calls_naive, "calls_engine": calls_engine,"model": name, "corrupt": f"{corrupt} {res.corrupt_span[0]}:{res.corrupt_span[1]}", "tokens": T,
             "n": n, "window": window, "naive_s": t_naive, "engine_s": t_engine, "tl_s": t_tl, "speedup": t_naive / t_engine, "flop_fraction": f["engine"] / f["naive"],
             "max_abs_diff": err}
@@ -191,6 +192,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: the GPU comparison")
     ap.add_argument("--write", type=Path, default=None, help="append a results section to this markdown file")
+    ap.add_argument("--no-counts", action="store_true",
+                    help="skip the torch-call counts (they depend on the code path, not the device: the CPU "
+                         "table has them) and time only")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,11 +203,11 @@ def main() -> None:
     default = rl.load_model(device=args.device)
     small = gpt2_small_shaped(default.tokenizer, args.device)
     twin = narrow_twin(default)
-    same = [launch_proxy(default, "relation"), launch_proxy(twin, "relation")]
+    same = [launch_proxy(default, "relation"), launch_proxy(twin, "relation")] if not args.no_counts else [0, 0]
     if same[0] != same[1]:
         raise SystemExit(f"the narrow twin's torch calls {same[1]} differ from the model's {same[0]}")
     rows = [run(name, model, args.repeats, corrupt, with_tl=corrupt == "relation",
-                count_on=None if model is default else narrow_twin(small))
+                count_on=None if model is default else narrow_twin(small), counts=not args.no_counts)
             for name, model in (("default (6L, d192)", default), ("GPT-2-small-shaped random (12L, d768)", small))
             for corrupt in ("relation", "subject")]
     lines = [f"### Tracing engine vs naive loop — {datetime.date.today()} — {machine()}", "",
@@ -221,12 +225,17 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tl = "—" if r["tl_s"] != r["tl_s"] else f"{r['tl_s']:.2f}"
+        calls = "—" if r["calls_engine"] is None else \
+            f"{r['calls_naive']:,} / {r['calls_engine']:,} = {r['calls_naive'] / r['calls_engine']:.0f}x"
         lines.append(f"| {r['model']} | {r['corrupt']} | {r['tokens']} | {r['naive_s']:.2f} | {r['engine_s']:.2f} | "
                      f"**{r['speedup']:.1f}x** | {r['flop_fraction']:.3f} | {1 / r['flop_fraction']:.1f}x | "
-                     f"{r['calls_naive']:,} / {r['calls_engine']:,} = {r['calls_naive'] / r['calls_engine']:.0f}x | "
+                     f"{calls} | "
                      f"{tl} | {r['max_abs_diff']:.1e} |")
     # the paper's model is GPT-2 XL: 48 layers, 25 heads; too big to time the naive loop on a CPU, so
     # only its torch calls, on a narrow twin of its depth
+    if args.no_counts:
+        emit(lines, args.write)
+        return
     xl = gpt2_xl_depth(default.tokenizer, args.device)
     lines += ["", "Torch calls for a GPT-2-XL-shaped model (48 layers, 25 heads, counted at 200 wide), same "
               "prompt and settings; the naive loop's count is the same for both corruptions (one run per site):",

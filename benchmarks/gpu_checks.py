@@ -32,7 +32,7 @@ FACTS = [("The Space Needle is located in the city of", "The Space Needle", None
 
 def split_cpu_gpu(model):
     """Embeddings and blocks < n/2 on the CPU, the rest on cuda:0; TransformerLens' forward told so."""
-    import transformer_lens.HookedTransformer as ht
+    ht = sys.modules["transformer_lens.HookedTransformer"]  # the module (the package's attribute is the class)
 
     cut = model.cfg.n_layers // 2
     for name in ("embed", "hook_embed", "pos_embed", "hook_pos_embed"):

@@ -168,6 +168,9 @@ def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool =
     windowed = [k for k in ("mlp", "attn") if any(k in job.runs.clean for job in jobs)]
     hooks = [(HOOKS[k].format(l), plan.hook(k, l)) for k in windowed for l in range(L)]
     chunks = _chunks(jobs, max(1, batch_size // n), pack)
+    # packed: every job's cached keys/values of each layer in one tensor [job, sample, pos, head, d_head]
+    # (right-padded to the longest prompt), so that a batch's prefixes are one gather per layer
+    stacked = _stack_kv(jobs) if pack and len(jobs) > 1 else None
     scored: list[tuple[list[tuple[int, _Cell]], Tensor]] = []
     with model.hooks(fwd_hooks=hooks):
         for chunk in tqdm(chunks, desc="tracing", disable=not progress, leave=False):
@@ -194,8 +197,14 @@ def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool =
             masks = {k: torch.tensor(m, device=device).repeat_interleave(n, dim=1) for k, m in restore.items()}
             clean = {k: torch.stack([r.clean[k][:, c.pos].to(device) for r, (_, c) in zip(runs, chunk)])
                      for k in restore}  # [cell, layer, d_model]
-            attn_mask = None
+            attn_mask, gather = None, None
             if not uniform:
+                # row -> (job, sample, cached position t - (P - p), clamped; the padding is masked)
+                job_idx = torch.tensor([i for i, _ in chunk]).repeat_interleave(n)
+                sample_idx = torch.arange(n).repeat(len(chunk))
+                shift = torch.tensor([P - p for p in pos]).repeat_interleave(n)
+                time_idx = (torch.arange(P)[None, :] - shift[:, None]).clamp(min=0)
+                gather = (job_idx[:, None], sample_idx[:, None], time_idx)
                 t = torch.arange(P + S, device=device)
                 lo = torch.tensor([P - p for p in pos], device=device).repeat_interleave(n)[:, None]
                 hi = torch.tensor([P + s for s in suffix], device=device).repeat_interleave(n)[:, None]
@@ -208,8 +217,17 @@ def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool =
                 active = n * active_cells
                 entry = None
                 if P > 0:
-                    entry = Entry(*_prefix_kv(runs[:active_cells], chunk[:active_cells], j, n, P, uniform, dev),
-                                  frozen=True)
+                    if uniform:
+                        keys, values = runs[0].corrupt_kv[j]
+                        p = chunk[0][1].pos
+                        kv = (keys[:, :p].to(dev).repeat(active_cells, 1, 1, 1),
+                              values[:, :p].to(dev).repeat(active_cells, 1, 1, 1))
+                    elif stacked is not None:
+                        idx = tuple(t[:active].to(stacked[j][0].device) for t in gather)
+                        kv = (stacked[j][0][idx].to(dev), stacked[j][1][idx].to(dev))
+                    else:
+                        kv = _prefix_kv(runs[:active_cells], chunk[:active_cells], j, P, dev)
+                    entry = Entry(*kv, frozen=True)
                 plan.masks = {(k, j): masks[k][j, :active].to(dev) for k, m in restore.items() if any(m[j])}
                 plan.values = {(k, j): clean[k][:active_cells, j].to(dev).repeat_interleave(n, dim=0)
                                for k, m in restore.items() if any(m[j])}
@@ -236,15 +254,11 @@ def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool =
     return out
 
 
-def _prefix_kv(runs: list[_Runs], chunk: list[tuple[int, _Cell]], layer: int, n: int, P: int, uniform: bool,
+def _prefix_kv(runs: list[_Runs], chunk: list[tuple[int, _Cell]], layer: int, P: int,
                device) -> tuple[Tensor, Tensor]:
     """The cached corrupted keys and values of the positions before each row's own, ``[rows, P,
-    heads, d_head]``, left-padded to ``P`` (the padding is masked out by the attention mask)."""
-    if uniform:
-        keys, values = runs[0].corrupt_kv[layer]
-        p = chunk[0][1].pos
-        return (keys[:, :p].to(device).repeat(len(chunk), 1, 1, 1),
-                values[:, :p].to(device).repeat(len(chunk), 1, 1, 1))
+    heads, d_head]``, left-padded to ``P`` (the padding is masked out by the attention mask): for a
+    batch of one prompt's positions (no stacked cache)."""
     ks, vs = [], []
     for r, (_, c) in zip(runs, chunk):
         keys, values = r.corrupt_kv[layer]
@@ -252,6 +266,20 @@ def _prefix_kv(runs: list[_Runs], chunk: list[tuple[int, _Cell]], layer: int, n:
         ks.append(torch.nn.functional.pad(keys[:, :c.pos].to(device), pad))
         vs.append(torch.nn.functional.pad(values[:, :c.pos].to(device), pad))
     return torch.cat(ks), torch.cat(vs)
+
+
+def _stack_kv(jobs: list[_Job]) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, the jobs' cached keys and values stacked ``[job, sample, pos, head, d_head]``
+    (right-padded to the longest prompt), on that layer's device."""
+    T = max(job.n_tokens for job in jobs)
+    out = []
+    for layer in range(len(jobs[0].runs.corrupt_kv)):
+        pair = []
+        for which in (0, 1):
+            parts = [job.runs.corrupt_kv[layer][which] for job in jobs]
+            pair.append(torch.stack([torch.nn.functional.pad(x, (0, 0, 0, 0, 0, T - x.shape[1])) for x in parts]))
+        out.append((pair[0], pair[1]))
+    return out
 
 
 def _run_cells(model, runs: _Runs, cells: list[_Cell], target: int, n: int, batch_size: int,
