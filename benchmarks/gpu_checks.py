@@ -41,6 +41,7 @@ def split_cpu_gpu(model):
         block.to("cpu" if i < cut else "cuda")
     model.ln_final.to("cuda")
     model.unembed.to("cuda")
+    model.cfg.device = "cpu"  # the first block's device, as cfg.device is cuda:0 under n_devices=k
     ht.get_device_for_block_index = lambda i, cfg, device=None: next(model.blocks[i].parameters()).device
     return model
 
