@@ -13,18 +13,34 @@ def window(layer, w, n_layers):
 
 
 @torch.no_grad()
-def naive_trace(model, tokens, span, noise, target, kinds=("resid", "mlp", "attn"), w=10):
-    L, T, n = model.cfg.n_layers, tokens.shape[0], noise.shape[0]
-    batch = tokens[None].expand(n + 1, -1)
+def naive_trace(model, tokens, span, noise, target, kinds=("resid", "mlp", "attn"), w=10, metric="prob",
+                contrast=None, corrupted_tokens=None):
+    """``corrupted_tokens``: token replacement instead of noise (row 1 runs those tokens; ``noise``
+    is then ignored). ``metric``: "prob", "logprob" or "logit_diff" (against ``contrast``), averaged
+    over the corrupted rows."""
+    L, T = model.cfg.n_layers, tokens.shape[0]
+    if corrupted_tokens is not None:
+        batch, noise_hooks = torch.stack([tokens, corrupted_tokens.to(tokens.device)]), []
+    else:
+        batch = tokens[None].expand(noise.shape[0] + 1, -1)
 
-    def corrupt(act, hook):
-        act = act.clone()
-        act[1:, span[0]:span[1]] += noise
-        return act
+        def corrupt(act, hook):
+            act = act.clone()
+            act[1:, span[0]:span[1]] += noise
+            return act
+
+        noise_hooks = [("hook_embed", corrupt)]
+
+    def value(logits):
+        last = logits[1:, -1].double()
+        if metric == "prob":
+            return last.softmax(-1)[:, target].mean().item()
+        if metric == "logprob":
+            return last.log_softmax(-1)[:, target].mean().item()
+        return (last[:, target] - last[:, contrast]).mean().item()
 
     def run(hooks):
-        logits = model.run_with_hooks(batch, fwd_hooks=[("hook_embed", corrupt)] + hooks)
-        return logits[1:, -1].softmax(-1)[:, target].mean().item()
+        return value(model.run_with_hooks(batch, fwd_hooks=noise_hooks + hooks))
 
     def restore_at(p):
         def fn(act, hook):

@@ -11,14 +11,24 @@ from torch import Tensor
 from relation_lens._locks import model_lock
 from relation_lens.spans import check_fits_context, find_spans
 from relation_lens.tracing.config import TraceConfig
-from relation_lens.errors import ConfigError, RelationLensError
-from relation_lens.tracing.engine import _cells, _clean_run, _corrupted_run, _Job, _run_jobs, _Runs
-from relation_lens.tracing.inputs import check_model, corrupt_span_for, make_noise, resolve_target
+from relation_lens.errors import ConfigError, RelationLensError, TargetError
+from relation_lens.tracing.engine import (
+    _cells,
+    _clean_run,
+    _corrupted_run,
+    _embed_with_noise,
+    _Job,
+    _run_jobs,
+    _Runs,
+    metric_values,
+)
+from relation_lens.tracing.inputs import check_model, corrupt_span_for, counterfactual, make_noise, resolve_target
 from relation_lens.tracing.results import TraceResult
 
 
 def trace(model, prompt: str, *, subject: str, target: str | int | None = None, config: TraceConfig | None = None,
-          progress: bool = False, **settings: Any) -> TraceResult:
+          corrupted_prompt: str | None = None, contrast: str | int | None = None, progress: bool = False,
+          **settings: Any) -> TraceResult:
     """Trace where ``model`` carries the relation (or subject) of ``prompt``.
 
     Args:
@@ -28,13 +38,19 @@ def trace(model, prompt: str, *, subject: str, target: str | int | None = None, 
         target: the answer to score (string, token id), or ``None`` for the model's top clean prediction.
             A multi-token string is scored by its first token (with a :class:`TargetWarning`).
         config: a :class:`TraceConfig` (defaults if ``None``).
+        corrupted_prompt: with ``corrupt_with="replace"``, the counterfactual prompt whose tokens the
+            corrupted span takes (same token length); ``None`` builds one from the world (see
+            :func:`relation_lens.tracing.inputs.counterfactual`).
+        contrast: with ``metric="logit_diff"``, the contrast answer (string or token id); ``None``
+            takes the counterfactual's top answer under ``"replace"`` (required under noise).
         progress: show a progress bar.
         **settings: any :class:`TraceConfig` field, overriding ``config``'s (``corrupt="subject"``,
             ``kinds="mlp"``, ``window=10``, ``n_samples``, ``noise``, ``seed``, ``include_last``,
             ``batch_size``, ``prepend_bos``...).
 
     Returns:
-        TraceResult with ``scores[kind]`` a ``[n_layers, n_pos]`` grid of P(target).
+        TraceResult with ``scores[kind]`` a ``[n_layers, n_pos]`` grid of the metric (P(target) by
+        default); ``result.normalised(kind)`` rescales it to 0 = corrupted, 1 = clean.
 
     Raises:
         ConfigError, NoiseError, SpanError, PromptError, TargetError, UnsupportedModelError: each names
@@ -43,8 +59,8 @@ def trace(model, prompt: str, *, subject: str, target: str | int | None = None, 
     cfg = TraceConfig.of(config, settings)
     check_model(model, cfg.kinds, prompt)
     with model_lock(model), torch.no_grad():
-        job = _prepare(model, prompt, subject, target, cfg)
-        scores = _run_jobs(model, [job.job], cfg.n_samples, cfg.batch_size, progress)[0]
+        job = _prepare(model, prompt, subject, target, cfg, corrupted_prompt, contrast)
+        scores = _run_jobs(model, [job.job], job.n, cfg.batch_size, progress, metric=cfg.metric)[0]
     return job.finish(model, scores)
 
 
@@ -64,7 +80,12 @@ class _Prepared:
     corrupted_prob: float
     std: Any  # float, or None for an explicit noise tensor
     window: int
-    fixed: dict  # cells before the corrupted span: the corrupted probability
+    fixed: dict  # cells before the corrupted span: the corrupted value
+    n: int  # rows per cell: noise samples, or 1 under replacement
+    clean_value: float
+    corrupted_value: float
+    contrast: Any  # Target or None
+    counterfactual: Any  # Counterfactual or None
 
     def finish(self, model, scores: dict) -> TraceResult:
         cfg, spans, tgt, T = self.cfg, self.spans, self.target, self.job.n_tokens
@@ -79,15 +100,23 @@ class _Prepared:
             clean_top=model.tokenizer.decode([top]), clean_top_token=top,
             clean_prob=self.clean_logits.float().softmax(-1)[tgt.token].item(),
             corrupted_prob=self.corrupted_prob,
-            scores=grids, window=self.window, n_samples=cfg.n_samples, noise_std=self.std, seed=cfg.seed,
+            scores=grids, window=self.window, n_samples=self.n, noise_std=self.std, seed=cfg.seed,
             model_name=model.cfg.model_name,
             settings={"include_last": cfg.include_last, "kinds": list(cfg.kinds), "batch_size": cfg.batch_size,
                       "prepend_bos": cfg.prepend_bos,
                       "noise": cfg.noise if isinstance(cfg.noise, str) else None},
+            metric=cfg.metric, clean_value=self.clean_value, corrupted_value=self.corrupted_value,
+            corrupt_with=cfg.corrupt_with,
+            contrast=None if self.contrast is None else self.contrast.text,
+            contrast_token=None if self.contrast is None else self.contrast.token,
+            corrupted_prompt=None if self.counterfactual is None else self.counterfactual.prompt,
+            corrupted_tokens=None if self.counterfactual is None else tuple(
+                model.tokenizer.decode([t]) for t in self.counterfactual.tokens.tolist()),
         )
 
 
-def _prepare(model, prompt: str, subject: str, target, cfg: TraceConfig) -> _Prepared:
+def _prepare(model, prompt: str, subject: str, target, cfg: TraceConfig, corrupted_prompt: str | None = None,
+             contrast: str | int | None = None) -> _Prepared:
     """Check the inputs, run the clean and corrupted passes, list the cells (call under the model's
     lock and ``no_grad``)."""
     window = cfg.window_for(model.cfg.n_layers)
@@ -97,18 +126,48 @@ def _prepare(model, prompt: str, subject: str, target, cfg: TraceConfig) -> _Pre
     check_fits_context(model, prompt, T)
     mode, span = corrupt_span_for(spans, cfg.corrupt, T)
     tokens = spans.tokens.to(model.cfg.device)
-    noise_t, std = make_noise(model, cfg.n_samples, span[1] - span[0], cfg.noise, cfg.seed, cfg.noise_subjects)
+    if corrupted_prompt is not None and cfg.corrupt_with != "replace":
+        raise ConfigError("corrupted_prompt= is used by corrupt_with='replace' only (noise corruption was asked for)")
+    if contrast is not None and cfg.metric != "logit_diff":
+        raise ConfigError(f"contrast= is used by metric='logit_diff' only (metric={cfg.metric!r})")
+    if cfg.metric == "logit_diff" and contrast is None and cfg.corrupt_with == "noise":
+        raise ConfigError("metric='logit_diff' under noise corruption needs contrast= (the answer to compare "
+                          "the target with); under corrupt_with='replace' it defaults to the counterfactual's answer")
+    cf = None
+    if cfg.corrupt_with == "replace":
+        cf = counterfactual(model, spans, subject, mode, span, corrupted_prompt=corrupted_prompt, seed=cfg.seed,
+                            prepend_bos=cfg.prepend_bos)
+        n, std = 1, None
+        start = model(cf.tokens.to(model.cfg.device)[None], stop_at_layer=0)  # the replaced tokens' embeddings
+    else:
+        noise_t, std = make_noise(model, cfg.n_samples, span[1] - span[0], cfg.noise, cfg.seed, cfg.noise_subjects)
+        n = noise_t.shape[0]
+        start = _embed_with_noise(model, tokens, span, noise_t)
     clean, clean_logits = _clean_run(model, tokens, cfg.kinds)
     tgt = resolve_target(model, prompt, target, clean_logits)
-    resids, kvs, corrupt_logits = _corrupted_run(model, tokens, span, noise_t)
+    resids, kvs, corrupt_logits = _corrupted_run(model, start)
+    contrast_t = None
+    if cfg.metric == "logit_diff":
+        contrast_t = resolve_target(model, prompt, contrast if contrast is not None else int(corrupt_logits[0].argmax()),
+                                    clean_logits)
+        if contrast_t.token == tgt.token:
+            raise TargetError(f"the contrast {contrast_t.text!r} is the target itself (prompt {prompt!r}); "
+                              "logit_diff needs another answer" + (" (the counterfactual's answer is the target: pass "
+                                                                   "contrast= or corrupted_prompt=)" if contrast is None else ""))
+    targets = torch.tensor([tgt.token])
+    contrasts = None if contrast_t is None else torch.tensor([contrast_t.token])
     corrupted_prob = corrupt_logits.float().softmax(-1)[:, tgt.token].mean().item()
+    corrupted_value = metric_values(corrupt_logits, targets.repeat(n), cfg.metric,
+                                    None if contrasts is None else contrasts.repeat(n)).float().mean().item()
+    clean_value = metric_values(clean_logits[None], targets, cfg.metric, contrasts).item()
     # Before the corrupted span the clean and corrupted runs are the same (causal attention, noise
     # only on the span), so restoring a site there changes nothing: its score is the corrupted one.
     cells = _cells(cfg.kinds, model.cfg.n_layers, T, window)
-    fixed = dict.fromkeys([c for c in cells if c.pos < span[0]], corrupted_prob)
-    job = _Job(_Runs(clean, resids, kvs), [c for c in cells if c.pos >= span[0]], tgt.token, T)
+    fixed = dict.fromkeys([c for c in cells if c.pos < span[0]], corrupted_value)
+    job = _Job(_Runs(clean, resids, kvs), [c for c in cells if c.pos >= span[0]], tgt.token, T,
+               None if contrast_t is None else contrast_t.token)
     return _Prepared(job, prompt, subject, cfg, spans, mode, span, tgt, clean_logits, corrupted_prob, std, window,
-                     fixed)
+                     fixed, n, clean_value, corrupted_value, contrast_t, cf)
 
 
 def trace_packed(model, items: list[tuple[str, str, Any, TraceConfig]], *, batch_size: int,
@@ -127,8 +186,8 @@ def trace_packed(model, items: list[tuple[str, str, Any, TraceConfig]], *, batch
             except RelationLensError as exc:
                 prepared.append(exc)
         ok = [p for p in prepared if isinstance(p, _Prepared)]
-        if len({(p.cfg.n_samples, tuple(p.cfg.kinds)) for p in ok}) > 1:
-            raise ConfigError("trace_packed needs one n_samples and one set of kinds for all its prompts")
-        scores = iter(_run_jobs(model, [p.job for p in ok], ok[0].cfg.n_samples, batch_size, progress, pack=True)
-                      if ok else [])
+        if len({(p.n, tuple(p.cfg.kinds), p.cfg.metric) for p in ok}) > 1:
+            raise ConfigError("trace_packed needs one n_samples, one set of kinds and one metric for all its prompts")
+        scores = iter(_run_jobs(model, [p.job for p in ok], ok[0].n, batch_size, progress, pack=True,
+                                metric=ok[0].cfg.metric) if ok else [])
     return [p.finish(model, next(scores)) if isinstance(p, _Prepared) else p for p in prepared]

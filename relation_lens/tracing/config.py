@@ -40,6 +40,10 @@ def depth_scaled_window(n_layers: int) -> int:
     return max(1, round(10 * n_layers / 48))
 
 
+CORRUPTIONS = ("noise", "replace")
+METRICS = ("prob", "logprob", "logit_diff")
+
+
 @dataclass(frozen=True, eq=False)
 class TraceConfig(ValueEquality):
     """How to trace.
@@ -63,6 +67,14 @@ class TraceConfig(ValueEquality):
         batch_size: most rows (sites x noise samples) in one patched batch; bounds memory.
         prepend_bos: ``None`` follows the model (``model.cfg.default_prepend_bos``: the default
             model was trained with BOS); ``False`` tokenises as ROME's code does on GPT-2.
+        corrupt_with: ``"noise"`` (Gaussian noise on the span's embeddings, ROME) or ``"replace"``
+            (symmetric token replacement, Zhang & Nanda 2023: the span takes the tokens of a
+            counterfactual prompt of the same token length; deterministic, one run per site, so
+            ``n_samples`` is not used).
+        metric: what a site's score measures at the last position: ``"prob"`` (P(target), ROME),
+            ``"logprob"`` (log P(target)) or ``"logit_diff"`` (logit of the target minus that of a
+            contrast token: the counterfactual's answer under ``"replace"``, or one given to
+            :func:`trace`).
     """
 
     corrupt: str | Sequence[int] = "relation"
@@ -75,6 +87,8 @@ class TraceConfig(ValueEquality):
     include_last: bool = True
     batch_size: int = 512
     prepend_bos: bool | None = None
+    corrupt_with: str = "noise"
+    metric: str = "prob"
 
     def __post_init__(self):
         kinds = (self.kinds,) if isinstance(self.kinds, str) else self.kinds
@@ -93,6 +107,10 @@ class TraceConfig(ValueEquality):
             raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if not _is_int(self.seed):
             raise ConfigError(f"seed must be an int, got {self.seed!r}")
+        if self.corrupt_with not in CORRUPTIONS:
+            raise ConfigError(f"corrupt_with={self.corrupt_with!r} is not one of {list(CORRUPTIONS)}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"metric={self.metric!r} is not one of {list(METRICS)}")
         if isinstance(self.noise, str) and self.noise not in NOISE_RULES:
             raise NoiseError(f"noise={self.noise!r} is not one of {list(NOISE_RULES)}, a number or a tensor")
         if self.noise is not None and not isinstance(self.noise, (str, Tensor)):

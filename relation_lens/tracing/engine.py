@@ -54,10 +54,11 @@ def _embed_with_noise(model, tokens: Tensor, span: Span, noise: Tensor) -> Tenso
         return model(tokens.expand(noise.shape[0], -1), stop_at_layer=0)
 
 
-def _corrupted_run(model, tokens: Tensor, span: Span, noise: Tensor):
+def _corrupted_run(model, resid: Float[Tensor, "sample pos d_model"]):
+    """The corrupted run from the residual entering block 0 (noised embeddings, or the embeddings of
+    replaced tokens): the residual entering every block, each block's keys/values, the final logits."""
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry as Entry
 
-    resid = _embed_with_noise(model, tokens, span, noise)
     resids, kvs = [resid], []
     for block in model.blocks:
         resid = resid.to(next(block.parameters()).device)  # blocks split over devices (n_devices)
@@ -121,11 +122,25 @@ class _Plan:
 
 @dataclass
 class _Job:
-    """One prompt's share of an engine run: its runs, the cells to score, its target token."""
+    """One prompt's share of an engine run: its runs, the cells to score, its target token (and the
+    contrast token of ``metric="logit_diff"``)."""
     runs: _Runs
     cells: list[_Cell]
     target: int
     n_tokens: int
+    contrast: int | None = None
+
+
+def metric_values(logits: Float[Tensor, "row vocab"], targets: Tensor, metric: str = "prob",
+                  contrasts: Tensor | None = None) -> Float[Tensor, "row"]:
+    """Per row: P(target), log P(target), or logit(target) - logit(contrast) (float32 or wider)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    t = targets[:, None].to(logits.device)
+    if metric == "prob":
+        return logits.softmax(-1).gather(1, t)[:, 0]
+    if metric == "logprob":
+        return logits.log_softmax(-1).gather(1, t)[:, 0]
+    return (logits.gather(1, t) - logits.gather(1, contrasts[:, None].to(logits.device)))[:, 0]
 
 
 def _chunks(jobs: list[_Job], per_batch: int, pack: bool) -> list[list[tuple[int, _Cell]]]:
@@ -147,7 +162,7 @@ def _chunks(jobs: list[_Job], per_batch: int, pack: bool) -> list[list[tuple[int
 
 @torch.no_grad()
 def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool = False,
-              pack: bool = False) -> list[dict[_Cell, float]]:
+              pack: bool = False, metric: str = "prob") -> list[dict[_Cell, float]]:
     """Score the cells of every job, ``n`` noise samples per cell, in batches of at most
     ``batch_size`` rows. The layer loop is planned on the host: inside a batch the cells are sorted
     by start layer, so the rows active at a layer are a prefix (a slice, not a gather); the restore
@@ -242,10 +257,12 @@ def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool =
             else:
                 idx = torch.tensor(suffix, device=resid.device).repeat_interleave(n) - 1
                 last = resid[torch.arange(resid.shape[0], device=resid.device), idx][:, None]
-            logits = _final_logits(model, last).float()
-            targets = torch.tensor([jobs[i].target for i, _ in chunk], device=logits.device).repeat_interleave(n)
-            probs = logits.softmax(-1).gather(1, targets[:, None])[:, 0]
-            scored.append((chunk, probs.view(len(chunk), n).mean(1)))
+            logits = _final_logits(model, last)
+            targets = torch.tensor([jobs[i].target for i, _ in chunk]).repeat_interleave(n)
+            contrasts = torch.tensor([jobs[i].contrast for i, _ in chunk]).repeat_interleave(n) \
+                if metric == "logit_diff" else None
+            values = metric_values(logits, targets, metric, contrasts).float()
+            scored.append((chunk, values.view(len(chunk), n).mean(1)))
             plan.masks, plan.values = {}, {}
     values = torch.cat([v.cpu() for _, v in scored]).tolist() if scored else []
     out: list[dict[_Cell, float]] = [{} for _ in jobs]
@@ -280,13 +297,6 @@ def _stack_kv(jobs: list[_Job]) -> list[tuple[Tensor, Tensor]]:
             pair.append(torch.stack([torch.nn.functional.pad(x, (0, 0, 0, 0, 0, T - x.shape[1])) for x in parts]))
         out.append((pair[0], pair[1]))
     return out
-
-
-def _run_cells(model, runs: _Runs, cells: list[_Cell], target: int, n: int, batch_size: int,
-               progress: bool) -> dict[_Cell, float]:
-    """Score the cells of one prompt (batches of one position each, no padding)."""
-    return _run_jobs(model, [_Job(runs, cells, target, runs.corrupt_resid[0].shape[1])], n, batch_size,
-                     progress)[0]
 
 
 @torch.no_grad()

@@ -163,3 +163,84 @@ def corrupt_span_for(spans: PromptSpans, corrupt: str | tuple[int, int], n_pos: 
                         f"{shorten(spans.prompt)} {list(spans.str_tokens)}")
     return "explicit", (a, b)
 
+
+
+@dataclass(frozen=True)
+class Counterfactual:
+    """The corrupted run's input under token replacement: the clean tokens with the corrupted span
+    taken from ``prompt`` (a counterfactual of the same token length)."""
+    prompt: str
+    tokens: Tensor  # [pos], the clean tokens with the span replaced
+    source: str  # "given", or how it was built
+
+
+def _tokens(model, text: str, prepend_bos: bool | None) -> Tensor:
+    from relation_lens.spans import token_offsets
+
+    return token_offsets(model, text, prepend_bos)[0]
+
+
+def counterfactual(model, spans: PromptSpans, subject: str, mode: str, span: Span, *,
+                   corrupted_prompt: str | None, seed: int, prepend_bos: bool | None) -> Counterfactual:
+    """The corrupted tokens for ``corrupt_with="replace"``.
+
+    Given ``corrupted_prompt``: it must have as many tokens as the prompt and other tokens on the
+    corrupted span. Otherwise one is built from the default model's world, chosen among the
+    candidates by ``seed``: for relation corruption, the same subject under another relation's
+    template (subject first) whose tokens match the prompt's up to the relation span and have the
+    same length; for subject corruption, the prompt with the subject replaced by another world
+    subject of the same token length. :class:`PromptError` when nothing fits."""
+    from relation_lens.errors import PromptError
+
+    clean = spans.tokens
+    a, b = span
+    if corrupted_prompt is not None:
+        other = _tokens(model, corrupted_prompt, prepend_bos)
+        if len(other) != len(clean):
+            raise PromptError(f"corrupted_prompt {shorten(corrupted_prompt)} has {len(other)} tokens; the prompt "
+                              f"{shorten(spans.prompt)} has {len(clean)}: token replacement needs the same length")
+        if torch.equal(other[a:b], clean[a:b]):
+            raise PromptError(f"corrupted_prompt {shorten(corrupted_prompt)} has the prompt's own tokens on the "
+                              f"corrupted span {list(spans.str_tokens[a:b])}: nothing would be corrupted")
+        out = clean.clone()
+        out[a:b] = other[a:b]
+        return Counterfactual(corrupted_prompt, out, "given")
+    if mode not in ("relation", "subject"):
+        raise PromptError(f"corrupt_with='replace' on an explicit span needs corrupted_prompt= (prompt "
+                          f"{shorten(spans.prompt)})")
+    from relation_lens.data import load_world
+
+    world = load_world()
+    candidates: list[tuple[str, Tensor]] = []
+    if mode == "relation":
+        for rid in sorted(world.relations):
+            for template in world.relations[rid].train_templates:
+                if not template.startswith("{}"):
+                    continue
+                text = template.format(subject)
+                if text == spans.prompt:
+                    continue
+                toks = _tokens(model, text, prepend_bos)
+                if len(toks) == len(clean) and torch.equal(toks[:a], clean[:a]) and not torch.equal(toks[a:b], clean[a:b]):
+                    candidates.append((text, toks))
+        how = "the same subject under another relation's template of the same token length"
+    else:
+        seen = set()
+        for fact in world:
+            other = fact.subject
+            if other in seen or other == subject:
+                continue
+            seen.add(other)
+            text = spans.prompt.replace(subject, other, 1)
+            toks = _tokens(model, text, prepend_bos)
+            if len(toks) == len(clean) and torch.equal(toks[:a], clean[:a]) and torch.equal(toks[b:], clean[b:]) \
+                    and not torch.equal(toks[a:b], clean[a:b]):
+                candidates.append((text, toks))
+        how = "another world subject of the same token length"
+    if not candidates:
+        raise PromptError(f"no counterfactual for {mode} replacement in prompt {shorten(spans.prompt)}: the world has "
+                          f"no {how}; pass corrupted_prompt=")
+    text, toks = candidates[seed % len(candidates)]
+    out = clean.clone()
+    out[a:b] = toks[a:b]
+    return Counterfactual(text, out, how)

@@ -61,6 +61,14 @@ class TraceResult(_Views):
     seed: int
     model_name: str
     settings: dict[str, Any] = field(default_factory=dict)
+    metric: str = "prob"  # what the grids hold: "prob", "logprob" or "logit_diff"
+    clean_value: float = math.nan  # the metric on the clean run (NaN in results written before metrics)
+    corrupted_value: float = math.nan  # the metric on the corrupted run
+    corrupt_with: str = "noise"  # "noise" or "replace"
+    contrast: str | None = None  # logit_diff's contrast answer, decoded
+    contrast_token: int | None = None
+    corrupted_prompt: str | None = None  # the counterfactual prompt under "replace"
+    corrupted_tokens: tuple[str, ...] | None = None  # the corrupted run's tokens under "replace"
 
     @property
     def correct(self) -> bool:
@@ -71,9 +79,23 @@ class TraceResult(_Views):
     def kinds(self) -> tuple[str, ...]:
         return tuple(self.scores)
 
+    def _ends(self) -> tuple[float, float]:
+        if self.metric == "prob" and math.isnan(self.corrupted_value):  # results written before metrics
+            return self.clean_prob, self.corrupted_prob
+        return self.clean_value, self.corrupted_value
+
     def indirect_effect(self, kind: str) -> Float[Tensor, "layer pos"]:
-        """Score minus the corrupted probability."""
-        return self.scores[kind] - self.corrupted_prob
+        """Score minus the corrupted run's value of the metric (the corrupted probability for "prob")."""
+        return self.scores[kind] - self._ends()[1]
+
+    def normalised(self, kind: str) -> Float[Tensor, "layer pos"]:
+        """The grid rescaled as in Zhang & Nanda (2023): 0 = the corrupted run, 1 = the clean run,
+        ``(score - corrupted) / (clean - corrupted)``; NaN where clean equals corrupted."""
+        clean, corrupted = self._ends()
+        gap = clean - corrupted
+        if gap == 0 or math.isnan(gap):
+            return torch.full_like(self.scores[kind], math.nan)
+        return (self.scores[kind] - corrupted) / gap
 
     def peak(self, kind: str) -> tuple[int, int, float]:
         """``(layer, position, score)`` of the site whose restoration brings back the most."""
@@ -96,6 +118,8 @@ class TraceResult(_Views):
         d["subject_span"], d["relation_span"], d["corrupt_span"] = map(
             list, (self.subject_span, self.relation_span, self.corrupt_span))
         d["tokens"] = list(self.tokens)
+        if self.corrupted_tokens is not None:
+            d["corrupted_tokens"] = list(self.corrupted_tokens)
         return d
 
     @classmethod
@@ -105,6 +129,11 @@ class TraceResult(_Views):
         for key in ("subject_span", "relation_span", "corrupt_span"):
             d[key] = tuple(d[key])
         d["tokens"] = tuple(d["tokens"])
+        if d.get("corrupted_tokens") is not None:
+            d["corrupted_tokens"] = tuple(d["corrupted_tokens"])
+        for key in ("clean_value", "corrupted_value"):  # strict JSON writes NaN as null
+            if key in d and d[key] is None:
+                d[key] = math.nan
         return cls(**d)
 
     def plot(self, path: str | Path | None = None, **kwargs):
