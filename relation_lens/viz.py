@@ -55,9 +55,16 @@ def _figure(grids: dict[str, torch.Tensor], ylabels: Sequence[str], *, window: i
 def trace_figure(result: "TraceResult"):
     a, b = result.corrupt_span
     labels = [f"{t!r}*" if a <= i < b else repr(t) for i, t in enumerate(result.tokens)]
-    title = (f"{result.corrupt} corrupted (*): P({result.target!r}) clean {result.clean_prob:.3f}, "
-             f"corrupted {result.corrupted_prob:.3f}")
-    return _figure(result.scores, labels, window=result.window, title=title, value_label=f"p({result.target.strip()})")
+    how = "replaced" if result.corrupt_with == "replace" else "noised"
+    if result.metric == "prob":
+        what, clean, corrupted = f"P({result.target!r})", result.clean_prob, result.corrupted_prob
+        label = f"p({result.target.strip()})"
+    else:
+        what = (f"logit({result.target!r}) - logit({result.contrast!r})" if result.metric == "logit_diff"
+                else f"log P({result.target!r})")
+        clean, corrupted, label = result.clean_value, result.corrupted_value, result.metric
+    title = f"{result.corrupt} {how} (*): {what} clean {clean:.3f}, corrupted {corrupted:.3f}"
+    return _figure(result.scores, labels, window=result.window, title=title, value_label=label)
 
 
 def plot_trace(result: "TraceResult", path: str | Path | None = None, **savefig_kwargs):
