@@ -60,8 +60,19 @@ def trace(model, prompt: str, *, subject: str, target: str | int | None = None, 
     check_model(model, cfg.kinds, prompt)
     with model_lock(model), torch.no_grad():
         job = _prepare(model, prompt, subject, target, cfg, corrupted_prompt, contrast)
-        scores = _run_jobs(model, [job.job], job.n, cfg.batch_size, progress, metric=cfg.metric)[0]
+        scores = _attribution(model, job) if cfg.method == "attribution" else \
+            _run_jobs(model, [job.job], job.n, cfg.batch_size, progress, metric=cfg.metric)[0]
     return job.finish(model, scores)
+
+
+def _attribution(model, job: "_Prepared") -> dict:
+    """Attribution patching's approximate scores for the job's cells."""
+    from relation_lens.tracing.attribution import attribution_grids
+
+    cfg = job.cfg
+    grids = attribution_grids(model, job.start, job.job.runs.clean, cfg.kinds, job.window, job.job.target,
+                              cfg.metric, job.job.contrast)
+    return {c: grids[c.kind][c.layer, c.pos].item() for c in job.job.cells}
 
 
 @dataclass
@@ -86,6 +97,7 @@ class _Prepared:
     corrupted_value: float
     contrast: Any  # Target or None
     counterfactual: Any  # Counterfactual or None
+    start: Any  # the corrupted run's residual entering block 0 (for attribution patching)
 
     def finish(self, model, scores: dict) -> TraceResult:
         cfg, spans, tgt, T = self.cfg, self.spans, self.target, self.job.n_tokens
@@ -106,7 +118,7 @@ class _Prepared:
                       "prepend_bos": cfg.prepend_bos,
                       "noise": cfg.noise if isinstance(cfg.noise, str) else None},
             metric=cfg.metric, clean_value=self.clean_value, corrupted_value=self.corrupted_value,
-            corrupt_with=cfg.corrupt_with,
+            corrupt_with=cfg.corrupt_with, method=cfg.method,
             contrast=None if self.contrast is None else self.contrast.text,
             contrast_token=None if self.contrast is None else self.contrast.token,
             corrupted_prompt=None if self.counterfactual is None else self.counterfactual.prompt,
@@ -167,7 +179,7 @@ def _prepare(model, prompt: str, subject: str, target, cfg: TraceConfig, corrupt
     job = _Job(_Runs(clean, resids, kvs), [c for c in cells if c.pos >= span[0]], tgt.token, T,
                None if contrast_t is None else contrast_t.token)
     return _Prepared(job, prompt, subject, cfg, spans, mode, span, tgt, clean_logits, corrupted_prob, std, window,
-                     fixed, n, clean_value, corrupted_value, contrast_t, cf)
+                     fixed, n, clean_value, corrupted_value, contrast_t, cf, start)
 
 
 def trace_packed(model, items: list[tuple[str, str, Any, TraceConfig]], *, batch_size: int,
@@ -186,8 +198,12 @@ def trace_packed(model, items: list[tuple[str, str, Any, TraceConfig]], *, batch
             except RelationLensError as exc:
                 prepared.append(exc)
         ok = [p for p in prepared if isinstance(p, _Prepared)]
-        if len({(p.n, tuple(p.cfg.kinds), p.cfg.metric) for p in ok}) > 1:
-            raise ConfigError("trace_packed needs one n_samples, one set of kinds and one metric for all its prompts")
-        scores = iter(_run_jobs(model, [p.job for p in ok], ok[0].n, batch_size, progress, pack=True,
-                                metric=ok[0].cfg.metric) if ok else [])
+        if len({(p.n, tuple(p.cfg.kinds), p.cfg.metric, p.cfg.method) for p in ok}) > 1:
+            raise ConfigError("trace_packed needs one n_samples, one set of kinds, one metric and one method for all "
+                              "its prompts")
+        if ok and ok[0].cfg.method == "attribution":  # one backward pass per prompt: nothing to pack
+            scores = iter([_attribution(model, p) for p in ok])
+        else:
+            scores = iter(_run_jobs(model, [p.job for p in ok], ok[0].n, batch_size, progress, pack=True,
+                                    metric=ok[0].cfg.metric) if ok else [])
     return [p.finish(model, next(scores)) if isinstance(p, _Prepared) else p for p in prepared]

@@ -42,6 +42,7 @@ def depth_scaled_window(n_layers: int) -> int:
 
 CORRUPTIONS = ("noise", "replace")
 METRICS = ("prob", "logprob", "logit_diff")
+METHODS = ("exact", "attribution")
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +76,9 @@ class TraceConfig(ValueEquality):
             ``"logprob"`` (log P(target)) or ``"logit_diff"`` (logit of the target minus that of a
             contrast token: the counterfactual's answer under ``"replace"``, or one given to
             :func:`trace`).
+        method: ``"exact"`` (the patching engine) or ``"attribution"`` (attribution patching: the
+            first-order approximation of every score from one corrupted forward and one backward
+            pass; :mod:`relation_lens.tracing.attribution`).
     """
 
     corrupt: str | Sequence[int] = "relation"
@@ -89,6 +93,7 @@ class TraceConfig(ValueEquality):
     prepend_bos: bool | None = None
     corrupt_with: str = "noise"
     metric: str = "prob"
+    method: str = "exact"
 
     def __post_init__(self):
         kinds = (self.kinds,) if isinstance(self.kinds, str) else self.kinds
@@ -111,6 +116,8 @@ class TraceConfig(ValueEquality):
             raise ConfigError(f"corrupt_with={self.corrupt_with!r} is not one of {list(CORRUPTIONS)}")
         if self.metric not in METRICS:
             raise ConfigError(f"metric={self.metric!r} is not one of {list(METRICS)}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is not one of {list(METHODS)}")
         if isinstance(self.noise, str) and self.noise not in NOISE_RULES:
             raise NoiseError(f"noise={self.noise!r} is not one of {list(NOISE_RULES)}, a number or a tensor")
         if self.noise is not None and not isinstance(self.noise, (str, Tensor)):

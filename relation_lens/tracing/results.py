@@ -69,6 +69,7 @@ class TraceResult(_Views):
     contrast_token: int | None = None
     corrupted_prompt: str | None = None  # the counterfactual prompt under "replace"
     corrupted_tokens: tuple[str, ...] | None = None  # the corrupted run's tokens under "replace"
+    method: str = "exact"  # "exact" (patching) or "attribution" (its first-order approximation)
 
     @property
     def correct(self) -> bool:
