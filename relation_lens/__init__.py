@@ -33,9 +33,10 @@ from relation_lens.tracing import (
     trace,
     trace_dataset,
 )
+from relation_lens.tracing.patch import PatchResult, Site, patch
 
 __all__ = [
-    "load_model", "trace", "knockout", "KnockoutResult", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
+    "load_model", "trace", "knockout", "KnockoutResult", "patch", "Site", "PatchResult", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
     "edit", "evaluate", "EvaluationResult", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
     "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",
     "PromptError", "TargetError", "NoiseError", "EditError", "DataError", "TargetWarning",

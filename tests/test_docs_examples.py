@@ -31,7 +31,8 @@ def test_doc_examples_run(doc, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("module", ["relation_lens", "relation_lens.editing", "relation_lens.errors",
-                                    "relation_lens.intervals", "relation_lens.tracing.config"])
+                                    "relation_lens.intervals", "relation_lens.tracing.config",
+                                    "relation_lens.tracing.patch"])
 def test_docstring_examples(module):
     import importlib
 
