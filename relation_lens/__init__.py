@@ -25,18 +25,20 @@ from relation_lens.key_statistics import KeyStatistics
 from relation_lens.spans import find_spans
 from relation_lens.tracing import (
     DatasetTraceResult,
+    DatasetKnockoutResult,
     KnockoutResult,
     TargetWarning,
     TraceConfig,
     TraceResult,
     knockout,
+    knockout_dataset,
     trace,
     trace_dataset,
 )
 from relation_lens.tracing.patch import PatchResult, Site, patch
 
 __all__ = [
-    "load_model", "trace", "knockout", "KnockoutResult", "patch", "Site", "PatchResult", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
+    "load_model", "trace", "knockout", "KnockoutResult", "knockout_dataset", "DatasetKnockoutResult", "patch", "Site", "PatchResult", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
     "edit", "evaluate", "EvaluationResult", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
     "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",
     "PromptError", "TargetError", "NoiseError", "EditError", "DataError", "TargetWarning",

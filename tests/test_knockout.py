@@ -82,3 +82,26 @@ def test_result_round_trip_plot_and_bad_input(tiny_model, tmp_path):
         rl.knockout(tiny_model, PROMPT, subject=SUBJECT, sources=("verbs",))
     with pytest.raises(rl.ConfigError, match="window must be a positive int"):
         rl.knockout(tiny_model, PROMPT, subject=SUBJECT, window=0)
+
+
+def test_knockout_dataset_means_and_intervals_by_hand(tiny_model):
+    """The dataset means and 95% half-widths are those of the per-prompt changes (computed here by
+    hand: mean, 1.96 x sample sd / sqrt(n)); a prompt without relation words is left out of that
+    source only; the JSON round trip keeps everything."""
+    facts = [("The Space Needle is located in the city of", "The Space Needle"),
+             ("Paris is the capital of", "Paris"),
+             ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"),  # no relation token before " is"
+             ("I visited the Louvre", "the Louvre")]  # the subject ends the prompt: no relation token
+    res = rl.knockout_dataset(tiny_model, facts, window=2, exclude_incorrect=False)
+    assert len(res.results) == 4 and all(res.used)
+    for source in res.sources:
+        have = torch.stack([r.change[source] for r in res.results if r.positions[source]])
+        assert res.count[source] == have.shape[0]
+        mean = have.double().mean(0)
+        half = 1.96 * have.double().std(0, unbiased=True) / have.shape[0] ** 0.5
+        assert torch.allclose(res.mean[source].double(), mean, atol=1e-6)
+        assert torch.allclose(res.ci95[source].double(), half, atol=1e-6)
+    assert res.count["relation"] == 2 and res.count["subject"] == 4
+    assert rl.DatasetKnockoutResult.from_dict(res.to_dict()) == res
+    correct_only = rl.knockout_dataset(tiny_model, facts, window=2)
+    assert correct_only.used == tuple(r.clean_top_token == r.target_token for r in res.results)

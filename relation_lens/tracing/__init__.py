@@ -47,7 +47,14 @@ from relation_lens.tracing.config import (
 )
 from relation_lens.tracing.dataset import BUCKETS, bucket_positions, bucketize, fact_fields, trace_dataset
 from relation_lens.tracing.engine import patched_probability
-from relation_lens.tracing.knockout import SOURCES, KnockoutResult, knockout, source_positions
+from relation_lens.tracing.knockout import (
+    SOURCES,
+    DatasetKnockoutResult,
+    KnockoutResult,
+    knockout,
+    knockout_dataset,
+    source_positions,
+)
 from relation_lens.tracing.inputs import (
     Target,
     TargetWarning,
@@ -63,6 +70,7 @@ from relation_lens.tracing.results import DatasetTraceResult, TraceResult
 
 __all__ = [
     "trace", "trace_dataset", "TraceConfig", "TraceResult", "DatasetTraceResult", "TargetWarning", "Kind", "KINDS",
+    "knockout_dataset", "DatasetKnockoutResult",
     "HOOKS", "NOISE_MULTIPLIER", "BUCKETS", "window_layers", "depth_scaled_window", "check_model", "make_noise",
     "noise_std", "rome_noise_std", "resolve_noise_std", "resolve_target", "Target", "corrupt_span_for",
     "patched_probability", "bucket_positions", "bucketize", "fact_fields", "knockout", "KnockoutResult", "SOURCES",

@@ -16,6 +16,7 @@ All cells run as rows of batched forward passes; each row's hooks block only its
 from __future__ import annotations
 
 from collections.abc import Sequence
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class KnockoutResult(_Views):
     window: int
     per_head: bool
     model_name: str
+    clean_top_token: int | None = None  # the model's own top prediction on the prompt
 
     def __repr__(self) -> str:
         worst = ", ".join(f"{s} {float(v.min()):+.2f} at L{int(v.flatten().argmin()) // (v.shape[1] if v.dim() > 1 else 1)}"
@@ -74,7 +76,7 @@ class KnockoutResult(_Views):
                 "clean_prob": self.clean_prob, "positions": self.positions,
                 "change": {k: v.tolist() for k, v in self.change.items()},
                 "prob": {k: v.tolist() for k, v in self.prob.items()}, "window": self.window,
-                "per_head": self.per_head, "model_name": self.model_name}
+                "per_head": self.per_head, "model_name": self.model_name, "clean_top_token": self.clean_top_token}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KnockoutResult":
@@ -149,7 +151,8 @@ def knockout(model, prompt: str, *, subject: str, target: str | int | None = Non
     return KnockoutResult(prompt=prompt, tokens=spans.str_tokens, subject=subject, subject_span=spans.subject_span,
                           target=tgt.text, target_token=tgt.token, clean_prob=clean,
                           positions={s: positions[s] for s in sources}, change=change, prob=prob, window=window,
-                          per_head=per_head, model_name=model.cfg.model_name)
+                          per_head=per_head, model_name=model.cfg.model_name,
+                          clean_top_token=int(clean_logits.argmax()))
 
 
 def _blocked_probs(model, tokens: Tensor, cells: list, positions: dict[str, list[int]], window: int, target: int,
@@ -186,3 +189,126 @@ def _blocked_probs(model, tokens: Tensor, cells: list, positions: dict[str, list
         p = logits[:, -1].float().softmax(-1)[:, target].tolist()
         out.update(zip(chunk, p))
     return out
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class DatasetKnockoutResult(_Views):
+    """Knockout averaged over prompts: ``mean[source]`` and ``ci95[source]`` (half-width of a normal
+    95% interval, 1.96 x standard error) of the relative change of P(target), per layer (or layer and
+    head); ``count[source]`` prompts averaged (a prompt with no position of a source is left out of
+    that source). Each prompt's :class:`KnockoutResult` is in ``results``; ``used[i]`` says whether it
+    was averaged (``exclude_incorrect``: only prompts whose clean top prediction is the target)."""
+
+    sources: tuple[str, ...]
+    mean: dict[str, Tensor]
+    ci95: dict[str, Tensor]
+    count: dict[str, int]
+    window: int
+    per_head: bool
+    exclude_incorrect: bool
+    model_name: str
+    results: tuple[KnockoutResult, ...]
+    used: tuple[bool, ...]
+    skipped: tuple[tuple[int, str], ...] = ()
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{s} {float(self.mean[s].min()):+.2f} at L{int(self.mean[s].flatten().argmin())}"
+                          for s in self.sources if self.count[s])
+        return (f"DatasetKnockoutResult({sum(self.used)} of {len(self.results)} prompts averaged; largest mean drops: "
+                f"{parts or 'nothing averaged'}; window={self.window})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sources": list(self.sources), "mean": {k: v.tolist() for k, v in self.mean.items()},
+                "ci95": {k: v.tolist() for k, v in self.ci95.items()}, "count": dict(self.count),
+                "window": self.window, "per_head": self.per_head, "exclude_incorrect": self.exclude_incorrect,
+                "model_name": self.model_name, "results": [r.to_dict() for r in self.results],
+                "used": list(self.used), "skipped": [list(s) for s in self.skipped]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DatasetKnockoutResult":
+        d = known_fields(cls, d)
+        d["sources"] = tuple(d["sources"])
+        for key in ("mean", "ci95"):  # strict JSON wrote NaN as null
+            d[key] = {k: torch.tensor(_nan(v), dtype=torch.float32) for k, v in d[key].items()}
+        d["results"] = tuple(KnockoutResult.from_dict(r) for r in d["results"])
+        d["used"] = tuple(d["used"])
+        d["skipped"] = tuple((int(i), str(m)) for i, m in d.get("skipped", []))
+        return cls(**d)
+
+    def plot(self, path: str | Path | None = None):
+        """Mean relative change of P(target) by layer with 95% bands, one line per source."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(5.5, 3.2), layout="constrained")
+        ax = fig.subplots()
+        for s in self.sources:
+            m, h = self.mean[s], self.ci95[s]
+            if m.dim() > 1:
+                worst = m.argmin(dim=1)
+                m, h = m.gather(1, worst[:, None])[:, 0], h.gather(1, worst[:, None])[:, 0]
+            x = list(range(len(m)))
+            ax.plot(x, (100 * m).tolist(), marker="o", label=f"{s} (n={self.count[s]})")
+            ax.fill_between(x, (100 * (m - h)).tolist(), (100 * (m + h)).tolist(), alpha=0.2)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel(f"layer (centre of a {self.window}-layer window)")
+        ax.set_ylabel("% change in P(target), mean and 95% CI")
+        ax.set_title(f"attention knockout from the last position, {sum(self.used)} prompts", fontsize=8)
+        ax.legend(fontsize=7)
+        if path is not None:
+            fig.savefig(path, dpi=150)
+        return fig
+
+    def to_html(self) -> str:
+        from relation_lens.viz import _png_data_uri
+
+        return f'<img alt="attention knockout, dataset mean" src="{_png_data_uri(self.plot())}">'
+
+
+def _nan(v):
+    return [_nan(x) for x in v] if isinstance(v, list) else (math.nan if v is None else v)
+
+
+def knockout_dataset(model, facts, *, sources: Sequence[str] = SOURCES, window: int | None = None,
+                     per_head: bool = False, exclude_incorrect: bool = True, skip_invalid: bool = True,
+                     batch_size: int = 256, prepend_bos: bool | None = None,
+                     progress: bool = False) -> DatasetKnockoutResult:
+    """:func:`knockout` over many facts (``prompt``, ``subject``, optional ``target``, as for
+    :func:`relation_lens.trace_dataset`), averaged per source and layer with 95% intervals
+    (:func:`relation_lens.intervals.mean_ci95`)."""
+    from tqdm.auto import tqdm
+
+    from relation_lens.errors import DataError, PromptError, SpanError, TargetError
+    from relation_lens.intervals import mean_ci95
+    from relation_lens.tracing.dataset import fact_fields
+
+    items = [fact_fields(f, i) for i, f in enumerate(facts)]
+    if not items:
+        raise DataError("knockout_dataset got no facts")
+    if isinstance(sources, str):
+        sources = (sources,)
+    results, skipped = [], []
+    for i, (prompt, subject, target) in enumerate(tqdm(items, desc="knockout", disable=not progress)):
+        try:
+            results.append(knockout(model, prompt, subject=subject, target=target, sources=sources, window=window,
+                                    per_head=per_head, batch_size=batch_size, prepend_bos=prepend_bos))
+        except (SpanError, PromptError, TargetError) as exc:
+            if not skip_invalid:
+                raise
+            skipped.append((i, str(exc)))
+    used = tuple(r.clean_top_token == r.target_token or not exclude_incorrect for r in results)
+    chosen = [r for r, u in zip(results, used) if u]
+    L = model.cfg.n_layers
+    shape = (L, model.cfg.n_heads) if per_head else (L,)
+    mean, ci, count = {}, {}, {}
+    for s in sources:
+        have = [r.change[s] for r in chosen if r.positions[s]]
+        count[s] = len(have)
+        if have:
+            mu, half, _ = mean_ci95(torch.stack(have), dim=0)
+            mean[s], ci[s] = mu.float(), half.float()
+        else:
+            mean[s], ci[s] = torch.full(shape, math.nan), torch.full(shape, math.nan)
+    w = results[0].window if results else TraceConfig(window=window).window_for(L)
+    return DatasetKnockoutResult(sources=tuple(sources), mean=mean, ci95=ci, count=count, window=w, per_head=per_head,
+                                 exclude_incorrect=exclude_incorrect, model_name=model.cfg.model_name,
+                                 results=tuple(results), used=used, skipped=tuple(skipped))
