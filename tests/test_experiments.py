@@ -56,3 +56,12 @@ def test_walkthrough_runs(tmp_path):
 def test_rome_exact_quick(tmp_path):
     out = run("rome_exact.py", "--limit", "2", "--out", str(tmp_path))
     assert "ROME's code: EditConfig()" in out and (tmp_path / "rome_exact_quick.md").is_file()
+
+
+@pytest.mark.slow
+def test_tracing_toolkit_quick(tmp_path):
+    run("tracing_toolkit.py", "--limit", "4", "--samples", "2", "--out", str(tmp_path))
+    md = (tmp_path / "tracing_toolkit_quick.md").read_text()
+    assert "3a. Attention knockout" in md and "3b. Noise vs token replacement" in md and "3c. Attribution" in md
+    assert (tmp_path / "tracing_toolkit_knockout_quick.png").stat().st_size > 1000
+    assert (tmp_path / "tracing_toolkit_replace_quick.png").stat().st_size > 1000
