@@ -209,6 +209,17 @@ class RankOneUpdate(ValueEquality):
     def delta(self) -> Float[Tensor, "d_mlp d_model"]:
         return torch.outer(self.left, self.right)
 
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    def layer_deltas(self) -> dict[int, Tensor]:
+        return {self.layer: self.delta()}
+
+    def layer_keys(self) -> dict[int, Tensor]:
+        """The key written, per layer (``[1, d_mlp]``), for AlphaEdit's record of edited keys."""
+        return {self.layer: self.key[None]}
+
     def __repr__(self) -> str:  # a summary; the vectors are in .left/.right/.key/.value
         norm = float(self.left.norm() * self.right.norm())  # Frobenius norm of the rank-one delta
         return (f"RankOneUpdate({self.method} at layer {self.layer}: {self.request.text!r} -> "
@@ -295,9 +306,10 @@ def generate_prefixes(model, config: EditConfig) -> list[str]:
     return out
 
 
-def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome", layer: int | None = None,
+def compute_edit(model, request, *, method: str = "relation_rome", layer: int | None = None,
                  stats=None, config: EditConfig | None = None, prefixes: Sequence[str] | None = None,
-                 progress: bool = False) -> RankOneUpdate:
+                 progress: bool = False, layers: Sequence[int] | None = None, preserve=None,
+                 mom2_update_weight: float | None = None):
     """Compute the rank-one update that makes ``model`` answer ``request.target_new``.
 
     Pure: the model's weights, hooks and gradients are as they were afterwards.
@@ -311,32 +323,55 @@ def compute_edit(model, request: EditRequest, *, method: Method = "relation_rome
         config: :class:`EditConfig` (``None``: :meth:`EditConfig.default_for` the model).
         prefixes: explicit context templates (``"{}"`` where the prompt goes), overriding
             ``config.prefixes``; to reproduce an edit exactly or compare with another implementation.
+        layers, mom2_update_weight: for ``method="memit"`` / ``"relation_memit"``, which take a list of
+            requests and return a :class:`~relation_lens.batch_editing.BatchUpdate`
+            (:func:`~relation_lens.batch_editing.compute_batch_edit`; ``stats`` is then a dict by layer).
+        preserve: AlphaEdit's projection (:class:`~relation_lens.batch_editing.Preserve`) for any
+            method: the update is solved in the null space of the preserved keys.
 
     Raises:
         EditError: bad layer, half-precision model, a target the model already predicts, NaN/Inf.
         SpanError: the subject is not in the tokenised prompt, or no relation token follows it.
     """
+    if method in ("memit", "relation_memit"):
+        from relation_lens.batch_editing import compute_batch_edit
+
+        if layer is not None:
+            raise EditError(f"{method} edits several layers: pass layers=, not layer=")
+        if prefixes is not None and config is not None:
+            config = dataclasses.replace(config, prefixes=tuple(prefixes))
+        return compute_batch_edit(model, request, method=method, layers=layers, stats=stats, config=config,
+                                  mom2_update_weight=mom2_update_weight, preserve=preserve, progress=progress)
+    if layers is not None or mom2_update_weight is not None:
+        raise EditError(f"layers= and mom2_update_weight= are for 'memit' / 'relation_memit', not {method!r}")
     if not isinstance(request, EditRequest):
         raise EditError(f"expected an EditRequest, got {type(request).__name__}")
     config = config or EditConfig.default_for(model)
     if prefixes is not None:
         config = dataclasses.replace(config, prefixes=tuple(prefixes))
     with model_lock(model):
-        return _compute_edit(model, request, method, layer, stats, config, progress)
+        return _compute_edit(model, request, method, layer, stats, config, progress, preserve)
 
 
-def _compute_edit(model, request: EditRequest, method: str, layer: int | None, stats, config: EditConfig,
-                  progress: bool) -> RankOneUpdate:
-    from relation_lens.key_statistics import KeyStatistics
+@dataclass
+class _Value:
+    """What the value optimisation found for one request at one layer."""
+    keys: Tensor  # [prefixed prompt, d_mlp] float64: hook_post at the key token of each prefixed prompt
+    k_star: Tensor  # their mean
+    k_plain: Tensor  # the unprefixed prompt's
+    target_init: Tensor  # the vector delta is added to (MLP output, or residual stream for MEMIT)
+    delta: Tensor
+    positions: list[int]
+    prefixes: list[str]
+    history: list[dict]
 
-    if method not in ("relation_rome", "rome"):
-        raise EditError(f"method {method!r} is not 'relation_rome' or 'rome'")
-    if layer is None:
-        _check_model(model, 0)
-        layer = default_layer(model, method, request)
-    _check_model(model, layer)
-    if stats is not None and stats.layer != layer:
-        raise EditError(f"key statistics are for layer {stats.layer}, but the edit is at layer {layer}")
+
+def _value(model, request: EditRequest, layer: int, method: str, config: EditConfig, init: str = "mlp") -> _Value:
+    """Steps 1-2 of ROME (and MEMIT's ``compute_z``): the keys at ``layer`` and the optimised ``delta``
+    added after block ``layer`` at the key token. ``init="mlp"``: ``v_init`` is the MLP output there
+    (ROME); ``"resid"``: the residual stream after the block (MEMIT's ``target_init``, which its
+    clamp and weight decay are relative to)."""
+    method = "rome" if method in ("rome", "memit") else "relation_rome"
     new_ids = object_tokens(model, request.text, request.target_new)
     prompt_text = request.text
     bos = config.prepend_bos
@@ -378,7 +413,7 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
     keys = cache[hook_post][torch.arange(n_rw), torch.tensor(positions)].double().cpu()
     k_star = keys.mean(0)
     k_plain = keys[0]  # the unprefixed prompt, as ROME's original code uses in part of the update
-    target_init = cache[hook_out][0, positions[0]].detach().clone()
+    target_init = (cache[hook_out] if init == "mlp" else resid_base)[0, positions[0]].detach().clone()
 
     # 2. the value v*: optimise delta on the MLP output at the key token
     lookup = torch.tensor(positions + [kl_pos], device=dev)
@@ -448,6 +483,25 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
     finally:
         for p, flag in zip(model.parameters(), saved_flags):
             p.requires_grad_(flag)
+    return _Value(keys, k_star, k_plain, target_init, delta.detach(), positions, prefixes, history)
+
+
+def _compute_edit(model, request: EditRequest, method: str, layer: int | None, stats, config: EditConfig,
+                  progress: bool, preserve=None) -> RankOneUpdate:
+    from relation_lens.key_statistics import KeyStatistics
+
+    if method not in ("relation_rome", "rome"):
+        raise EditError(f"method {method!r} is not 'relation_rome' or 'rome'")
+    if layer is None:
+        _check_model(model, 0)
+        layer = default_layer(model, method, request)
+    _check_model(model, layer)
+    if stats is not None and stats.layer != layer:
+        raise EditError(f"key statistics are for layer {stats.layer}, but the edit is at layer {layer}")
+    val = _value(model, request, layer, method, config)
+    keys, k_star, k_plain, target_init, delta = val.keys, val.k_star, val.k_plain, val.target_init, val.delta
+    positions, prefixes, history, bos = val.positions, val.prefixes, val.history, config.prepend_bos
+    prompt_text = request.text
     v_star = (target_init + delta.detach()).double().cpu()
 
     # 3. the closed form
@@ -456,9 +510,13 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
                                       prepend_bos=bos)
     W = model.blocks[layer].mlp.W_out.detach().double().cpu()
     b = model.blocks[layer].mlp.b_out.detach().double().cpu()
-    u = stats.inverse_times(k_star, config.ridge)
     k_res = k_star if config.key_mode == "symmetric" else k_plain
-    right = (v_star - (k_res @ W + b)) / torch.dot(u, k_res)
+    if preserve is None:
+        u = stats.inverse_times(k_star, config.ridge)
+        right = (v_star - (k_res @ W + b)) / torch.dot(u, k_res)
+    else:  # AlphaEdit's projected solve with this one key and the whole residual: u r^T
+        right = v_star - (k_res @ W + b)
+        u = preserve.solve(stats, k_star[None], torch.ones(1, 1, dtype=torch.float64))[:, 0]
     if not (torch.isfinite(u).all() and torch.isfinite(right).all()):
         raise EditError(f"the update for {shorten(prompt_text)} -> {request.target_new!r} holds NaN or Inf "
                         "(singular key statistics? try EditConfig(ridge=1e-4)); the model was not changed")
@@ -470,7 +528,9 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
 
 
 class Edit:
-    """A handle on an update written into a model; ``undo()`` restores the saved weights bit for bit.
+    """A handle on an update written into a model (a :class:`RankOneUpdate` or a MEMIT-style
+    :class:`~relation_lens.batch_editing.BatchUpdate` over several layers); ``undo()`` restores the
+    saved weights bit for bit.
 
     Use as a context manager to undo on exit::
 
@@ -478,31 +538,41 @@ class Edit:
             ...  # the edited model
     """
 
-    def __init__(self, model, update: RankOneUpdate):
+    def __init__(self, model, update):
         self.model = model
         self.update = update
-        self.layer = update.layer
-        param = model.blocks[update.layer].mlp.W_out
-        self._original = param.detach().clone()
-        delta = update.delta().to(param.device, param.dtype)
+        self.layer = update.layers[0]
+        self._saved: dict[int, tuple[Tensor, Tensor]] = {}
+        new = {}
+        for layer, delta in update.layer_deltas().items():
+            param = model.blocks[layer].mlp.W_out
+            new[layer] = param.detach() + delta.to(param.device, param.dtype)
+            if not torch.isfinite(new[layer]).all():
+                raise EditError(f"applying the update would put NaN or Inf into blocks.{layer}.mlp.W_out; the model "
+                                "was not changed")
         with torch.no_grad():
-            new = param.detach() + delta
-            if not torch.isfinite(new).all():
-                raise EditError("applying the update would put NaN or Inf into W_out; the model was not changed")
-            param.copy_(new)
-        self._edited = param.detach().clone()
+            for layer, value in new.items():
+                param = model.blocks[layer].mlp.W_out
+                original = param.detach().clone()
+                param.copy_(value)
+                self._saved[layer] = (original, param.detach().clone())
         self.active = True
+
+    def _what(self) -> str:
+        r = getattr(self.update, "request", None)
+        return f"{r.text!r} -> {r.target_new!r}" if r is not None else f"{len(self.update.requests)} requests"
 
     def undo(self) -> None:
         if not self.active:
-            raise EditError(f"this edit (layer {self.layer}, {self.update.request.text!r}) was already undone")
-        param = self.model.blocks[self.layer].mlp.W_out
-        if not torch.equal(param.detach(), self._edited):
-            raise EditError(
-                f"blocks.{self.layer}.mlp.W_out changed since this edit was applied (another edit or training); "
-                "undo the later changes first (edits are undone in reverse order)")
+            raise EditError(f"this edit (layers {list(self._saved)}, {self._what()}) was already undone")
+        for layer, (_, edited) in self._saved.items():
+            if not torch.equal(self.model.blocks[layer].mlp.W_out.detach(), edited):
+                raise EditError(
+                    f"blocks.{layer}.mlp.W_out changed since this edit was applied (another edit or training); "
+                    "undo the later changes first (edits are undone in reverse order)")
         with torch.no_grad():
-            param.copy_(self._original)
+            for layer, (original, _) in self._saved.items():
+                self.model.blocks[layer].mlp.W_out.copy_(original)
         self.active = False
 
     def __enter__(self) -> "Edit":
@@ -513,20 +583,23 @@ class Edit:
             self.undo()
 
     def __repr__(self) -> str:
-        r = self.update.request
-        return (f"Edit({self.update.method}, layer {self.layer}: {r.text!r} -> {r.target_new!r}, "
-                f"{'active' if self.active else 'undone'})")
+        layers = ", ".join(map(str, self._saved))
+        return f"Edit({self.update.method}, layer {layers}: {self._what()}, {'active' if self.active else 'undone'})"
 
 
-def apply_edit(model, update: RankOneUpdate) -> Edit:
-    """Write ``update`` into ``model.blocks[layer].mlp.W_out`` in place; returns the undo handle."""
-    if not isinstance(update, RankOneUpdate):
-        raise EditError(f"expected a RankOneUpdate, got {type(update).__name__}")
-    _check_model(model, update.layer)
-    shape = tuple(model.blocks[update.layer].mlp.W_out.shape)
-    if (update.left.shape[0], update.right.shape[0]) != shape:
-        raise EditError(f"update of shape {(update.left.shape[0], update.right.shape[0])} does not fit "
-                        f"blocks.{update.layer}.mlp.W_out of shape {shape}")
+def apply_edit(model, update) -> Edit:
+    """Write ``update`` (a :class:`RankOneUpdate`, or a :class:`~relation_lens.batch_editing.BatchUpdate`)
+    into the model's MLP output matrices in place; returns the undo handle."""
+    from relation_lens.batch_editing import BatchUpdate
+
+    if not isinstance(update, (RankOneUpdate, BatchUpdate)):
+        raise EditError(f"expected a RankOneUpdate or a BatchUpdate, got {type(update).__name__}")
+    for layer, delta in update.layer_deltas().items():
+        _check_model(model, layer)
+        shape = tuple(model.blocks[layer].mlp.W_out.shape)
+        if tuple(delta.shape) != shape:
+            raise EditError(f"update of shape {tuple(delta.shape)} does not fit blocks.{layer}.mlp.W_out of shape "
+                            f"{shape}")
     return Edit(model, update)
 
 
@@ -574,14 +647,15 @@ def save_edited(source: str | Path, updates: Sequence[RankOneUpdate], folder: st
     template, transposed = _HF_W_OUT[model_type]
     state = load_file(str(weights_file))
     for upd in updates:
-        name = template.format(upd.layer)
-        if name not in state:
-            raise EditError(f"{str(weights_file)!r} has no tensor {name!r} for the edit at layer {upd.layer}")
-        delta = upd.delta().T if transposed else upd.delta()
-        if tuple(delta.shape) != tuple(state[name].shape):
-            raise EditError(f"the update of shape {tuple(delta.shape)} does not fit {name!r} of shape "
-                            f"{tuple(state[name].shape)}")
-        state[name] = (state[name].double() + delta.double()).to(state[name].dtype)
+        for layer, layer_delta in upd.layer_deltas().items():
+            name = template.format(layer)
+            if name not in state:
+                raise EditError(f"{str(weights_file)!r} has no tensor {name!r} for the edit at layer {layer}")
+            delta = layer_delta.T if transposed else layer_delta
+            if tuple(delta.shape) != tuple(state[name].shape):
+                raise EditError(f"the update of shape {tuple(delta.shape)} does not fit {name!r} of shape "
+                                f"{tuple(state[name].shape)}")
+            state[name] = (state[name].double() + delta.double()).to(state[name].dtype)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():

@@ -202,3 +202,50 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
     summary = summarise(out)
     return EvaluationResult(method=method, layer=layer, records=tuple(out), summary=summary, n_failed=failed,
                             settings={"key_mode": config.key_mode, "n_records": len(records), "fluency": fluency})
+
+
+def evaluate_batch(model, records, *, method: str = "relation_memit", batch_size: int = 10,
+                   layers: Sequence[int] | None = None, config: EditConfig | None = None, stats: dict | None = None,
+                   mom2_update_weight: float | None = None, preserve=None, fluency: bool = False,
+                   progress: bool = False) -> EvaluationResult:
+    """Batch editing: the records are edited ``batch_size`` at a time with MEMIT or relation-MEMIT
+    (one :class:`~relation_lens.batch_editing.BatchUpdate` per batch), every record of a batch is
+    measured with the whole batch written, and the batch is undone before the next one. A batch
+    whose update cannot be computed marks its records with an ``error``. The metrics are
+    :func:`evaluate`'s."""
+    from relation_lens.batch_editing import BATCH_METHODS, batch_defaults, compute_batch_edit
+    from relation_lens.key_statistics import KeyStatistics
+
+    if method not in BATCH_METHODS:
+        raise EditError(f"method {method!r} is not one of {list(BATCH_METHODS)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise EditError(f"batch_size must be a positive int, got {batch_size!r}")
+    records = [dict(r) for r in records]
+    layers, config, mom2_update_weight = batch_defaults(model, method, layers, config, mom2_update_weight)
+    stats = dict(stats or {})
+    for layer in layers:
+        if layer not in stats:
+            stats[layer] = KeyStatistics.compute(model, layer, n_texts=config.stats_n_texts,
+                                                 prepend_bos=config.prepend_bos)
+    out = []
+    for start in tqdm(range(0, len(records), batch_size), desc=f"evaluating {method}", disable=not progress):
+        batch = records[start:start + batch_size]
+        rows = [{"case_id": rec.get("case_id"), "subject": rec["subject"], "prompt": rec["prompt"],
+                 "target_new": rec["target_new"], "target_true": rec["target_true"]} for rec in batch]
+        try:
+            reqs = [EditRequest(rec["prompt"], rec["subject"], rec["target_new"], rec["target_true"]) for rec in batch]
+            update = compute_batch_edit(model, reqs, method=method, layers=layers, stats=stats, config=config,
+                                        mom2_update_weight=mom2_update_weight, preserve=preserve)
+        except (EditError, SpanError) as exc:
+            out += [{**row, "error": str(exc)} for row in rows]
+            continue
+        with apply_edit(model, update):
+            for row, rec in zip(rows, batch):
+                row.update(_record_metrics(model, rec, fluency))
+        out += rows
+    failed = sum("error" in row for row in out)
+    return EvaluationResult(method=method, layer=layers[-1], records=tuple(out), summary=summarise(out),
+                            n_failed=failed,
+                            settings={"layers": list(layers), "batch_size": batch_size, "n_records": len(records),
+                                      "mom2_update_weight": mom2_update_weight, "alphaedit": preserve is not None,
+                                      "fluency": fluency})
