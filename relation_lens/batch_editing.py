@@ -104,6 +104,15 @@ class Preserve:
     projectors: dict[int, Tensor] = field(default_factory=dict)
     edited: dict[int, Tensor] = field(default_factory=dict)
 
+    @classmethod
+    def default_for(cls, model) -> "Preserve":
+        """AlphaEdit's GPT-2 XL settings, except on the embedded default model: ``l2=0.1`` (its keys are
+        on a smaller scale; 10 stops every edit; experiments/tune_alphaedit.py,
+        experiments/results/alphaedit_tuning.md)."""
+        from relation_lens.models import DEFAULT_MODEL_NAME
+
+        return cls(l2=0.1) if model.cfg.model_name == DEFAULT_MODEL_NAME else cls()
+
     def projector(self, stats) -> Float[Tensor, "d_mlp d_mlp"]:
         if stats.layer not in self.projectors:
             C = stats.moment.double()
