@@ -73,6 +73,7 @@ def test_one_head_and_some_neurons_equal_a_naive_hooked_run(tiny_model, grid):
         want.append(logits[:, -1].softmax(-1)[:, grid.target_token].mean().item())
     assert res.values == pytest.approx(want, abs=1e-6)
     assert rl.PatchResult.from_dict(res.to_dict()) == res
+    assert len(res.plot().axes[0].patches) == len(res.values)  # a bar per group
     assert res.normalised()[0] == pytest.approx((res.values[0] - res.corrupted_value)
                                                 / (res.clean_value - res.corrupted_value))
 

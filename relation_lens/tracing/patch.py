@@ -127,6 +127,23 @@ class PatchResult(_Views):
                    corrupt_span=tuple(d["corrupt_span"]), corrupt_with=d["corrupt_with"], n_samples=d["n_samples"],
                    model_name=d["model_name"], settings=d.get("settings", {}))
 
+    def plot(self, path=None):
+        """A bar per group: the metric with that group restored, against the clean and corrupted runs."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(max(4.0, 0.35 * len(self.values) + 1.5), 3.2), layout="constrained")
+        ax = fig.subplots()
+        labels = [", ".join(_label(s) for s in g) if len(g) < 3 else f"{len(g)} sites" for g in self.groups]
+        ax.bar(range(len(self.values)), list(self.values), color="tab:blue")
+        ax.axhline(self.clean_value, color="green", lw=1, ls="--", label="clean")
+        ax.axhline(self.corrupted_value, color="red", lw=1, ls="--", label="corrupted")
+        ax.set_xticks(range(len(labels)), labels, rotation=70, fontsize=6)
+        ax.set_ylabel(f"{self.metric} of {self.target.strip()!r}")
+        ax.legend(fontsize=7)
+        if path is not None:
+            fig.savefig(path, dpi=150)
+        return fig
+
     def to_html(self) -> str:
         rows = "".join(f"<tr><td>{', '.join(_label(s) for s in g)}</td><td>{v:.4g}</td></tr>"
                        for g, v in zip(self.groups, self.values))
