@@ -71,6 +71,12 @@ def _record_metrics(model, rec: dict, fluency: bool) -> dict[str, float]:
     return m
 
 
+def _row(rec: dict) -> dict[str, Any]:
+    """The fields of a record that its result row repeats."""
+    return {"case_id": rec.get("case_id"), "subject": rec["subject"], "prompt": rec["prompt"],
+            "target_new": rec["target_new"], "target_true": rec["target_true"]}
+
+
 def _harmonic(values: list[float]) -> float:
     if any(math.isnan(v) for v in values) or not values:
         return float("nan")
@@ -181,8 +187,7 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
     mine: dict[int, dict[str, Any]] = {}
     for i in tqdm(r.share(len(records)), desc=f"evaluating {method}", disable=not (progress and r.is_main)):
         rec = records[i]
-        row = {"case_id": rec.get("case_id"), "subject": rec["subject"], "prompt": rec["prompt"],
-               "target_new": rec["target_new"], "target_true": rec["target_true"]}
+        row = _row(rec)
         if method == "none":
             row.update(_record_metrics(model, rec, fluency))
         else:
@@ -230,8 +235,7 @@ def evaluate_batch(model, records, *, method: str = "relation_memit", batch_size
     out = []
     for start in tqdm(range(0, len(records), batch_size), desc=f"evaluating {method}", disable=not progress):
         batch = records[start:start + batch_size]
-        rows = [{"case_id": rec.get("case_id"), "subject": rec["subject"], "prompt": rec["prompt"],
-                 "target_new": rec["target_new"], "target_true": rec["target_true"]} for rec in batch]
+        rows = [_row(rec) for rec in batch]
         try:
             reqs = [EditRequest(rec["prompt"], rec["subject"], rec["target_new"], rec["target_true"]) for rec in batch]
             update = compute_batch_edit(model, reqs, method=method, layers=layers, stats=stats, config=config,

@@ -185,7 +185,7 @@ def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool =
     chunks = _chunks(jobs, max(1, batch_size // n), pack)
     # packed: every job's cached keys/values of each layer in one tensor [job, sample, pos, head, d_head]
     # (right-padded to the longest prompt), so that a batch's prefixes are one gather per layer
-    stacked = _stack_kv(jobs) if pack and len(jobs) > 1 else None
+    stacked = _stack_kv(jobs) if pack else None
     scored: list[tuple[list[tuple[int, _Cell]], Tensor]] = []
     with model.hooks(fwd_hooks=hooks):
         for chunk in tqdm(chunks, desc="tracing", disable=not progress, leave=False):
@@ -237,11 +237,9 @@ def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool =
                         p = chunk[0][1].pos
                         kv = (keys[:, :p].to(dev).repeat(active_cells, 1, 1, 1),
                               values[:, :p].to(dev).repeat(active_cells, 1, 1, 1))
-                    elif stacked is not None:
+                    else:  # only packed batches mix prompts or positions
                         idx = tuple(t[:active].to(stacked[j][0].device) for t in gather)
                         kv = (stacked[j][0][idx].to(dev), stacked[j][1][idx].to(dev))
-                    else:
-                        kv = _prefix_kv(runs[:active_cells], chunk[:active_cells], j, P, dev)
                     entry = Entry(*kv, frozen=True)
                 plan.masks = {(k, j): masks[k][j, :active].to(dev) for k, m in restore.items() if any(m[j])}
                 plan.values = {(k, j): clean[k][:active_cells, j].to(dev).repeat_interleave(n, dim=0)
@@ -269,20 +267,6 @@ def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool =
     for (i, c), v in zip((jc for chunk, _ in scored for jc in chunk), values):
         out[i][c] = v
     return out
-
-
-def _prefix_kv(runs: list[_Runs], chunk: list[tuple[int, _Cell]], layer: int, P: int,
-               device) -> tuple[Tensor, Tensor]:
-    """The cached corrupted keys and values of the positions before each row's own, ``[rows, P,
-    heads, d_head]``, left-padded to ``P`` (the padding is masked out by the attention mask): for a
-    batch of one prompt's positions (no stacked cache)."""
-    ks, vs = [], []
-    for r, (_, c) in zip(runs, chunk):
-        keys, values = r.corrupt_kv[layer]
-        pad = (0, 0, 0, 0, P - c.pos, 0)
-        ks.append(torch.nn.functional.pad(keys[:, :c.pos].to(device), pad))
-        vs.append(torch.nn.functional.pad(values[:, :c.pos].to(device), pad))
-    return torch.cat(ks), torch.cat(vs)
 
 
 def _stack_kv(jobs: list[_Job]) -> list[tuple[Tensor, Tensor]]:

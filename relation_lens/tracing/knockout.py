@@ -89,21 +89,9 @@ class KnockoutResult(_Views):
     def plot(self, path: str | Path | None = None):
         """Geva-style curves: relative change of P(target) by layer, one line per source (per head:
         the head with the largest drop)."""
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(5.5, 3.2), layout="constrained")
-        ax = fig.subplots()
-        for source, v in self.change.items():
-            curve = v.min(dim=1).values if v.dim() > 1 else v
-            ax.plot(range(len(curve)), (100 * curve).tolist(), marker="o", label=source)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel(f"layer (centre of a {self.window}-layer window)")
-        ax.set_ylabel(f"% change in P({self.target.strip()})")
-        ax.set_title(f"attention knockout from the last position: {shorten(self.prompt, 60)}", fontsize=8)
-        ax.legend(fontsize=7)
-        if path is not None:
-            fig.savefig(path, dpi=150)
-        return fig
+        curves = [(source, v.min(dim=1).values if v.dim() > 1 else v, None) for source, v in self.change.items()]
+        return _curves_figure(curves, self.window, f"% change in P({self.target.strip()})",
+                              f"attention knockout from the last position: {shorten(self.prompt, 60)}", path)
 
     def to_html(self) -> str:
         from relation_lens.viz import _png_data_uri
@@ -228,35 +216,25 @@ class DatasetKnockoutResult(_Views):
     def from_dict(cls, d: dict[str, Any]) -> "DatasetKnockoutResult":
         d = known_fields(cls, d)
         d["sources"] = tuple(d["sources"])
-        for key in ("mean", "ci95"):  # strict JSON wrote NaN as null
-            d[key] = {k: torch.tensor(_nan(v), dtype=torch.float32) for k, v in d[key].items()}
+        for key in ("mean", "ci95"):  # known_fields turned JSON's null back into NaN
+            d[key] = {k: torch.tensor(v, dtype=torch.float32) for k, v in d[key].items()}
         d["results"] = tuple(KnockoutResult.from_dict(r) for r in d["results"])
         d["used"] = tuple(d["used"])
         d["skipped"] = tuple((int(i), str(m)) for i, m in d.get("skipped", []))
         return cls(**d)
 
     def plot(self, path: str | Path | None = None):
-        """Mean relative change of P(target) by layer with 95% bands, one line per source."""
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(5.5, 3.2), layout="constrained")
-        ax = fig.subplots()
+        """Mean relative change of P(target) by layer with 95% bands, one line per source (per head:
+        the head with the largest mean drop)."""
+        curves = []
         for s in self.sources:
             m, h = self.mean[s], self.ci95[s]
             if m.dim() > 1:
                 worst = m.argmin(dim=1)
                 m, h = m.gather(1, worst[:, None])[:, 0], h.gather(1, worst[:, None])[:, 0]
-            x = list(range(len(m)))
-            ax.plot(x, (100 * m).tolist(), marker="o", label=f"{s} (n={self.count[s]})")
-            ax.fill_between(x, (100 * (m - h)).tolist(), (100 * (m + h)).tolist(), alpha=0.2)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel(f"layer (centre of a {self.window}-layer window)")
-        ax.set_ylabel("% change in P(target), mean and 95% CI")
-        ax.set_title(f"attention knockout from the last position, {sum(self.used)} prompts", fontsize=8)
-        ax.legend(fontsize=7)
-        if path is not None:
-            fig.savefig(path, dpi=150)
-        return fig
+            curves.append((f"{s} (n={self.count[s]})", m, h))
+        return _curves_figure(curves, self.window, "% change in P(target), mean and 95% CI",
+                              f"attention knockout from the last position, {sum(self.used)} prompts", path)
 
     def to_html(self) -> str:
         from relation_lens.viz import _png_data_uri
@@ -264,8 +242,25 @@ class DatasetKnockoutResult(_Views):
         return f'<img alt="attention knockout, dataset mean" src="{_png_data_uri(self.plot())}">'
 
 
-def _nan(v):
-    return [_nan(x) for x in v] if isinstance(v, list) else (math.nan if v is None else v)
+def _curves_figure(curves, window: int, ylabel: str, title: str, path):
+    """Knockout curves by layer in percent, ``curves`` = ``(label, values, half-width or None)``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.2), layout="constrained")
+    ax = fig.subplots()
+    for label, m, h in curves:
+        x = list(range(len(m)))
+        ax.plot(x, (100 * m).tolist(), marker="o", label=label)
+        if h is not None:
+            ax.fill_between(x, (100 * (m - h)).tolist(), (100 * (m + h)).tolist(), alpha=0.2)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel(f"layer (centre of a {window}-layer window)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    if path is not None:
+        fig.savefig(path, dpi=150)
+    return fig
 
 
 def knockout_dataset(model, facts, *, sources: Sequence[str] = SOURCES, window: int | None = None,

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from relation_lens._locks import model_lock
+from relation_lens._results import known_fields
 from relation_lens.errors import ConfigError
 from relation_lens.tracing.config import TraceConfig
 from relation_lens.tracing.engine import metric_values
@@ -119,13 +120,12 @@ class PatchResult(_Views):
 
     @classmethod
     def from_dict(cls, d: dict) -> "PatchResult":
-        groups = tuple(tuple(Site(s["kind"], s["layer"], s["position"], s["head"],
-                                  None if s["neurons"] is None else tuple(s["neurons"])) for s in g) for g in d["groups"])
-        return cls(prompt=d["prompt"], tokens=tuple(d["tokens"]), groups=groups, values=tuple(d["values"]),
-                   metric=d["metric"], target=d["target"], target_token=d["target_token"],
-                   clean_value=d["clean_value"], corrupted_value=d["corrupted_value"],
-                   corrupt_span=tuple(d["corrupt_span"]), corrupt_with=d["corrupt_with"], n_samples=d["n_samples"],
-                   model_name=d["model_name"], settings=d.get("settings", {}))
+        d = known_fields(cls, d)  # JSON's null back to NaN, newer fields dropped
+        d["groups"] = tuple(tuple(Site(s["kind"], s["layer"], s["position"], s["head"],
+                                       None if s["neurons"] is None else tuple(s["neurons"])) for s in g)
+                            for g in d["groups"])
+        d["tokens"], d["values"], d["corrupt_span"] = tuple(d["tokens"]), tuple(d["values"]), tuple(d["corrupt_span"])
+        return cls(**d)
 
     def plot(self, path=None):
         """A bar per group: the metric with that group restored, against the clean and corrupted runs."""

@@ -132,9 +132,6 @@ class TraceResult(_Views):
         d["tokens"] = tuple(d["tokens"])
         if d.get("corrupted_tokens") is not None:
             d["corrupted_tokens"] = tuple(d["corrupted_tokens"])
-        for key in ("clean_value", "corrupted_value"):  # strict JSON writes NaN as null
-            if key in d and d[key] is None:
-                d[key] = math.nan
         return cls(**d)
 
     def plot(self, path: str | Path | None = None, **kwargs):
