@@ -128,9 +128,11 @@ class _Prepared:
 
 
 def _prepare(model, prompt: str, subject: str, target, cfg: TraceConfig, corrupted_prompt: str | None = None,
-             contrast: str | int | None = None) -> _Prepared:
+             contrast: str | int | None = None, engine: bool = True) -> _Prepared:
     """Check the inputs, run the clean and corrupted passes, list the cells (call under the model's
-    lock and ``no_grad``)."""
+    lock and ``no_grad``). The corrupted run keeps every block's residual and keys/values only when
+    the patching engine will use them (``engine`` and ``method="exact"``); otherwise it is one plain
+    forward pass for the corrupted value."""
     window = cfg.window_for(model.cfg.n_layers)
     spans = find_spans(model, prompt, subject, include_last=cfg.include_last,
                        require_relation=cfg.corrupt == "relation", prepend_bos=cfg.prepend_bos)
@@ -157,7 +159,10 @@ def _prepare(model, prompt: str, subject: str, target, cfg: TraceConfig, corrupt
         start = _embed_with_noise(model, tokens, span, noise_t)
     clean, clean_logits = _clean_run(model, tokens, cfg.kinds)
     tgt = resolve_target(model, prompt, target, clean_logits)
-    resids, kvs, corrupt_logits = _corrupted_run(model, start)
+    if engine and cfg.method == "exact":
+        resids, kvs, corrupt_logits = _corrupted_run(model, start)
+    else:
+        resids, kvs, corrupt_logits = [], [], model(start, start_at_layer=0)[:, -1]
     contrast_t = None
     if cfg.metric == "logit_diff":
         contrast_t = resolve_target(model, prompt, contrast if contrast is not None else int(corrupt_logits[0].argmax()),

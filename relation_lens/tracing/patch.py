@@ -175,7 +175,7 @@ def patch(model, prompt: str, *, subject: str, sites, target: str | int | None =
         raise ConfigError("sites is empty, or holds an empty group")
     with model_lock(model), torch.no_grad():
         job = _prepare(model, prompt, subject, target, cfg.replace(kinds=("resid",), method="exact"),
-                       corrupted_prompt, contrast)
+                       corrupted_prompt, contrast, engine=False)
         T = job.job.n_tokens
         groups = [tuple(_check_site(model, s, T) for s in g) for g in groups]
         names = sorted({s.hook for g in groups for s in g})
