@@ -42,6 +42,7 @@ from torch import Tensor
 from relation_lens._locks import model_lock
 from relation_lens._results import ValueEquality
 from relation_lens.editing import EditConfig, EditRequest, _check_model, _key_position, _value
+from relation_lens.spans import right_pad
 from relation_lens.errors import EditError
 
 BATCH_METHODS = ("memit", "relation_memit")
@@ -164,7 +165,8 @@ class BatchUpdate(ValueEquality):
 def compute_batch_edit(model, requests: EditRequest | Sequence[EditRequest], *, method: str = "relation_memit",
                        layers: Sequence[int] | None = None, stats: dict | None = None,
                        config: EditConfig | None = None, mom2_update_weight: float | None = None,
-                       preserve: Preserve | None = None, progress: bool = False) -> BatchUpdate:
+                       preserve: Preserve | None = None, progress: bool = False,
+                       values: "ValueCache | None" = None) -> BatchUpdate:
     """MEMIT / relation-MEMIT for a batch of requests (see the module docstring). Pure: the model is
     as it was afterwards (the layers' updates are written while later layers' keys are read, then
     taken back bit for bit).
@@ -176,6 +178,8 @@ def compute_batch_edit(model, requests: EditRequest | Sequence[EditRequest], *, 
         config: value optimisation and prefixes (``None``: :func:`memit_config`).
         mom2_update_weight: MEMIT's ``lambda`` (``None``: 20000 as on GPT-2 XL; the default model: :data:`DEFAULT_MODEL_MEMIT`).
         preserve: AlphaEdit's projection (:class:`Preserve`); ``None`` is MEMIT's own solve.
+        values: a :class:`ValueCache` that keeps each request's ``z`` (MEMIT's ``cache_template``), so
+            batches of the same requests on the same weights skip the value optimisation.
     """
     from relation_lens.key_statistics import KeyStatistics
 
@@ -202,15 +206,21 @@ def compute_batch_edit(model, requests: EditRequest | Sequence[EditRequest], *, 
                 raise EditError(f"key statistics for layer {stats[layer].layer} were given for layer {layer}")
         z_layer = layers[-1]
         key_method = "rome" if method == "memit" else "relation_rome"
-        values = [_value(model, r, z_layer, key_method, config, init="resid") for r in requests]
-        Z = torch.stack([(v.target_init + v.delta).double().cpu() for v in values])
-        prefixes = values[0].prefixes
+        if values is not None and not isinstance(values, ValueCache):
+            raise EditError(f"values= takes a ValueCache, got {type(values).__name__}")
+        if values is None:
+            found = [_value(model, r, z_layer, key_method, config, init="resid") for r in requests]
+        else:
+            found = values.values(model, requests, z_layer, key_method, config)
+        Z = torch.stack([(v.target_init + v.delta).double().cpu() for v in found])
+        prefixes = found[0].prefixes
+        key_rows, plain_rows = _key_rows(model, requests, key_method, prefixes, config)
         originals = {l: model.blocks[l].mlp.W_out.detach().clone() for l in layers}
         deltas, keys, residuals = {}, {}, {}
         try:
             for i, layer in enumerate(layers):
-                K = torch.stack([_memit_key(model, r, layer, key_method, prefixes, config) for r in requests])
-                H = torch.stack([_resid_at_key(model, r, z_layer, key_method, config) for r in requests])
+                K = _memit_keys(model, key_rows, len(requests), layer)
+                H = _rows_at(model, plain_rows, z_layer, None)
                 R = (Z - H) / (len(layers) - i)  # the residual spread over the layers left
                 if preserve is None:
                     C = stats[layer].moment.double()
@@ -231,38 +241,91 @@ def compute_batch_edit(model, requests: EditRequest | Sequence[EditRequest], *, 
                        requests=requests,
                        info={"z_layer": z_layer, "mom2_update_weight": mom2_update_weight, "prefixes": prefixes,
                              "alphaedit": preserve is not None,
-                             "histories": [v.history for v in values]})
+                             "histories": [v.history for v in found]})
 
 
-@torch.no_grad()
-def _memit_key(model, request: EditRequest, layer: int, method: str, prefixes: Sequence[str],
-               config: EditConfig) -> Tensor:
-    """MEMIT's ``compute_ks`` for one request: the mean over context types (the plain prompt; each
-    group of generated prefixes) of the mean key within the type."""
-    groups, start = [prefixes[:1]], 1
+def _key_rows(model, requests: Sequence[EditRequest], method: str, prefixes: Sequence[str],
+              config: EditConfig) -> tuple[list, list]:
+    """Tokenise once what MEMIT's ``compute_ks`` reads: per request and context template, ``(tokens,
+    key position, request index, context type)`` (type 0 the plain prompt, then one per group of
+    generated prefixes); and the plain prompts' ``(tokens, key position)``."""
+    groups, start = [(0, 1)], 1
     for _, count in config.prefix_lengths if config.prefixes is None else ((None, len(prefixes) - 1),):
         if count:
-            groups.append(prefixes[start:start + count])
+            groups.append((start, start + count))
         start += count
-    means = []
-    for group in groups:
-        ks = []
-        for prefix in group:
-            head = prefix.replace("{}", "")
-            text = head + request.text
-            toks, pos = _key_position(model, text, len(head) + request.prompt.index("{}"), request.subject, method,
-                                      config.prepend_bos)
-            _, cache = model.run_with_cache(toks[None].to(model.cfg.device),
-                                            names_filter=f"blocks.{layer}.mlp.hook_post", stop_at_layer=layer + 1)
-            ks.append(cache[f"blocks.{layer}.mlp.hook_post"][0, pos].double().cpu())
-        means.append(torch.stack(ks).mean(0))
-    return torch.stack(means).mean(0)
+    rows, plain = [], []
+    for j, request in enumerate(requests):
+        for g, (a, b) in enumerate(groups):
+            for prefix in prefixes[a:b]:
+                head = prefix.replace("{}", "")
+                toks, pos = _key_position(model, head + request.text, len(head) + request.prompt.index("{}"),
+                                          request.subject, method, config.prepend_bos)
+                rows.append((toks, pos, j, g))
+                if g == 0:
+                    plain.append((toks, pos))
+    return rows, plain
 
 
 @torch.no_grad()
-def _resid_at_key(model, request: EditRequest, layer: int, method: str, config: EditConfig) -> Tensor:
-    """The residual stream after block ``layer`` at the key token of the plain prompt."""
-    toks, pos = _key_position(model, request.text, request.prompt.index("{}"), request.subject, method,
-                              config.prepend_bos)
-    resid = model(toks[None].to(model.cfg.device), stop_at_layer=layer + 1)
-    return resid[0, pos].double().cpu()
+def _rows_at(model, rows: Sequence[tuple], layer: int, hook: str | None, chunk: int = 64) -> Tensor:
+    """float64 ``[len(rows), d]``: for each ``(tokens, position, ...)`` row, ``hook`` of block ``layer``
+    (``None``: the residual stream after the block) at that position; right-padded batches of
+    ``chunk`` rows, sorted by length so each batch pads little (causal attention: the padding is never
+    read)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    out = [None] * len(rows)
+    for c in range(0, len(order), chunk):
+        idx = order[c:c + chunk]
+        batch = right_pad(model, [rows[i][0] for i in idx]).to(model.cfg.device)
+        if hook is None:
+            acts = model(batch, stop_at_layer=layer + 1)
+        else:
+            name = f"blocks.{layer}.{hook}"
+            _, cache = model.run_with_cache(batch, names_filter=name, stop_at_layer=layer + 1)
+            acts = cache[name]
+        picked = acts[torch.arange(len(idx)), torch.tensor([rows[i][1] for i in idx])].double().cpu()
+        for r, i in enumerate(idx):
+            out[i] = picked[r]
+    return torch.stack(out)
+
+
+def _memit_keys(model, rows: Sequence[tuple], n_requests: int, layer: int) -> Tensor:
+    """MEMIT's ``compute_ks``: per request, the mean over context types (the plain prompt; each group
+    of generated prefixes) of the mean key (``hook_post``) within the type; ``[request, d_mlp]``."""
+    acts = _rows_at(model, rows, layer, "mlp.hook_post")
+    groups: dict[int, dict[int, list[int]]] = {}
+    for i, (_, _, r, g) in enumerate(rows):
+        groups.setdefault(r, {}).setdefault(g, []).append(i)
+    return torch.stack([torch.stack([acts[idx].mean(0) for _, idx in sorted(groups[j].items())]).mean(0)
+                        for j in range(n_requests)])
+
+
+class ValueCache:
+    """Each request's optimised ``z`` for MEMIT-style edits, kept between calls (MEMIT's
+    ``cache_template``, which keeps them on disk by case id): pass the same cache as ``values=`` to
+    :func:`compute_batch_edit` to edit batches of the same requests without optimising their values
+    again, e.g. to compare batch sizes. A ``z`` depends on the weights it was optimised on: the cache
+    fingerprints them (a float64 sum of every parameter) and is emptied when they change."""
+
+    def __init__(self):
+        self._found: dict = {}
+        self._fingerprint: tuple | None = None
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._found)
+
+    def values(self, model, requests, layer: int, method: str, config: EditConfig) -> list:
+        fingerprint = (id(model), tuple(p.detach().double().sum().item() for p in model.parameters()))
+        if fingerprint != self._fingerprint:
+            self._found, self._fingerprint = {}, fingerprint
+        out = []
+        for r in requests:
+            key = (r, layer, method, config)
+            if key in self._found:
+                self.hits += 1
+            else:
+                self._found[key] = _value(model, r, layer, method, config, init="resid")
+            out.append(self._found[key])
+        return out

@@ -309,7 +309,7 @@ def generate_prefixes(model, config: EditConfig) -> list[str]:
 def compute_edit(model, request, *, method: str = "relation_rome", layer: int | None = None,
                  stats=None, config: EditConfig | None = None, prefixes: Sequence[str] | None = None,
                  progress: bool = False, layers: Sequence[int] | None = None, preserve=None,
-                 mom2_update_weight: float | None = None):
+                 mom2_update_weight: float | None = None, values=None):
     """Compute the rank-one update that makes ``model`` answer ``request.target_new``.
 
     Pure: the model's weights, hooks and gradients are as they were afterwards.
@@ -323,7 +323,7 @@ def compute_edit(model, request, *, method: str = "relation_rome", layer: int | 
         config: :class:`EditConfig` (``None``: :meth:`EditConfig.default_for` the model).
         prefixes: explicit context templates (``"{}"`` where the prompt goes), overriding
             ``config.prefixes``; to reproduce an edit exactly or compare with another implementation.
-        layers, mom2_update_weight: for ``method="memit"`` / ``"relation_memit"``, which take a list of
+        layers, mom2_update_weight, values: for ``method="memit"`` / ``"relation_memit"``, which take a list of
             requests and return a :class:`~relation_lens.batch_editing.BatchUpdate`
             (:func:`~relation_lens.batch_editing.compute_batch_edit`; ``stats`` is then a dict by layer).
         preserve: AlphaEdit's projection (:class:`~relation_lens.batch_editing.Preserve`) for any
@@ -341,9 +341,10 @@ def compute_edit(model, request, *, method: str = "relation_rome", layer: int | 
         if prefixes is not None and config is not None:
             config = dataclasses.replace(config, prefixes=tuple(prefixes))
         return compute_batch_edit(model, request, method=method, layers=layers, stats=stats, config=config,
-                                  mom2_update_weight=mom2_update_weight, preserve=preserve, progress=progress)
-    if layers is not None or mom2_update_weight is not None:
-        raise EditError(f"layers= and mom2_update_weight= are for 'memit' / 'relation_memit', not {method!r}")
+                                  mom2_update_weight=mom2_update_weight, preserve=preserve, progress=progress,
+                                  values=values)
+    if layers is not None or mom2_update_weight is not None or values is not None:
+        raise EditError(f"layers=, mom2_update_weight= and values= are for 'memit' / 'relation_memit', not {method!r}")
     if not isinstance(request, EditRequest):
         raise EditError(f"expected an EditRequest, got {type(request).__name__}")
     config = config or EditConfig.default_for(model)

@@ -150,10 +150,28 @@ def test_batch_edit_inputs_are_checked(tiny_model, stats):
         rl.compute_edit(tiny_model, REQUESTS, method="memit", layers=(2, 1), stats=stats, config=CONFIG)
     with pytest.raises(rl.EditError, match="pass layers=, not layer="):
         rl.compute_edit(tiny_model, REQUESTS, method="memit", layer=2)
-    with pytest.raises(rl.EditError, match="layers= and mom2_update_weight= are for"):
+    with pytest.raises(rl.EditError, match="layers=, mom2_update_weight= and values= are for"):
         rl.compute_edit(tiny_model, REQUESTS[0], method="rome", layers=(1, 2))
     with pytest.raises(rl.EditError, match="out of range"):
         rl.compute_edit(tiny_model, REQUESTS, method="memit", layers=(1, 9), stats=stats, config=CONFIG)
+    with pytest.raises(rl.EditError, match="values= takes a ValueCache, got dict"):
+        rl.compute_edit(tiny_model, REQUESTS, method="memit", layers=(1, 2), stats=stats, config=CONFIG, values={})
+
+
+def test_value_cache_reuses_z_on_the_same_weights_only(tiny_model, stats):
+    kw = dict(method="relation_memit", layers=(1, 2), stats=stats, config=CONFIG, mom2_update_weight=50.0)
+    plain = rl.compute_edit(tiny_model, REQUESTS, **kw)
+    cache = rl.ValueCache()
+    first = rl.compute_edit(tiny_model, REQUESTS, values=cache, **kw)
+    assert len(cache) == 3 and cache.hits == 0 and first == plain  # the cache changes nothing
+    again = rl.compute_edit(tiny_model, REQUESTS[::-1], values=cache, **kw)  # another batch of the same requests
+    assert cache.hits == 3 and torch.equal(again.targets, plain.targets.flip(0))
+    one = rl.compute_edit(tiny_model, REQUESTS[:1], values=cache, **kw)
+    assert cache.hits == 4 and torch.equal(one.targets[0], plain.targets[0])
+    with rl.apply_edit(tiny_model, one):  # other weights: z is optimised again, not read back
+        moved = rl.compute_edit(tiny_model, REQUESTS[1:2], values=cache, **kw)
+    assert cache.hits == 4 and len(cache) == 1
+    assert not torch.equal(moved.targets[0], plain.targets[1])
 
 
 def test_evaluate_batch_measures_each_record_with_its_batch_written(default_model):
