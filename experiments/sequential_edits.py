@@ -2,23 +2,38 @@
 relation-ROME, MEMIT and relation-MEMIT (one request per step), each with and without AlphaEdit's
 projection.
 
-Requests are world facts of the default model given another object of the same relation. After
-10, 100, 500 and 1,000 edits (those up to N) it measures, on top-1 predictions:
+The requests are the first N records of the shipped counterfactual relation dataset outside its
+tuning split (``evaluation_records``; 1,000 of its 1,030). After 10, 100, 500 and 1,000 edits (those
+up to N) it measures, over the records edited so far, the evaluation's CounterFact metrics
+(``relation_lens.evaluation.record_metrics``):
 
-* ES: the edited facts' prompts now give the new object;
-* PS: their held-out templates (paraphrases) give the new object;
-* NS: untouched facts of other subjects keep their object (neighbourhood, the untouched-fact accuracy);
-* RS: the edited subjects' other facts keep their objects;
-* the total change of the edited MLP output matrices, ||dW|| / ||W||;
+* ES: the edited prompt prefers the new object to the true one;
+* PS: so do its paraphrases;
+* NS: neighbourhood prompts (other subjects, same relation and true object) keep the true object;
+* RS: the edited subject's other relations keep their answers;
 
-then undoes every edit in reverse order and checks the model is restored bit for bit.
+plus the untouched-fact accuracy (top-1, on facts of subjects never edited that the unedited model
+gets right) and the total change of the edited MLP output matrices, ||dW|| / ||W||; then undoes
+every edit in reverse order and checks the model is restored bit for bit.
 
-    python experiments/sequential_edits.py [--n 1000] [--limit N] [--methods ...]
+As ROME's and MEMIT's code (their ``CONTEXT_TEMPLATES_CACHE``), the self-generated context prefixes are
+generated once, on the unedited model, and used for every edit of a sequence.
+
+Each variant's rows are written to ``results/sequential/<variant>.json``; every run then rebuilds the
+table (``sequential_edits.md``) and the figure (``sequential_edits.png``: accuracy vs number of edits,
+one line per variant) from all the variants there. One variant at 1,000 edits takes 4 to 15 minutes on
+the 2-core CPU; run them one or two at a time (``--threads 1`` each for two side by side):
+
+    python experiments/sequential_edits.py --methods ROME --alpha off [--n 1000]
+    python experiments/sequential_edits.py --report          # table and figure from what is there
+    python experiments/sequential_edits.py --limit 3         # quick run of all ten (the test)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import random
 import time
 from pathlib import Path
@@ -28,7 +43,9 @@ import torch
 import relation_lens as rl
 from relation_lens.batch_editing import Preserve, batch_defaults, memit_config
 from relation_lens.data import load_world
-from relation_lens.editing import EditConfig, default_layer
+from relation_lens.editing import EditConfig, default_layer, generate_prefixes
+from relation_lens.data.counterfact import evaluation_records
+from relation_lens.evaluation import record_metrics
 from relation_lens.probes import known_mask
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -43,31 +60,32 @@ def accuracy(model, prompts, objects) -> float:
     return sum(known_mask(model, prompts, objects)) / len(prompts)
 
 
-def make_requests(world, n: int, seed: int = 0):
-    rng = random.Random(seed)
-    objects = {}
-    for f in world:
-        objects.setdefault(f.relation_id, set()).add(f.object)
-    pool = [f for f in world if len(objects[f.relation_id]) > 1 and f.train_templates[0].startswith("{}")]
-    chosen = rng.sample(pool, n)
-    reqs = []
-    for f in chosen:
-        new = rng.choice(sorted(objects[f.relation_id] - {f.object}))
-        reqs.append((f, rl.EditRequest(f.train_templates[0], f.subject, new, target_true=f.object)))
-    return reqs
+def make_requests(n: int):
+    """(record, EditRequest) for the first ``n`` evaluation records."""
+    return [(rec, rl.EditRequest(rec["prompt"], rec["subject"], rec["target_new"], rec["target_true"]))
+            for rec in evaluation_records(n=n)]
 
 
-def measure(model, world, done, untouched) -> dict:
-    edited = [(f, r) for f, r in done]
-    others = [g for f, _ in edited for g in world.by_subject(f.subject) if g.fact_id != f.fact_id][:500]
-    para = [(f.heldout_templates[0].format(f.subject), r.target_new) for f, r in edited if f.heldout_templates]
-    return {"ES": accuracy(model, [r.text for _, r in edited], [r.target_new for _, r in edited]),
-            "PS": accuracy(model, [p for p, _ in para], [o for _, o in para]),
-            "NS": accuracy(model, [g.prompt(0) for g in untouched], [g.object for g in untouched]),
-            "RS": accuracy(model, [g.prompt(0) for g in others], [g.object for g in others])}
+def untouched_facts(model, world, reqs, n: int, seed: int = 1):
+    """``n`` facts of subjects no request edits, that the unedited model gets right (top-1)."""
+    edited = {r.subject for _, r in reqs}
+    pool = [f for f in world if f.subject not in edited]
+    random.Random(seed).shuffle(pool)
+    pool = pool[:3 * n]
+    known = known_mask(model, [f.prompt(0) for f in pool], [f.object for f in pool])
+    return [f for f, k in zip(pool, known) if k][:n]
 
 
-def run(model, world, reqs, untouched, name, alpha, checkpoints, stats_for):
+def measure(model, done, untouched) -> dict:
+    """Mean CounterFact metrics over the records in ``done``, and the untouched-fact accuracy."""
+    per = [record_metrics(model, rec) for rec, _ in done]
+    mean = {m: (sum(x[m] for x in per if m in x) / n if (n := sum(m in x for x in per)) else float("nan"))
+            for m in ("ES", "PS", "NS", "RS")}
+    return {**mean, "untouched": accuracy(model, [g.prompt(0) for g in untouched], [g.object for g in untouched])}
+
+
+def run(model, reqs, untouched, name, alpha, checkpoints, stats_for):
+    """One variant's sequence; its rows (one per checkpoint, the first at 0 edits)."""
     method, key_mode = VARIANTS[name]
     batch = method.endswith("memit")
     if batch:
@@ -76,30 +94,36 @@ def run(model, world, reqs, untouched, name, alpha, checkpoints, stats_for):
         layers, config, lam = (default_layer(model, method, reqs[0][1]),), \
             EditConfig.default_for(model, key_mode=key_mode), None
     stats = {l: stats_for(l) for l in layers}
+    prefixes = generate_prefixes(model, config)  # once, on the unedited model (ROME's template cache)
     W0 = {l: model.blocks[l].mlp.W_out.detach().clone() for l in layers}
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     preserve = Preserve.default_for(model) if alpha else None
-    edits, done, skipped, rows, t0 = [], [], 0, [], time.perf_counter()
+    variant = name + (" + AlphaEdit" if alpha else "")
+    # row 0: the unedited model on every request of the sequence (ES/PS: the new objects it already gives)
+    rows = [{"variant": variant, "edits": 0, "applied": 0, **measure(model, reqs, untouched), "w_change": 0.0,
+             "s_per_edit": float("nan")}]
+    edits, done, skipped, spent = [], [], 0, 0.0
     for i, (fact, req) in enumerate(reqs, 1):
+        t0 = time.perf_counter()
         try:
             if batch:
                 upd = rl.compute_edit(model, [req], method=method, layers=layers, stats=stats, config=config,
-                                      mom2_update_weight=lam, preserve=preserve)
+                                      mom2_update_weight=lam, preserve=preserve, prefixes=prefixes)
             else:
                 upd = rl.compute_edit(model, req, method=method, layer=layers[0], stats=stats[layers[0]],
-                                      config=config, preserve=preserve)
+                                      config=config, preserve=preserve, prefixes=prefixes)
             edits.append(rl.apply_edit(model, upd))
             done.append((fact, req))
             if preserve is not None:
                 preserve.remember(upd)
-        except (rl.EditError, rl.SpanError):
+        except (rl.EditError, rl.SpanError, torch.linalg.LinAlgError):
             skipped += 1  # e.g. the model already predicts the new object after earlier edits
+        spent += time.perf_counter() - t0
         if i in checkpoints:
             change = (sum((model.blocks[l].mlp.W_out.detach() - W0[l]).norm() ** 2 for l in layers) ** 0.5
                       / sum(W0[l].norm() ** 2 for l in layers) ** 0.5).item()
-            rows.append({"variant": name + (" + AlphaEdit" if alpha else ""), "edits": i, "applied": len(edits),
-                         **measure(model, world, done, untouched), "w_change": change,
-                         "s_per_edit": (time.perf_counter() - t0) / i})
+            rows.append({"variant": variant, "edits": i, "applied": len(edits),
+                         **measure(model, done, untouched), "w_change": change, "s_per_edit": spent / i})
             print(rows[-1], flush=True)
     for e in reversed(edits):
         e.undo()
@@ -109,22 +133,96 @@ def run(model, world, reqs, untouched, name, alpha, checkpoints, stats_for):
     return rows
 
 
+def slug(variant: str) -> str:
+    return variant.replace(" + ", "_").replace("-", "_").lower()
+
+
+def order(variant: str) -> tuple:
+    name, _, alpha = variant.partition(" + ")
+    return list(VARIANTS).index(name), bool(alpha)
+
+
+def report(folder: Path, out: Path, title: str, quick: bool) -> str:
+    """The table and figure from every variant's rows in ``folder``."""
+    rows = [r for f in sorted(folder.glob("*.json")) for r in json.loads(f.read_text())["rows"]]
+    rows.sort(key=lambda r: (order(r["variant"]), r["edits"]))
+    suffix = "_quick" if quick else ""
+    fmt = lambda x: "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+    lines = [f"# Sequential editing: up to {max(r['edits'] for r in rows)} edits in a row ({title})", "",
+             "Rates (%) over the records edited so far, CounterFact's definitions: ES the prompt prefers the new "
+             "object, PS its paraphrases do, NS neighbourhood prompts keep the true object, RS the subject's other "
+             "relations keep their answers; untouched: top-1 accuracy on facts of subjects never edited. Row 0 is "
+             "the unedited model measured on all the sequence's records. s/edit: compute time per edit "
+             "(measurement excluded).", "",
+             "| variant | edits | applied | ES | PS | NS | RS | untouched | ‖ΔW‖/‖W‖ | restored bit-exact | s/edit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['edits']} | {r['applied']} | {fmt(r['ES'])} | {fmt(r['PS'])} | "
+                     f"{fmt(r['NS'])} | {fmt(r['RS'])} | {fmt(r['untouched'])} | {r['w_change']:.3f} | {r['restored']} | "
+                     + ("–" if math.isnan(r["s_per_edit"]) else f"{r['s_per_edit']:.2f}") + " |")
+    (out / f"sequential_edits{suffix}.md").write_text("\n".join(lines) + "\n")
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(14, 8.5))
+    axes = fig.subplots(2, 3).flatten()
+    axes[-1].axis("off")
+    colours = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+    for ax, metric, label in zip(axes, ("ES", "PS", "NS", "RS", "untouched"),
+                                 ("ES: edits take", "PS: paraphrases take", "NS: neighbours keep their object",
+                                  "RS: edited subjects' other relations kept", "untouched facts (top-1)")):
+        for variant in sorted({r["variant"] for r in rows}, key=order):
+            pts = [(r["edits"], 100 * r[metric]) for r in rows if r["variant"] == variant and r["edits"] > 0]
+            # the unedited model (0 edits) drawn at x = 1 of the log axis
+            pts = [(1, 100 * r[metric]) for r in rows if r["variant"] == variant and r["edits"] == 0] + pts
+            name, _, alpha = variant.partition(" + ")
+            ax.plot(*zip(*pts), marker="o", ms=3, color=colours[name], ls="--" if alpha else "-", label=variant)
+        ax.set_xscale("log")
+        ticks = [1] + [c for c in (10, 100, 500, 1000) if c <= max(r["edits"] for r in rows)]
+        ax.set_xticks(ticks, ["0"] + [str(t) for t in ticks[1:]])
+        ax.minorticks_off()
+        ax.set_ylim(-3, 103)
+        ax.set_title(label)
+        ax.set_xlabel("edits in the sequence")
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[-1].legend(handles, labels, loc="center", fontsize=9)
+    axes[0].get_legend().remove()
+    fig.suptitle(f"Sequential editing on {title} (dashed: with AlphaEdit's projection)")
+    fig.tight_layout()
+    fig.savefig(out / f"sequential_edits{suffix}.png", dpi=130)
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--untouched", type=int, default=500)
     ap.add_argument("--methods", default=",".join(VARIANTS))
+    ap.add_argument("--alpha", choices=("both", "off", "on"), default="both", help="without / with AlphaEdit")
     ap.add_argument("--limit", type=int, default=None, help="quick run: this many edits and 5x untouched facts")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 each for two runs side by side)")
+    ap.add_argument("--report", action="store_true", help="only rebuild the table and figure")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = args.out / ("sequential_quick" if args.limit else "sequential")
+    folder.mkdir(parents=True, exist_ok=True)
+    model = rl.load_model(args.model)
+    if args.report:
+        print(report(folder, args.out, model.cfg.model_name, bool(args.limit)))
+        return
+    unknown = set(args.methods.split(",")) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {list(VARIANTS)}")
     n, n_untouched = (args.limit, args.limit * 5) if args.limit else (args.n, args.untouched)
     checkpoints = sorted({c for c in (10, 100, 500, 1000) if c <= n} | {n})
-    model = rl.load_model(args.model)
-    world = load_world()
-    reqs = make_requests(world, n)
-    edited = {f.subject for f, _ in reqs}
-    untouched = random.Random(1).sample([f for f in world if f.subject not in edited], n_untouched)
+    reqs = make_requests(n)
+    untouched = untouched_facts(model, load_world(), reqs, n_untouched)
     cache = {}
 
     def stats_for(layer):
@@ -132,22 +230,12 @@ def main() -> None:
             cache[layer] = rl.KeyStatistics.compute(model, layer, n_texts=2000 if args.limit else 10_000)
         return cache[layer]
 
-    rows = []
     for name in args.methods.split(","):
-        for alpha in (False, True):
-            rows += run(model, world, reqs, untouched, name, alpha, checkpoints, stats_for)
-    args.out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Sequential editing: up to {n} edits in a row ({model.cfg.model_name})", "",
-             "Top-1 accuracies (%): ES edited prompts give the new object, PS their held-out paraphrases, NS untouched "
-             "facts of other subjects keep theirs, RS the edited subjects' other facts keep theirs.", "",
-             "| variant | edits | applied | ES | PS | NS | RS | ‖ΔW‖/‖W‖ | restored bit-exact | s/edit |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['edits']} | {r['applied']} | {100 * r['ES']:.1f} | {100 * r['PS']:.1f} | "
-                     f"{100 * r['NS']:.1f} | {100 * r['RS']:.1f} | {r['w_change']:.3f} | {r['restored']} | "
-                     f"{r['s_per_edit']:.2f} |")
-    (args.out / ("sequential_edits_quick.md" if args.limit else "sequential_edits.md")).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        for alpha in {"both": (False, True), "off": (False,), "on": (True,)}[args.alpha]:
+            rows = run(model, reqs, untouched, name, alpha, checkpoints, stats_for)
+            (folder / f"{slug(rows[0]['variant'])}.json").write_text(json.dumps(
+                {"model": model.cfg.model_name, "n": n, "untouched": n_untouched, "rows": rows}, indent=1))
+    print(report(folder, args.out, model.cfg.model_name, bool(args.limit)))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,11 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
     return sum(w * e for w, e in zip(weights, ents)) / len(ents)
 
 
-def _record_metrics(model, rec: dict, fluency: bool) -> dict[str, float]:
+def record_metrics(model, rec: dict, fluency: bool = False) -> dict[str, float]:
+    """One CounterFact-style record measured on the model as it is now: ES/EM (the prompt prefers
+    ``target_new`` to ``target_true``; by how much), PS/PM (paraphrases), NS/NM (neighbourhood prompts
+    keep their true object over ``target_new``), RS/RM (the subject's other relations keep their
+    answers), and fluency when asked. Rates are 0-1 here; :class:`EvaluationResult` reports percent."""
     text = rec["prompt"].format(rec["subject"])
     new, true = rec["target_new"], rec["target_true"]
     m: dict[str, float] = {}
@@ -189,7 +193,7 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
         rec = records[i]
         row = _row(rec)
         if method == "none":
-            row.update(_record_metrics(model, rec, fluency))
+            row.update(record_metrics(model, rec, fluency))
         else:
             try:
                 req = EditRequest(rec["prompt"], rec["subject"], rec["target_new"], rec["target_true"])
@@ -199,7 +203,7 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
                 mine[i] = row
                 continue
             with apply_edit(model, update):
-                row.update(_record_metrics(model, rec, fluency))
+                row.update(record_metrics(model, rec, fluency))
         mine[i] = row
     rows = {i: row for part in gather(mine, r) for i, row in part.items()}
     out = [rows[i] for i in range(len(records))]
@@ -212,12 +216,14 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
 def evaluate_batch(model, records, *, method: str = "relation_memit", batch_size: int = 10,
                    layers: Sequence[int] | None = None, config: EditConfig | None = None, stats: dict | None = None,
                    mom2_update_weight: float | None = None, preserve=None, fluency: bool = False,
-                   progress: bool = False) -> EvaluationResult:
+                   progress: bool = False, values=None) -> EvaluationResult:
     """Batch editing: the records are edited ``batch_size`` at a time with MEMIT or relation-MEMIT
     (one :class:`~relation_lens.batch_editing.BatchUpdate` per batch), every record of a batch is
     measured with the whole batch written, and the batch is undone before the next one. A batch
     whose update cannot be computed marks its records with an ``error``. The metrics are
-    :func:`evaluate`'s."""
+    :func:`evaluate`'s (:func:`record_metrics`). ``values``: a
+    :class:`~relation_lens.batch_editing.ValueCache`, to evaluate the same records at several batch
+    sizes while optimising each record's ``z`` once."""
     from relation_lens.batch_editing import BATCH_METHODS, batch_defaults, compute_batch_edit
     from relation_lens.key_statistics import KeyStatistics
 
@@ -239,13 +245,13 @@ def evaluate_batch(model, records, *, method: str = "relation_memit", batch_size
         try:
             reqs = [EditRequest(rec["prompt"], rec["subject"], rec["target_new"], rec["target_true"]) for rec in batch]
             update = compute_batch_edit(model, reqs, method=method, layers=layers, stats=stats, config=config,
-                                        mom2_update_weight=mom2_update_weight, preserve=preserve)
+                                        mom2_update_weight=mom2_update_weight, preserve=preserve, values=values)
         except (EditError, SpanError) as exc:
             out += [{**row, "error": str(exc)} for row in rows]
             continue
         with apply_edit(model, update):
             for row, rec in zip(rows, batch):
-                row.update(_record_metrics(model, rec, fluency))
+                row.update(record_metrics(model, rec, fluency))
         out += rows
     failed = sum("error" in row for row in out)
     return EvaluationResult(method=method, layer=layers[-1], records=tuple(out), summary=summarise(out),

@@ -42,8 +42,21 @@ def test_edit_relations_quick(tmp_path):
 def test_sequential_edits_quick(tmp_path):
     run("sequential_edits.py", "--limit", "3", "--out", str(tmp_path))
     md = (tmp_path / "sequential_edits_quick.md").read_text()
-    assert md.count("| True |") == 10  # 5 methods x (with, without AlphaEdit), each restored bit-exact
+    # 5 methods x (with, without AlphaEdit) x (unedited, 3 edits), each restored bit-exact
+    assert md.count("| True |") == 20 and md.count("| 3 | 3 |") + md.count("| 3 | 2 |") == 10
     assert "relation-MEMIT + AlphaEdit" in md and "r-ROME" in md
+    assert len(list((tmp_path / "sequential_quick").glob("*.json"))) == 10
+    assert (tmp_path / "sequential_edits_quick.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_batch_edits_quick(tmp_path):
+    run("batch_edits.py", "--limit", "3", "--out", str(tmp_path))
+    md = (tmp_path / "batch_edits_quick.md").read_text()
+    # 2 methods x (with, without AlphaEdit) x batch sizes 1 and 3, plus the unedited model
+    assert md.count("MEMIT | 1 | 3 | 0 |") + md.count("MEMIT + AlphaEdit | 1 | 3 | 0 |") == 4
+    assert md.count("| 3 | 1 | 0 |") == 4 and "| unedited |" in md
+    assert "3 values optimised" in md
 
 
 @pytest.mark.slow

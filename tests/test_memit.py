@@ -182,5 +182,12 @@ def test_evaluate_batch_measures_each_record_with_its_batch_written(default_mode
                             config=memit_config(stats_n_texts=300))
     assert len(res.records) == 3 and res.settings["batch_size"] == 2 and res.settings["layers"] == [3, 4]
     assert all("ES" in r or "error" in r for r in res.records)
+    values = rl.ValueCache()  # batch sizes compared on the same z: the cache changes no number
+    cached = rl.evaluate_batch(default_model, recs, method="relation_memit", batch_size=2,
+                               config=memit_config(stats_n_texts=300), values=values)
+    assert cached.records == res.records and len(values) == 3 and values.hits == 0
+    rl.evaluate_batch(default_model, recs, method="relation_memit", batch_size=1, config=memit_config(stats_n_texts=300),
+                      values=values)
+    assert values.hits == 3
     with pytest.raises(rl.EditError, match="batch_size"):
         rl.evaluate_batch(default_model, recs, batch_size=0)

@@ -46,3 +46,17 @@ def test_missing_or_bad_world(tmp_path):
     (tmp_path / "facts.jsonl").write_text('{"fact_id": 0, "subject": "s", "relation_id": "P1"}\n')
     with pytest.raises(DataError, match="record 0: field 'object'"):
         load_world(str(tmp_path))
+
+
+def test_shipped_counterfactual_is_the_seeded_build_and_splits_off_its_tuning_records(default_model):
+    from relation_lens.data.counterfact import TUNING_SPLIT, build_counterfactual, evaluation_records, load_counterfactual
+
+    shipped = [dict(r) for r in load_counterfactual()]
+    assert len(shipped) == 1030 and len({(r["subject"], r["relation_id"]) for r in shipped}) == 1030
+    assert build_counterfactual(default_model, n=12) == shipped[:12]  # the builder's first records, as shipped
+    ev = evaluation_records(shipped, n=1000)
+    tuning = [shipped[i] for i in TUNING_SPLIT]
+    assert len(ev) == 1000 and ev[:400] == shipped[:400] and ev[400] == shipped[430]
+    assert not any(r in ev for r in tuning)
+    with pytest.raises(DataError, match="1001 evaluation records asked for, 1000 there"):
+        evaluation_records(shipped, n=1001)

@@ -1,6 +1,6 @@
 """Write the shipped counterfactual relation dataset for the default model (seeded).
 
-    python experiments/default_model/build_counterfactual.py [--n 500] [--seed 0]
+    python experiments/default_model/build_counterfactual.py [--n 1030] [--seed 0]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from relation_lens.data.counterfact import build_counterfactual, counterfactual_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--n", type=int, default=1030)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     records = build_counterfactual(rl.load_model(), n=args.n, seed=args.seed)

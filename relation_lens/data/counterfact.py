@@ -33,6 +33,21 @@ from relation_lens.probes import known_mask
 from relation_lens.spans import object_tokens, right_pad
 
 
+# Records 400-429 of the shipped dataset tune the editors' settings (experiments/tune_*.py); reported
+# results use the others (evaluation_records).
+TUNING_SPLIT = range(400, 430)
+
+
+def evaluation_records(records=None, n: int | None = None) -> list[dict]:
+    """The shipped records (or ``records``) outside :data:`TUNING_SPLIT`, in order, the first ``n``."""
+    records = list(load_counterfactual() if records is None else records)
+    kept = [r for i, r in enumerate(records) if i not in TUNING_SPLIT]
+    if n is not None and n > len(kept):
+        raise DataError(f"{n} evaluation records asked for, {len(kept)} there (outside the tuning split "
+                        f"{TUNING_SPLIT.start}-{TUNING_SPLIT.stop - 1}); build more with build_counterfactual(n=...)")
+    return kept[:n]
+
+
 @torch.no_grad()
 def build_counterfactual(model, world=None, *, n: int = 500, seed: int = 0, n_neighbors: int = 5,
                          n_relations: int = 5) -> list[dict]:
