@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,7 @@ class _Prepared:
     contrast: Any  # Target or None
     counterfactual: Any  # Counterfactual or None
     start: Any  # the corrupted run's residual entering block 0 (for attribution patching)
+    extra_clean: dict  # the clean run's activations at the hooks asked for by name (rl.patch)
 
     def finish(self, model, scores: dict) -> TraceResult:
         cfg, spans, tgt, T = self.cfg, self.spans, self.target, self.job.n_tokens
@@ -128,11 +130,12 @@ class _Prepared:
 
 
 def _prepare(model, prompt: str, subject: str, target, cfg: TraceConfig, corrupted_prompt: str | None = None,
-             contrast: str | int | None = None, engine: bool = True) -> _Prepared:
+             contrast: str | int | None = None, engine: bool = True, clean_hooks: Sequence[str] = ()) -> _Prepared:
     """Check the inputs, run the clean and corrupted passes, list the cells (call under the model's
     lock and ``no_grad``). The corrupted run keeps every block's residual and keys/values only when
     the patching engine will use them (``engine`` and ``method="exact"``); otherwise it is one plain
-    forward pass for the corrupted value."""
+    forward pass for the corrupted value. ``clean_hooks``: more hooks the clean pass keeps
+    (``extra_clean``)."""
     window = cfg.window_for(model.cfg.n_layers)
     spans = find_spans(model, prompt, subject, include_last=cfg.include_last,
                        require_relation=cfg.corrupt == "relation", prepend_bos=cfg.prepend_bos)
@@ -157,7 +160,7 @@ def _prepare(model, prompt: str, subject: str, target, cfg: TraceConfig, corrupt
         noise_t, std = make_noise(model, cfg.n_samples, span[1] - span[0], cfg.noise, cfg.seed, cfg.noise_subjects)
         n = noise_t.shape[0]
         start = _embed_with_noise(model, tokens, span, noise_t)
-    clean, clean_logits = _clean_run(model, tokens, cfg.kinds)
+    clean, clean_logits, extra_clean = _clean_run(model, tokens, cfg.kinds, clean_hooks)
     tgt = resolve_target(model, prompt, target, clean_logits)
     if engine and cfg.method == "exact":
         resids, kvs, corrupt_logits = _corrupted_run(model, start)
@@ -184,7 +187,7 @@ def _prepare(model, prompt: str, subject: str, target, cfg: TraceConfig, corrupt
     job = _Job(_Runs(clean, resids, kvs), [c for c in cells if c.pos >= span[0]], tgt.token, T,
                None if contrast_t is None else contrast_t.token)
     return _Prepared(job, prompt, subject, cfg, spans, mode, span, tgt, clean_logits, corrupted_prob, std, window,
-                     fixed, n, clean_value, corrupted_value, contrast_t, cf, start)
+                     fixed, n, clean_value, corrupted_value, contrast_t, cf, start, extra_clean)
 
 
 def trace_packed(model, items: list[tuple[str, str, Any, TraceConfig]], *, batch_size: int,

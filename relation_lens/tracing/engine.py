@@ -69,13 +69,15 @@ def _corrupted_run(model, resid: Float[Tensor, "sample pos d_model"]):
     return resids, kvs, _final_logits(model, resid[:, -1:])
 
 
-def _clean_run(model, tokens: Tensor, kinds: Sequence[str]):
-    names = {HOOKS[k].format(l) for k in kinds for l in range(model.cfg.n_layers)}
+def _clean_run(model, tokens: Tensor, kinds: Sequence[str], extra: Sequence[str] = ()):
+    """The clean run: per kind, ``[layer, pos, d]`` activations; the last position's logits; and the
+    hooks named in ``extra`` (``{name: [pos, ...]}``, for callers that restore other sites)."""
+    names = {HOOKS[k].format(l) for k in kinds for l in range(model.cfg.n_layers)} | set(extra)
     logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
     # on one device (the blocks' activations may sit on several: n_devices); moved where they are restored
     dev = logits.device
     clean = {k: torch.stack([cache[HOOKS[k].format(l)][0].to(dev) for l in range(model.cfg.n_layers)]) for k in kinds}
-    return clean, logits[0, -1]
+    return clean, logits[0, -1], {name: cache[name][0] for name in extra}
 
 
 @dataclass(frozen=True)

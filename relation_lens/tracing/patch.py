@@ -59,7 +59,8 @@ class Site:
                 "neurons": None if self.neurons is None else list(self.neurons)}
 
 
-def _check_site(model, site: Any, n_pos: int) -> Site:
+def _check_site(model, site: Any, n_pos: int | None) -> Site:
+    """``site`` checked against the model, and against a prompt of ``n_pos`` tokens unless ``None``."""
     if not isinstance(site, Site):
         raise ConfigError(f"{site!r} is not a Site (relation_lens.tracing.patch.Site)")
     c = model.cfg
@@ -68,7 +69,7 @@ def _check_site(model, site: Any, n_pos: int) -> Site:
         raise ConfigError(f"{where}: kind {site.kind!r} is not one of {list(SITE_KINDS)}")
     if not 0 <= site.layer < c.n_layers:
         raise ConfigError(f"{where}: layer {site.layer} is outside [0, {c.n_layers})")
-    if not 0 <= site.position < n_pos:
+    if n_pos is not None and not 0 <= site.position < n_pos:
         raise ConfigError(f"{where}: position {site.position} is outside the prompt's {n_pos} tokens")
     if site.kind == "head":
         if site.head is None or not 0 <= site.head < c.n_heads:
@@ -173,14 +174,12 @@ def patch(model, prompt: str, *, subject: str, sites, target: str | int | None =
     groups = [tuple(g) if isinstance(g, (list, tuple)) else (g,) for g in sites]
     if not groups or any(not g for g in groups):
         raise ConfigError("sites is empty, or holds an empty group")
+    names = sorted({_check_site(model, s, None).hook for g in groups for s in g})
     with model_lock(model), torch.no_grad():
         job = _prepare(model, prompt, subject, target, cfg.replace(kinds=("resid",), method="exact"),
-                       corrupted_prompt, contrast, engine=False)
-        T = job.job.n_tokens
-        groups = [tuple(_check_site(model, s, T) for s in g) for g in groups]
-        names = sorted({s.hook for g in groups for s in g})
-        _, cache = model.run_with_cache(job.spans.tokens.to(model.cfg.device)[None],
-                                        names_filter=lambda name: name in names)
+                       corrupted_prompt, contrast, engine=False, clean_hooks=names)
+        groups = [tuple(_check_site(model, s, job.job.n_tokens) for s in g) for g in groups]
+        cache = job.extra_clean  # the clean pass's activations at the restored hooks
         n = job.n
         values: list[float] = []
         per_batch = max(1, cfg.batch_size // n)
@@ -188,7 +187,7 @@ def patch(model, prompt: str, *, subject: str, sites, target: str | int | None =
             chunk = groups[i:i + per_batch]
             # per row: [pos, head] for hook_z (a head's whole d_head), [pos, unit] for the others
             # (hook_post's units are neurons; a whole-vector site sets every unit)
-            masks = {name: torch.zeros((len(chunk) * n, *cache[name].shape[1:3]), dtype=torch.bool) for name in names}
+            masks = {name: torch.zeros((len(chunk) * n, *cache[name].shape[:2]), dtype=torch.bool) for name in names}
             for g, group in enumerate(chunk):
                 rows = slice(g * n, (g + 1) * n)
                 for s in group:
@@ -199,7 +198,7 @@ def patch(model, prompt: str, *, subject: str, sites, target: str | int | None =
                         m[rows, s.position, list(s.neurons)] = True
                     else:
                         m[rows, s.position, :] = True
-            hooks = [(name, _restorer(cache[name][0], masks[name])) for name in names if masks[name].any()]
+            hooks = [(name, _restorer(cache[name], masks[name])) for name in names if masks[name].any()]
             start = job.start.repeat(len(chunk), 1, 1)
             with model.hooks(fwd_hooks=hooks):
                 logits = model(start, start_at_layer=0)[:, -1]
