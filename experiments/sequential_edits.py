@@ -5,7 +5,7 @@ projection.
 The requests are the first N records of the shipped counterfactual relation dataset outside its
 tuning split (``evaluation_records``; 1,000 of its 1,030). After 10, 100, 500 and 1,000 edits (those
 up to N) it measures, over the records edited so far, the evaluation's CounterFact metrics
-(``relation_lens.evaluation.record_metrics``):
+(``relation_lens.evaluation.records_metrics``):
 
 * ES: the edited prompt prefers the new object to the true one;
 * PS: so do its paraphrases;
@@ -45,7 +45,7 @@ from relation_lens.batch_editing import Preserve, batch_defaults, memit_config
 from relation_lens.data import load_world
 from relation_lens.editing import EditConfig, default_layer, generate_prefixes
 from relation_lens.data.counterfact import evaluation_records
-from relation_lens.evaluation import record_metrics
+from relation_lens.evaluation import records_metrics
 from relation_lens.probes import known_mask
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -78,7 +78,7 @@ def untouched_facts(model, world, reqs, n: int, seed: int = 1):
 
 def measure(model, done, untouched) -> dict:
     """Mean CounterFact metrics over the records in ``done``, and the untouched-fact accuracy."""
-    per = [record_metrics(model, rec) for rec, _ in done]
+    per = records_metrics(model, [rec for rec, _ in done])
     mean = {m: (sum(x[m] for x in per if m in x) / n if (n := sum(m in x for x in per)) else float("nan"))
             for m in ("ES", "PS", "NS", "RS")}
     return {**mean, "untouched": accuracy(model, [g.prompt(0) for g in untouched], [g.object for g in untouched])}

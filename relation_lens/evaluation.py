@@ -54,25 +54,38 @@ def record_metrics(model, rec: dict, fluency: bool = False) -> dict[str, float]:
     ``target_new`` to ``target_true``; by how much), PS/PM (paraphrases), NS/NM (neighbourhood prompts
     keep their true object over ``target_new``), RS/RM (the subject's other relations keep their
     answers), and fluency when asked. Rates are 0-1 here; :class:`EvaluationResult` reports percent."""
-    text = rec["prompt"].format(rec["subject"])
-    new, true = rec["target_new"], rec["target_true"]
-    m: dict[str, float] = {}
-    p = target_probs(model, [text, text], [new, true])
-    m["ES"], m["EM"] = float(p[0] > p[1]), float(p[0] - p[1])
-    if rec["paraphrase_prompts"]:
-        k = len(rec["paraphrase_prompts"])
-        p = target_probs(model, rec["paraphrase_prompts"] * 2, [new] * k + [true] * k)
-        m["PS"], m["PM"] = (p[:k] > p[k:]).float().mean().item(), (p[:k] - p[k:]).mean().item()
-    for key, prompts, targets in (("N", rec["neighborhood_prompts"], rec["neighborhood_targets"]),
-                                  ("R", rec["relation_prompts"], rec["relation_targets"])):
-        if prompts:
-            k = len(prompts)
-            p = target_probs(model, list(prompts) * 2, list(targets) + [new] * k)
-            m[f"{key}S"], m[f"{key}M"] = (p[:k] > p[k:]).float().mean().item(), (p[:k] - p[k:]).mean().item()
+    m = records_metrics(model, [rec])[0]
     if fluency:
-        gens = [greedy_generate(model, g) for g in (rec.get("generation_prompts") or [text])]
+        gens = [greedy_generate(model, g) for g in (rec.get("generation_prompts") or [rec["prompt"].format(rec["subject"])])]
         m["fluency"] = sum(ngram_entropy(g) for g in gens) / len(gens)
     return m
+
+
+def records_metrics(model, records: Sequence[dict]) -> list[dict[str, float]]:
+    """:func:`record_metrics` (without fluency) of several records, their probabilities read in one
+    batched :func:`~relation_lens.probes.target_probs` call."""
+    prompts, targets, reads = [], [], []
+    for j, rec in enumerate(records):
+        text = rec["prompt"].format(rec["subject"])
+        new, true = rec["target_new"], rec["target_true"]
+        paras = list(rec["paraphrase_prompts"])
+        # (metric, prompts, the target that should win, the one it is compared with)
+        for key, ps, wins, loses in (("E", [text], [new], [true]),
+                                     ("P", paras, [new] * len(paras), [true] * len(paras)),
+                                     ("N", list(rec["neighborhood_prompts"]), list(rec["neighborhood_targets"]),
+                                      [new] * len(rec["neighborhood_prompts"])),
+                                     ("R", list(rec["relation_prompts"]), list(rec["relation_targets"]),
+                                      [new] * len(rec["relation_prompts"]))):
+            if ps:
+                reads.append((j, key, len(prompts), len(ps)))
+                prompts += ps * 2
+                targets += wins + loses
+    p = target_probs(model, prompts, targets)
+    out: list[dict[str, float]] = [{} for _ in records]
+    for j, key, start, k in reads:
+        a, b = p[start:start + k], p[start + k:start + 2 * k]
+        out[j][f"{key}S"], out[j][f"{key}M"] = (a > b).float().mean().item(), (a - b).mean().item()
+    return out
 
 
 def _row(rec: dict) -> dict[str, Any]:
@@ -250,8 +263,10 @@ def evaluate_batch(model, records, *, method: str = "relation_memit", batch_size
             out += [{**row, "error": str(exc)} for row in rows]
             continue
         with apply_edit(model, update):
-            for row, rec in zip(rows, batch):
-                row.update(record_metrics(model, rec, fluency))
+            for row, rec, m in zip(rows, batch, records_metrics(model, batch)):
+                row.update(m)
+                if fluency:
+                    row.update(fluency=record_metrics(model, rec, True)["fluency"])
         out += rows
     failed = sum("error" in row for row in out)
     return EvaluationResult(method=method, layer=layers[-1], records=tuple(out), summary=summarise(out),

@@ -23,16 +23,22 @@ def predict(model, prompts: Sequence[str], k: int = 1) -> list[list[tuple[str, f
 
 
 @torch.no_grad()
-def target_probs(model, prompts: Sequence[str], targets: Sequence[str]) -> torch.Tensor:
-    """``exp(mean log P(target tokens | prompt))`` for each (prompt, target) pair, teacher-forced."""
-    out = []
-    for p, t in zip(prompts, targets):
-        ctx = model.to_tokens(p)[0]
-        tgt = object_tokens(model, p, t)
-        logits = model(torch.cat([ctx, tgt[:-1]])[None])[0]
-        logp = logits[len(ctx) - 1:].float().log_softmax(-1)
-        out.append(logp.gather(1, tgt[:, None]).mean().exp())
-    return torch.stack(out) if out else torch.zeros(0)
+def target_probs(model, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """``exp(mean log P(target tokens | prompt))`` for each (prompt, target) pair, teacher-forced; the
+    pairs run in right-padded batches of ``batch_size`` sequences of similar length (causal attention:
+    each pair's positions are as they would be alone). A float32 tensor on the CPU."""
+    pairs = [(model.to_tokens(p)[0].cpu(), object_tokens(model, p, t).cpu()) for p, t in zip(prompts, targets)]
+    out = torch.zeros(len(pairs))
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    for c in range(0, len(order), batch_size):
+        idx = order[c:c + batch_size]
+        seqs = [torch.cat([pairs[i][0], pairs[i][1][:-1]]) for i in idx]
+        logits = model(right_pad(model, seqs).to(model.cfg.device))
+        for row, i in enumerate(idx):
+            ctx, tgt = pairs[i]
+            logp = logits[row, len(ctx) - 1:len(ctx) - 1 + len(tgt)].float().log_softmax(-1)
+            out[i] = logp.gather(1, tgt[:, None].to(logp.device)).mean().exp().cpu()
+    return out
 
 
 @torch.no_grad()

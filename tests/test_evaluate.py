@@ -62,3 +62,16 @@ def test_evaluate_undoes_and_keeps_records(tiny_model, tmp_path):
     assert back.to_json() == res.to_json() and back == res
     metrics = ", ".join(f"{k} {res.summary[k][0]:.1f}" for k in ("ES", "PS", "NS", "RS"))
     assert repr(res) == f"EvaluationResult(relation_rome at layer 2: Score {res.score:.1f}, {metrics}; 2 records, 0 failed)"
+
+
+def test_batched_target_probs_equal_one_forward_per_pair(tiny_model):
+    prompts = ["The capital of France is", "Paris is located in the country of", "The Space Needle is in",
+               "Lyon is"] * 3
+    targets = ["Paris Texas", "Japan", "Seattle, Washington state", "a city"] * 3
+    got = target_probs(tiny_model, prompts, targets, batch_size=5)  # chunks mixing lengths, padded
+    for p, t, g in zip(prompts, targets, got):
+        ctx = tiny_model.to_tokens(p)[0]
+        tgt = tiny_model.to_tokens(" " + t, prepend_bos=False)[0]
+        with torch.no_grad():
+            logp = tiny_model(torch.cat([ctx, tgt[:-1]])[None])[0, len(ctx) - 1:].float().log_softmax(-1)
+        assert g.item() == pytest.approx(logp.gather(1, tgt[:, None]).mean().exp().item(), rel=1e-5, abs=1e-9)

@@ -26,7 +26,8 @@ TABLE = {("S is in", "New"): 0.6, ("S is in", "True"): 0.2,
 def test_record_metrics_by_hand(monkeypatch):
     monkeypatch.setattr(ev, "target_probs", lambda model, prompts, targets: torch.tensor(
         [TABLE[(p, t)] for p, t in zip(prompts, targets)]))
-    m = ev._record_metrics(None, REC, fluency=False)
+    m = ev.record_metrics(None, REC, fluency=False)
+    assert ev.records_metrics(None, [REC, REC]) == [m, m]  # one batched read for several records
     assert m["ES"] == 1.0 and m["EM"] == pytest.approx(0.4)               # 0.6 > 0.2
     assert m["PS"] == 1.0 and m["PM"] == pytest.approx((0.2 + 0.05) / 2)  # both paraphrases take New
     assert m["NS"] == pytest.approx(2 / 3) and m["NM"] == pytest.approx((0.6 - 0.3 + 0.9) / 3)  # N1, N3 keep True
