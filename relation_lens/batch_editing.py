@@ -41,7 +41,7 @@ from torch import Tensor
 
 from relation_lens._locks import model_lock
 from relation_lens._results import ValueEquality
-from relation_lens.editing import EditConfig, EditRequest, _check_model, _key_position, _value
+from relation_lens.editing import EditConfig, EditRequest, _check_model, _key_position, _value, generate_prefixes
 from relation_lens.spans import right_pad
 from relation_lens.errors import EditError
 
@@ -208,10 +208,13 @@ def compute_batch_edit(model, requests: EditRequest | Sequence[EditRequest], *, 
         key_method = "rome" if method == "memit" else "relation_rome"
         if values is not None and not isinstance(values, ValueCache):
             raise EditError(f"values= takes a ValueCache, got {type(values).__name__}")
+        # the context prefixes generated once for the batch (MEMIT's template cache), not once per request
+        fixed = config if config.prefixes is not None else dataclasses.replace(
+            config, prefixes=tuple(generate_prefixes(model, config)))
         if values is None:
-            found = [_value(model, r, z_layer, key_method, config, init="resid") for r in requests]
+            found = [_value(model, r, z_layer, key_method, fixed, init="resid") for r in requests]
         else:
-            found = values.values(model, requests, z_layer, key_method, config)
+            found = values.values(model, requests, z_layer, key_method, fixed)
         Z = torch.stack([(v.target_init + v.delta).double().cpu() for v in found])
         prefixes = found[0].prefixes
         key_rows, plain_rows = _key_rows(model, requests, key_method, prefixes, config)
