@@ -56,9 +56,14 @@ def record_metrics(model, rec: dict, fluency: bool = False) -> dict[str, float]:
     answers), and fluency when asked. Rates are 0-1 here; :class:`EvaluationResult` reports percent."""
     m = records_metrics(model, [rec])[0]
     if fluency:
-        gens = [greedy_generate(model, g) for g in (rec.get("generation_prompts") or [rec["prompt"].format(rec["subject"])])]
-        m["fluency"] = sum(ngram_entropy(g) for g in gens) / len(gens)
+        m["fluency"] = _fluency(model, rec)
     return m
+
+
+def _fluency(model, rec: dict) -> float:
+    """ROME's fluency of greedy generations from the record's generation prompts (or its prompt)."""
+    gens = [greedy_generate(model, g) for g in (rec.get("generation_prompts") or [rec["prompt"].format(rec["subject"])])]
+    return sum(ngram_entropy(g) for g in gens) / len(gens)
 
 
 def records_metrics(model, records: Sequence[dict]) -> list[dict[str, float]]:
@@ -266,7 +271,7 @@ def evaluate_batch(model, records, *, method: str = "relation_memit", batch_size
             for row, rec, m in zip(rows, batch, records_metrics(model, batch)):
                 row.update(m)
                 if fluency:
-                    row.update(fluency=record_metrics(model, rec, True)["fluency"])
+                    row["fluency"] = _fluency(model, rec)
         out += rows
     failed = sum("error" in row for row in out)
     return EvaluationResult(method=method, layer=layers[-1], records=tuple(out), summary=summarise(out),
