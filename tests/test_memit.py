@@ -191,3 +191,26 @@ def test_evaluate_batch_measures_each_record_with_its_batch_written(default_mode
     assert values.hits == 3
     with pytest.raises(rl.EditError, match="batch_size"):
         rl.evaluate_batch(default_model, recs, batch_size=0)
+
+
+def test_evaluate_batch_fluency_is_roms_measure_with_the_batch_written(default_model):
+    from relation_lens.batch_editing import compute_batch_edit
+    from relation_lens.data.counterfact import load_counterfactual
+    from relation_lens.evaluation import ngram_entropy
+    from relation_lens.probes import greedy_generate
+
+    recs = list(load_counterfactual())[:2]
+    config, values = memit_config(stats_n_texts=300), rl.ValueCache()
+    res = rl.evaluate_batch(default_model, recs, method="relation_memit", batch_size=2, config=config,
+                            fluency=True, values=values)
+    before = {k: v.clone() for k, v in default_model.state_dict().items()}
+    # by hand: the same batch written (same z from the cache), then ROME's fluency of each record's generations
+    reqs = [rl.EditRequest(r["prompt"], r["subject"], r["target_new"], r["target_true"]) for r in recs]
+    update = compute_batch_edit(default_model, reqs, method="relation_memit", layers=[3, 4], config=config,
+                                mom2_update_weight=res.settings["mom2_update_weight"], values=values)
+    with rl.apply_edit(default_model, update):
+        expected = [sum(ngram_entropy(greedy_generate(default_model, g)) for g in r["generation_prompts"])
+                    / len(r["generation_prompts"]) for r in recs]
+    assert [row["fluency"] for row in res.records] == pytest.approx(expected, abs=1e-12)
+    assert res.settings["fluency"] is True
+    assert all(torch.equal(before[k], v) for k, v in default_model.state_dict().items())
