@@ -10,6 +10,31 @@ os.environ["RELATION_LENS_CACHE"] = _tempfile.mkdtemp(prefix="relation_lens_test
 import pytest
 import torch
 
+# A subprocess a test starts (an experiment's quick run, torchrun) gets CI's own wall-clock limit
+# (25 minutes for the whole run), never a tighter one: a run's time depends on the host's load
+# (measured: the edit quick run went past a 600 s limit at load 5-6 on 2 cores), its result does not.
+SUBPROCESS_TIMEOUT_S = 25 * 60
+
+# float32 tolerances follow from the arithmetic, never tighter (a host's kernels may round and order
+# sums differently). EPS32 = 2**-23 = 1.19e-7, the relative spacing of float32 numbers.
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def float32_sum_tolerance(n_terms: int, magnitude: float = 1.0) -> float:
+    """Worst-case rounding of a float32 sum (or mean) of ``n_terms`` values of size up to
+    ``magnitude``, in any order, plus the final rounding: ``(n_terms + 1) * EPS32 * magnitude``
+    (recursive summation, Higham 2002, section 4.2)."""
+    return (n_terms + 1) * EPS32 * magnitude
+
+
+def float32_prob_tolerance(prob: float, logit_absmax: float, d_model: int) -> float:
+    """How far a float32 P(target) can move when the same logits are computed by another float32
+    path (another batch shape, another kernel): each logit is a ``d_model``-term dot product of
+    size up to ``logit_absmax``, rounded with the statistical growth ``sqrt(d_model) * EPS32 *
+    logit_absmax`` (Higham 2002, section 2.8); a softmax moves ``P`` by at most ``2 P`` times the
+    largest logit change."""
+    return 2 * prob * d_model ** 0.5 * EPS32 * logit_absmax
+
 
 def all_hooks(model) -> int:
     """Hooks registered on any HookPoint of the model (forward and backward)."""
@@ -54,6 +79,15 @@ def tiny_model(tokenizer):
     """A deterministic random 4-layer GPT-2-style HookedTransformer with the default tokenizer."""
     return random_model(tokenizer, "tiny-random", n_layers=4, d_mlp=128, act_fn="gelu_new",
                         normalization_type="LN")
+
+
+@pytest.fixture(scope="session")
+def tiny_model64(tokenizer):
+    """``tiny_model``'s architecture in float64 (HookedTransformer(cfg) keeps the dtype: no weight
+    processing casts it): for oracles that read the same numbers through differently batched forward
+    passes, where float32's kernels round differently (measured: 1.7e-6 on a residual of norm ~10)."""
+    return random_model(tokenizer, "tiny-random-f64", n_layers=4, d_mlp=128, act_fn="gelu_new",
+                        normalization_type="LN", dtype=torch.float64)
 
 
 def random_model(tokenizer, name: str, *, n_layers: int = 3, d_model: int = 64, n_heads: int = 4, d_mlp: int = 96,

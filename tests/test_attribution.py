@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import relation_lens as rl
-from conftest import random_model
+from conftest import EPS32, random_model
 from oracle import window as oracle_window
 
 PROMPT, SUBJECT = "The Space Needle is located in the city of", "The Space Needle"
@@ -84,7 +84,7 @@ def test_attribution_equals_finite_differences(model64, metric):
     assert res.method == "attribution"
     noise, _ = make_noise(model64, 2, res.corrupt_span[1] - res.corrupt_span[0], None, 0)
     grids, base = _finite_difference_grids(model64, res, noise, metric, res.contrast_token, 3)
-    assert abs(base - res.corrupted_value) <= 1e-6
+    assert abs(base - res.corrupted_value) <= 4 * EPS32 * max(1.0, abs(base))  # stored in float32
     scale = max(1.0, max(g.abs().max().item() for g in grids.values()))
     for kind in grids:
         # the grids are stored in float32: 1e-6 of the scale

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import relation_lens as rl
+from conftest import SUBPROCESS_TIMEOUT_S
 from relation_lens.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def test_trace_dataset_with_torchrun_equals_one_process(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "relation_lens",
-                           *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600,
+                           *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
                           env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "trace_dataset.json").read_text())

@@ -7,7 +7,7 @@ from relation_lens.editing import EditConfig
 from relation_lens.evaluation import evaluate, ngram_entropy
 from relation_lens.probes import target_probs
 from relation_lens.key_statistics import KeyStatistics
-from conftest import checksum, same_weights
+from conftest import checksum, float32_prob_tolerance, same_weights
 
 
 def test_ngram_entropy_by_hand():
@@ -50,9 +50,14 @@ def test_evaluate_undoes_and_keeps_records(tiny_model, tmp_path):
     with apply_edit(tiny_model, upd):
         p = target_probs(tiny_model, ["Paris is located in the country of"] * 2, ["Japan", "France"])
         n = target_probs(tiny_model, ["Lyon is located in the country of"] * 2, ["France", "Japan"])
-    assert res.records[0]["EM"] == pytest.approx((p[0] - p[1]).item(), abs=1e-6)
+        with torch.no_grad():
+            zmax = max(tiny_model(t)[0, -1].abs().max().item() for t in ("Paris is located in the country of",
+                                                                          "Lyon is located in the country of"))
+    # a difference of two probabilities, each read through other float32 batches than evaluate's
+    tol = 2 * float32_prob_tolerance(1.0, zmax, tiny_model.cfg.d_model)
+    assert res.records[0]["EM"] == pytest.approx((p[0] - p[1]).item(), abs=tol)
     assert res.records[0]["ES"] == float(p[0] > p[1])
-    assert res.records[0]["NM"] == pytest.approx((n[0] - n[1]).item(), abs=1e-6)
+    assert res.records[0]["NM"] == pytest.approx((n[0] - n[1]).item(), abs=tol)
     base = evaluate(tiny_model, recs, method="none")
     assert base.records[0]["EM"] == pytest.approx(
         (target_probs(tiny_model, ["Paris is located in the country of"] * 2, ["Japan", "France"]) @

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SUBPROCESS_TIMEOUT_S
+
 ROOT = Path(__file__).resolve().parents[1]
 SLICE = ROOT / "tests" / "data" / "shared_slice"  # the first records of ../shared/data's files
 
 
 def run(script: str, *args: str) -> str:
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True,
-                          text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                          text=True, timeout=SUBPROCESS_TIMEOUT_S, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
                                                        "HOME": str(Path.home()),
                                                        "RELATION_LENS_CACHE": os.environ["RELATION_LENS_CACHE"]})
     assert proc.returncode == 0, proc.stderr[-3000:]

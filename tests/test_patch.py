@@ -10,6 +10,7 @@ import torch
 import relation_lens as rl
 from relation_lens import Site
 from relation_lens.tracing import make_noise
+from conftest import float32_prob_tolerance
 
 PROMPT, SUBJECT = "The Space Needle is located in the city of", "The Space Needle"
 
@@ -19,6 +20,17 @@ def grid(tiny_model):
     return rl.trace(tiny_model, PROMPT, subject=SUBJECT, window=1, n_samples=3)
 
 
+def _noised(model, grid):
+    a, b = grid.corrupt_span
+    noise, _ = make_noise(model, 3, b - a, None, 0)
+
+    def add_noise(act, hook):
+        act = act.clone()
+        act[:, a:b] += noise
+        return act
+    return add_noise
+
+
 def test_whole_sites_equal_the_engine(tiny_model, grid):
     L, T = tiny_model.cfg.n_layers, len(grid.tokens)
     sites = [Site(k, l, p) for k in ("resid", "mlp", "attn") for l in range(L) for p in range(T)]
@@ -26,7 +38,13 @@ def test_whole_sites_equal_the_engine(tiny_model, grid):
     got = torch.tensor(res.values).view(3, L, T)
     for i, kind in enumerate(("resid", "mlp", "attn")):
         assert (got[i] - grid.scores[kind]).abs().max().item() <= 1e-5, kind
-    assert res.corrupted_value == pytest.approx(grid.corrupted_prob, abs=1e-7)
+    # the same corrupted runs, batched differently: float32 rounding of the logits allows this much
+    with torch.no_grad():
+        logits = tiny_model.run_with_hooks(tiny_model.to_tokens(PROMPT).expand(3, -1), fwd_hooks=[
+            ("hook_embed", _noised(tiny_model, grid))])[:, -1]
+    tol = float32_prob_tolerance(grid.corrupted_prob, logits.abs().max().item(), tiny_model.cfg.d_model)
+    assert res.corrupted_value == pytest.approx(grid.corrupted_prob, abs=tol)
+    assert res.corrupted_value == pytest.approx(logits.softmax(-1)[:, grid.target_token].mean().item(), abs=tol)
 
 
 def test_all_heads_are_the_attention_output_and_all_neurons_the_mlp(tiny_model, grid):

@@ -6,7 +6,7 @@ import torch
 
 import relation_lens as rl
 from relation_lens.tracing import TargetWarning, make_noise, patched_probability, window_layers
-from conftest import ARCHITECTURES, all_hooks, checksum, random_model, same_weights
+from conftest import ARCHITECTURES, all_hooks, checksum, float32_sum_tolerance, random_model, same_weights
 from oracle import naive_trace
 
 PROMPT, SUBJECT = "The Space Needle is located in the city of", "The Space Needle"
@@ -242,7 +242,8 @@ def test_trace_dataset(tiny_model, tmp_path):
     kept = [r for r, u in zip(res.results, res.used) if u]
     from relation_lens.tracing import bucketize
     manual = torch.stack([bucketize(r, "mlp") for r in kept]).nanmean(0)
-    assert torch.allclose(res.mean["mlp"], manual, equal_nan=True, atol=1e-7)
+    # float32 means of len(kept) probabilities (<= 1) in another order
+    assert torch.allclose(res.mean["mlp"], manual, equal_nan=True, rtol=0, atol=float32_sum_tolerance(len(kept)))
     assert res.mean["resid"].shape == (tiny_model.cfg.n_layers, len(res.buckets))
     everything = rl.trace_dataset(tiny_model, facts, n_samples=2, window=2, exclude_incorrect=False)
     assert everything.n_used == 3
