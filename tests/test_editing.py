@@ -235,3 +235,24 @@ def test_left_vector_is_the_inverse_second_moment_times_the_key(tiny_model, tiny
     # and the update is not the plain-key one that ignores C
     plain = k / k.norm()
     assert (upd.left / upd.left.norm() - plain).norm() > 1e-2
+
+
+def test_ridge_is_relative_to_the_mean_diagonal_of_c(tiny_model):
+    """EditConfig(ridge=r) solves (C + r mean(diag C) I) u = k* (written out here, float64); mean(diag C)
+    is 2.15 for this C, so a ridge without that scaling fails; the edited key still maps to v* exactly."""
+    g = torch.Generator().manual_seed(1)
+    d = tiny_model.cfg.d_mlp
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    C = q @ torch.diag(torch.logspace(-1, 1, d, dtype=torch.float64)) @ q.T
+    stats = KeyStatistics(layer=2, moment=C, count=1000, model_fingerprint="synthetic", corpus_hash="synthetic",
+                          n_texts=1)
+    req = EditRequest("{} is located in the country of", "Paris", "Japan")
+    upd = compute_edit(tiny_model, req, method="relation_rome", layer=2, stats=stats,
+                       config=dataclasses.replace(FAST, ridge=0.5))
+    ridged = C + 0.5 * (torch.trace(C) / d) * torch.eye(d, dtype=torch.float64)
+    assert torch.allclose(upd.left, torch.linalg.solve(ridged, upd.key), rtol=1e-9, atol=0)
+    unscaled = torch.linalg.solve(C + 0.5 * torch.eye(d, dtype=torch.float64), upd.key)
+    assert (upd.left - unscaled).norm() > 1e-2 * upd.left.norm()
+    W = tiny_model.blocks[2].mlp.W_out.detach().double()
+    b = tiny_model.blocks[2].mlp.b_out.detach().double()
+    assert torch.allclose(upd.key @ (W + upd.delta()) + b, upd.value, atol=1e-6)

@@ -23,10 +23,21 @@ def naive_knockout(model, tokens, keys, layers, target, head=None):
     return logits[0, -1].softmax(-1)[target].item()
 
 
+def rome_window(layer, window, n_layers):
+    """The layers ROME restores around ``layer`` (experiments/causal_trace.py: ``max(0, layer - window // 2)``
+    to ``min(n_layers, layer - (-window // 2))``), written out here as offsets so the oracle does not
+    call the library's helper: ``-(window // 2) <= j - layer <= (window - 1) // 2``."""
+    return [j for j in range(n_layers) if -(window // 2) <= j - layer <= (window - 1) // 2]
+
+
+def test_rome_window_offsets():
+    # an odd window is centred, an even one has one more layer below than above (ROME's rule)
+    assert rome_window(5, 3, 12) == [4, 5, 6] and rome_window(5, 4, 12) == [3, 4, 5, 6]
+    assert rome_window(0, 10, 48) == [0, 1, 2, 3, 4] and rome_window(20, 10, 48) == list(range(15, 25))
+
+
 @pytest.mark.parametrize("per_head", [False, True])
 def test_knockout_matches_naive_oracle(tiny_model, per_head):
-    from relation_lens.tracing import window_layers
-
     saved = checksum(tiny_model)
     res = rl.knockout(tiny_model, PROMPT, subject=SUBJECT, window=3, per_head=per_head, batch_size=7)
     tokens = tiny_model.to_tokens(PROMPT)[0]
@@ -36,15 +47,20 @@ def test_knockout_matches_naive_oracle(tiny_model, per_head):
     end = next(k for k in range(2, T) if "".join(strs[1:k]) == "The Space Needle")
     assert res.positions == {"subject": list(range(1, end)), "relation": list(range(end, T - 1)), "last": [T - 1],
                              "other": [0]}
+    with torch.no_grad():
+        clean = tiny_model(tokens[None])[0, -1].softmax(-1)[res.target_token].item()
+    assert res.clean_prob == pytest.approx(clean, abs=1e-6)
     spread = 0.0
     for source, keys in res.positions.items():
         for layer in range(L):
             for head in (range(H) if per_head else [None]):
-                want = naive_knockout(tiny_model, tokens, keys, list(window_layers(layer, 3, L)), res.target_token,
-                                      head) if keys else res.clean_prob
-                got = res.prob[source][layer, head].item() if per_head else res.prob[source][layer].item()
-                assert got == pytest.approx(want, abs=1e-5), (source, layer, head)
-                spread = max(spread, abs(want - res.clean_prob))
+                want = naive_knockout(tiny_model, tokens, keys, rome_window(layer, 3, L), res.target_token,
+                                      head) if keys else clean
+                at = (layer, head) if per_head else (layer,)
+                assert res.prob[source][at].item() == pytest.approx(want, abs=1e-5), (source, layer, head)
+                # the relative change is against the clean probability: (P_blocked - P_clean) / P_clean
+                assert res.change[source][at].item() == pytest.approx((want - clean) / clean, abs=1e-5 / clean)
+                spread = max(spread, abs(want - clean))
     assert spread > 1000 * 1e-5  # the knockouts move P far more than the tolerance
     assert same_weights(tiny_model, saved) and all_hooks(tiny_model) == 0
 

@@ -157,6 +157,32 @@ def test_alphaedit_remembers_edited_keys(tiny_model, stats):
     assert (k @ mindful.deltas[2]).norm() < 0.9 * (k @ forgetful.deltas[2]).norm()
 
 
+def test_alphaedit_memory_is_the_sum_of_every_remembered_edit(tiny_model, stats):
+    """After two edits, C_p is K1^T K1 + K2^T K2 (AlphaEdit's cache_c accumulates), and the solve is
+    (P (K^T K + C_p) + l2 I)^-1 P K^T R with that sum, written out here (float64)."""
+    C = stats[2].moment.double()
+    threshold = float(torch.linalg.eigvalsh(C).median())
+    kw = dict(method="relation_memit", layers=(2,), stats=stats, config=CONFIG)
+    first = rl.compute_edit(tiny_model, REQUESTS[:1], **kw)
+    second = rl.compute_edit(tiny_model, REQUESTS[1:2], **kw)
+    memory = Preserve(threshold=threshold, l2=1.0)
+    memory.remember(first)
+    memory.remember(second)
+    K1, K2 = first.keys[2], second.keys[2]
+    Cp = K1.T @ K1 + K2.T @ K2
+    assert torch.allclose(memory.edited[2], Cp, rtol=1e-12, atol=0)
+    third = rl.compute_edit(tiny_model, REQUESTS[2:], preserve=memory, **kw)
+    eigvals, eigvecs = torch.linalg.eigh((C + C.T) / 2)
+    null = eigvecs[:, eigvals < threshold]
+    P = null @ null.T
+    K, R = third.keys[2], third.residuals[2]
+    want = torch.linalg.solve(P @ (K.T @ K + Cp) + torch.eye(P.shape[0], dtype=torch.float64), P @ K.T @ R)
+    assert (third.deltas[2] - want).abs().max() <= 1e-9 * want.abs().max()
+    only_last = torch.linalg.solve(P @ (K.T @ K + K2.T @ K2) + torch.eye(P.shape[0], dtype=torch.float64),
+                                   P @ K.T @ R)
+    assert (only_last - want).abs().max() > 1e-4 * want.abs().max()  # the first edit's keys matter
+
+
 def test_batch_edit_inputs_are_checked(tiny_model, stats):
     with pytest.raises(rl.EditError, match="distinct and ascending"):
         rl.compute_edit(tiny_model, REQUESTS, method="memit", layers=(2, 1), stats=stats, config=CONFIG)

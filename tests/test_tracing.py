@@ -24,6 +24,10 @@ def _oracle_check(model, prompt, subject, target, corrupt, n, window, tol=1e-5):
         assert torch.allclose(res.scores[kind], grids[kind], atol=tol), (kind, (res.scores[kind] - grids[kind]).abs().max())
     # the comparison means something only if the grid varies far more than the tolerance
     assert res.scores["resid"].max() - res.scores["resid"].min() > 1000 * tol
+    # ... and at the first corrupted position too (an engine that skipped those cells and filled them
+    # with the corrupted value, as it does before the span, fails here)
+    first = res.corrupt_span[0]
+    assert max((res.scores[k][:, first] - res.corrupted_prob).abs().max() for k in res.scores) > 100 * tol
     return res
 
 
@@ -276,3 +280,22 @@ def test_buckets():
     assert b["first subject"] == [1] and b["middle subject"] == [2] and b["last subject"] == [3]
     assert b["first relation"] == [4] and b["middle relation"] == [5, 6, 7] and b["last relation"] == [8]
     assert b["last token"] == [9]
+
+
+@pytest.mark.parametrize("pack", [1, 2])
+def test_trace_dataset_gives_prompt_i_the_seed_plus_i(tiny_model, pack):
+    """Prompt i is traced with noise seed ``seed + i`` (the docstring's promise), packed or not: each
+    result is the single trace with that seed, and not the one with the dataset's seed."""
+    facts = [(PROMPT, SUBJECT), ("The capital of France is", "France"),
+             ("Germany is located in the continent of", "Germany")]
+    res = rl.trace_dataset(tiny_model, facts, n_samples=2, window=2, seed=5, pack=pack, exclude_incorrect=False)
+    for i, ((prompt, subject), got) in enumerate(zip(facts, res.results)):
+        alone = rl.trace(tiny_model, prompt, subject=subject, n_samples=2, window=2, seed=5 + i,
+                         noise=res.results[0].noise_std)
+        assert got.seed == 5 + i
+        for kind in alone.scores:  # packed runs pad, so float rounding differs (the packing tests: 5e-6)
+            assert (got.scores[kind] - alone.scores[kind]).abs().max() <= 5e-6, (i, kind)
+        if i:
+            other = rl.trace(tiny_model, prompt, subject=subject, n_samples=2, window=2, seed=5,
+                             noise=res.results[0].noise_std)
+            assert (got.scores["resid"] - other.scores["resid"]).abs().max() > 1e-3  # the seed shows
