@@ -24,11 +24,17 @@ def _oracle_check(model, prompt, subject, target, corrupt, n, window, tol=1e-5):
         assert torch.allclose(res.scores[kind], grids[kind], atol=tol), (kind, (res.scores[kind] - grids[kind]).abs().max())
     # the comparison means something only if the grid varies far more than the tolerance
     assert res.scores["resid"].max() - res.scores["resid"].min() > 1000 * tol
-    # ... and at the first corrupted position too (an engine that skipped those cells and filled them
-    # with the corrupted value, as it does before the span, fails here)
-    first = res.corrupt_span[0]
-    assert max((res.scores[k][:, first] - res.corrupted_prob).abs().max() for k in res.scores) > 100 * tol
     return res
+
+
+def test_the_first_corrupted_position_is_restored_not_fixed(tiny_model):
+    """Cells before the span are filled with the corrupted value without a run; the span's first
+    position must be run: with a one-token span, restoring its residual after block 0 undoes most of
+    the corruption, and the engine's column equals the naive oracle's (an engine that skipped those
+    cells, filling them as it does before the span, fails here)."""
+    res = _oracle_check(tiny_model, PROMPT, SUBJECT, None, (2, 3), n=3, window=1)
+    first = res.corrupt_span[0]
+    assert abs(res.scores["resid"][0, first] - res.corrupted_prob) > 0.1 * abs(res.clean_prob - res.corrupted_prob)
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
