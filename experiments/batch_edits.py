@@ -48,7 +48,8 @@ def main() -> None:
              **{m: base.summary[m] for m in ("ES", "PS", "NS", "RS")}, "seconds": 0.0}]
     for name in args.methods.split(","):
         method = VARIANTS[name]
-        layers, config, lam = batch_defaults(model, method, None, memit_config(), None)
+        # ROME's template rule, as section 5 of docs/experiments.md was made
+        layers, config, lam = batch_defaults(model, method, None, memit_config(prefix_seeds=None), None)
         stats = {l: rl.KeyStatistics.compute(model, l, n_texts=2000 if args.limit else 10_000) for l in layers}
         values = rl.ValueCache()
         t0 = time.perf_counter()

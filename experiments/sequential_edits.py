@@ -90,7 +90,8 @@ def run(model, reqs, untouched, name, alpha, checkpoints, stats_for):
     method, key_mode = VARIANTS[name]
     batch = method.endswith("memit")
     if batch:
-        layers, config, lam = batch_defaults(model, method, None, memit_config(), None)
+        # ROME's template rule, as section 5 of docs/experiments.md was made
+        layers, config, lam = batch_defaults(model, method, None, memit_config(prefix_seeds=None), None)
     else:
         layers, config, lam = (default_layer(model, method, reqs[0][1]),), \
             EditConfig.default_for(model, key_mode=key_mode), None

@@ -13,7 +13,8 @@ recs = list(load_counterfactual())[400:412]
 for l in range(6):
     ev = torch.linalg.eigvalsh(rl.KeyStatistics.compute(m, l).moment)
     print(l, "eig quantiles", [f"{ev.quantile(q).item():.2e}" for q in (0.1, 0.5, 0.9, 0.99)], f"max {ev.max():.2e}")
-layers, cfg, lam = batch_defaults(m, "relation_memit", None, memit_config(), None)
+# ROME's template rule, as section 5 of docs/experiments.md was made
+layers, cfg, lam = batch_defaults(m, "relation_memit", None, memit_config(prefix_seeds=None), None)
 stats = {l: rl.KeyStatistics.compute(m, l) for l in layers}
 for thr, l2 in itertools.product([2e-2, 1e-3, 1e-4, 1e-5], [10, 1, 0.1]):
     es = []

@@ -34,7 +34,8 @@ def main() -> None:
             for lam in LAMBDAS:
                 t = time.time()
                 r = evaluate_batch(model, recs, method=method, batch_size=10, layers=layers, stats=stats,
-                                   config=memit_config(), mom2_update_weight=lam)
+                                   # the rule the shipped presets were tuned with
+                                   config=memit_config(prefix_seeds=None), mom2_update_weight=lam)
                 print(r.row(), f"{layers} | {lam:g} | {time.time() - t:.0f}s |", flush=True)
                 score = r.summary["Score"][0]
                 if score == score and score > best.get(method, (-1,))[0]:
@@ -53,7 +54,8 @@ def refine(model, recs, stats, best) -> None:
             lam = round(lam / 3, 1)
             t = time.time()
             r = evaluate_batch(model, recs, method=method, batch_size=10, layers=best[method][1], stats=stats,
-                               config=memit_config(), mom2_update_weight=lam)
+                               # the rule the shipped presets were tuned with
+                               config=memit_config(prefix_seeds=None), mom2_update_weight=lam)
             print(r.row(), f"{best[method][1]} | {lam:g} | {time.time() - t:.0f}s |", flush=True)
             score = r.summary["Score"][0]
             if not score > best[method][0]:

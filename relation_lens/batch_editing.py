@@ -41,15 +41,19 @@ from torch import Tensor
 
 from relation_lens._locks import model_lock
 from relation_lens._results import ValueEquality
-from relation_lens.editing import EditConfig, EditRequest, _check_model, _key_position, _value, generate_prefixes
+from relation_lens.editing import (EditConfig, EditRequest, _check_model, _key_position, _value, generate_prefixes,
+                                   prefix_counts)
 from relation_lens.spans import right_pad
 from relation_lens.errors import EditError
 
 BATCH_METHODS = ("memit", "relation_memit")
 # MEMIT's GPT-2 XL hyper-parameters (hparams/MEMIT/gpt2-xl.json): its value optimisation settings and
-# its context templates (5 self-generated prefixes of 10 tokens, beside the plain prompt)
+# its context templates (memit_main.get_context_templates: 5 self-generated prefixes of 10 tokens, one
+# started from each of its five seed words, beside the plain prompt)
+MEMIT_PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
 MEMIT_GPT2_XL: dict[str, Any] = {"v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "clamp_norm_factor": 0.75,
-                                 "kl_factor": 0.0625, "prefix_lengths": ((10, 5),)}
+                                 "kl_factor": 0.0625, "prefix_lengths": ((10, 5),),
+                                 "prefix_seeds": MEMIT_PREFIX_SEEDS}
 MOM2_UPDATE_WEIGHT = 20_000.0  # MEMIT's lambda on GPT-2 XL
 
 
@@ -253,7 +257,7 @@ def _key_rows(model, requests: Sequence[EditRequest], method: str, prefixes: Seq
     key position, request index, context type)`` (type 0 the plain prompt, then one per group of
     generated prefixes); and the plain prompts' ``(tokens, key position)``."""
     groups, start = [(0, 1)], 1
-    for _, count in config.prefix_lengths if config.prefixes is None else ((None, len(prefixes) - 1),):
+    for count in prefix_counts(config) if config.prefixes is None else (len(prefixes) - 1,):
         if count:
             groups.append((start, start + count))
         start += count

@@ -14,7 +14,8 @@ DEFAULT_SUBJECT = "Germany"
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
-                   help="'default' (the embedded model), a local HF GPT-2 folder, or a TransformerLens name")
+                   help="'default' (the embedded model), a local Hugging Face folder of any architecture "
+                        "TransformerLens converts (GPT-2, GPT-J, GPT-NeoX, LLaMA, ...), or a TransformerLens name")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
 

@@ -121,6 +121,10 @@ class EditConfig:
         prefix_lengths: ``(length, count)`` pairs of self-generated context prefixes, ROME's
             ``context_template_length_params``: ``length`` counts the ``<|endoftext|>`` start token,
             so a prefix has ``length - 1`` generated tokens (ROME GPT-2 XL: 10 of 5 and 10 of 10).
+        prefix_seeds: ``None`` (ROME's rule: each prefix starts at ``<|endoftext|>``) or the words
+            MEMIT's code starts its prefixes with (``memit_config()``: ``("The", "Therefore", "Because",
+            "I", "You")``; ``count`` is then shared among them and ``length`` counts the word's tokens;
+            :func:`generate_prefixes`).
         prefixes: explicit context templates (``"{}"`` where the prompt goes, e.g.
             ``("{}", "The sky. {}")``), used instead of generated ones to reproduce an edit exactly.
         key_mode: ``"asymmetric"`` (ROME's code: the unprefixed prompt's key in the residual and the
@@ -145,6 +149,7 @@ class EditConfig:
     early_stop_on: Literal["loss", "nll"] = "loss"
     prefix_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (length incl. <|endoftext|>, count)
     prefixes: tuple[str, ...] | None = None
+    prefix_seeds: tuple[str, ...] | None = None  # None: ROME's rule; MEMIT's seed words (memit_config)
     key_mode: Literal["symmetric", "asymmetric"] = "asymmetric"
     prepend_bos: bool | None = None
     ridge: float = 0.0  # relative ridge added to C before solving
@@ -190,6 +195,12 @@ class EditConfig:
             if not prefixes or not all(isinstance(p, str) and p.count("{}") == 1 for p in prefixes):
                 raise EditError(f"prefixes {self.prefixes!r} must be a non-empty list of strings with one '{{}}' each")
             object.__setattr__(self, "prefixes", prefixes)
+        if self.prefix_seeds is not None:
+            seeds = tuple(self.prefix_seeds) if not isinstance(self.prefix_seeds, str) else ()
+            if not seeds or not all(isinstance(w, str) and w.strip() for w in seeds):
+                raise EditError(f"prefix_seeds {self.prefix_seeds!r} must be a non-empty list of words (or None for "
+                                "ROME's rule)")
+            object.__setattr__(self, "prefix_seeds", seeds)
 
 
 @dataclass(frozen=True, repr=False, eq=False)
@@ -277,31 +288,61 @@ def _key_position(model, text: str, subject_start: int, subject: str, method: st
     return tokens, len(tokens) - 1
 
 
+def prefix_counts(config: EditConfig) -> list[int]:
+    """How many generated prefixes each ``(length, count)`` group of ``config.prefix_lengths`` gives:
+    ``count`` under ROME's rule; MEMIT's rule (``prefix_seeds``) gives ``count // len(prefix_seeds)``
+    per seed word (MEMIT's ``n_gen // 5``), so ``count // n * n``."""
+    if config.prefix_seeds is None:
+        return [count for _, count in config.prefix_lengths]
+    n = len(config.prefix_seeds)
+    return [count // n * n for _, count in config.prefix_lengths]
+
+
 @torch.no_grad()
 def generate_prefixes(model, config: EditConfig) -> list[str]:
-    """ROME's context templates (``get_context_templates`` in its ``rome_main.py``): ``"{}"`` first, then
-    for each ``(length, count)`` of ``config.prefix_lengths``, ``count`` texts sampled from the model's
-    top 5 tokens after ``<|endoftext|>`` up to ``length`` tokens counting that start token, decoded,
+    """The context templates of ROME or MEMIT, as their code generates them (``get_context_templates``
+    in ROME's ``rome_main.py`` and in MEMIT's ``memit_main.py``, both over ``util/generate.py``'s
+    ``generate_fast``): ``"{}"`` first, then for each ``(length, count)`` of ``config.prefix_lengths``
+    texts sampled from the model's top 5 tokens, decoded whole with ``<|endoftext|>`` removed,
     NFKD-normalised, ``"\\n\\n"`` turned into a space, with ``". {}"`` appended. Seeded by
-    ``config.seed``. Braces, which ROME's ``str.format`` would choke on, become spaces.
-    ``config.prefixes``, when given, is returned as it is."""
+    ``config.seed`` (the draws are those of ROME's code after ``torch.manual_seed(config.seed)``).
+
+    ``config.prefix_seeds=None`` is ROME's rule: ``count`` texts started from ``<|endoftext|>``, whose
+    token ``length`` counts. A tuple of words is MEMIT's rule (:func:`memit_config`: ``"The"``,
+    ``"Therefore"``, ``"Because"``, ``"I"``, ``"You"``): ``count // len(prefix_seeds)`` texts per word,
+    each starting with that word, whose tokens ``length`` counts; rows of seed words of several tokens
+    advance together, as MEMIT's right-padded batch does, each drawing its own tokens once its seed is
+    used up. Braces, which ROME's ``str.format`` would choke on, become spaces (MEMIT's code does the
+    same; ROME's keeps them). ``config.prefixes``, when given, is returned as it is."""
     import unicodedata
 
     if config.prefixes is not None:
         return list(config.prefixes)
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    tok = model.tokenizer
     out = ["{}"]
-    bos = model.tokenizer.bos_token_id
-    for length, count in config.prefix_lengths:
-        toks = torch.full((count, 1), bos, dtype=torch.long)
-        for _ in range(length - 1):
-            logits = model(toks.to(model.cfg.device))[:, -1].float().cpu()
-            probs = logits.softmax(-1)
-            top = probs.topk(min(5, probs.shape[-1]))  # ROME samples from the top 5
-            pick = torch.multinomial(top.values / top.values.sum(-1, keepdim=True), 1, generator=gen)
-            toks = torch.cat([toks, top.indices.gather(1, pick)], dim=1)
-        for row in toks[:, 1:]:
-            text = unicodedata.normalize("NFKD", model.tokenizer.decode(row)).replace("\n\n", " ")
+    for (length, _), count in zip(config.prefix_lengths, prefix_counts(config)):
+        if config.prefix_seeds is None:
+            rows = [[tok.bos_token_id] for _ in range(count)]
+        else:
+            per = count // len(config.prefix_seeds)
+            rows = [list(tok(word, add_special_tokens=False)["input_ids"]) for word in config.prefix_seeds
+                    for _ in range(per)]
+        if not rows:
+            continue
+        for cur in range(min(map(len, rows)), length):
+            context = torch.tensor([r[:cur] for r in rows], dtype=torch.long)
+            probs = model(context.to(model.cfg.device))[:, -1].float().cpu().softmax(-1)
+            top = probs.topk(min(5, probs.shape[-1]))  # ROME and MEMIT sample from the top 5
+            pick = top.indices.gather(1, torch.multinomial(top.values / top.values.sum(-1, keepdim=True), 1,
+                                                           generator=gen))[:, 0]
+            for r, new in zip(rows, pick.tolist()):
+                if len(r) == cur:  # a row still inside its seed word keeps it (the draw is made for every row)
+                    r.append(new)
+        for row in rows:
+            text = unicodedata.normalize("NFKD", tok.decode(row)).replace("\n\n", " ")
+            for special in {tok.bos_token, tok.eos_token} - {None}:
+                text = text.replace(special, "")
             out.append(text.replace("{", " ").replace("}", " ") + ". {}")
     return out
 
@@ -321,6 +362,10 @@ def compute_edit(model, request, *, method: str = "relation_rome", layer: int | 
         stats: :class:`KeyStatistics` of that layer; ``None`` computes or loads them from the disk cache
             over the default corpus.
         config: :class:`EditConfig` (``None``: :meth:`EditConfig.default_for` the model).
+        prefix_seeds: ``None`` (ROME's rule: each prefix starts at ``<|endoftext|>``) or the words
+            MEMIT's code starts its prefixes with (``memit_config()``: ``("The", "Therefore", "Because",
+            "I", "You")``; ``count`` is then shared among them and ``length`` counts the word's tokens;
+            :func:`generate_prefixes`).
         prefixes: explicit context templates (``"{}"`` where the prompt goes), overriding
             ``config.prefixes``; to reproduce an edit exactly or compare with another implementation.
         layers, mom2_update_weight, values: for ``method="memit"`` / ``"relation_memit"``, which take a list of

@@ -6,16 +6,19 @@ positions from find_spans), and solved in float64 with an explicit inverse."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import relation_lens as rl
+from conftest import EPS32
 from relation_lens.batch_editing import BatchUpdate, Preserve, memit_config
 
 REQUESTS = [rl.EditRequest("{} is located in the city of", "The Space Needle", "Paris"),
             rl.EditRequest("{} is the capital of", "Paris", "Italy"),
             rl.EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")]
-CONFIG = memit_config(v_steps=3, prefix_lengths=((4, 2),), stats_n_texts=60)
+CONFIG = memit_config(v_steps=3, prefix_lengths=((4, 5),), stats_n_texts=60)  # one prefix per seed word
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +118,19 @@ def test_a_batch_edit_takes_and_undoes_bit_exact(default_model):
         assert set(edit._saved) == set(update.layers)
     assert all(b > max(0.2, 10 * a) for a, b in zip(p0, p1)), (p0, p1)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # undone bit for bit
+    # the update's component along d_model's all-ones direction is invisible to the centred model: every
+    # reader of the residual stream normalises it away, so the logits are those of the centred update
+    centred = dataclasses.replace(update, deltas={l: d - d.mean(-1, keepdim=True) for l, d in update.deltas.items()})
+    share = max((d - centred.deltas[l]).norm() / d.norm() for l, d in update.deltas.items())
+    assert share > 1e-3  # there is such a component (docs/editing.md: 2.7-5.9% of the norm)
+    tokens = model.to_tokens([r.text for r in reqs])
+    with torch.no_grad():
+        with rl.apply_edit(model, update):
+            full = model(tokens)[:, -1]
+        with rl.apply_edit(model, centred):
+            without_mean = model(tokens)[:, -1]
+    tol = 4 * model.cfg.n_layers * model.cfg.d_model ** 0.5 * EPS32 * full.abs().max().item()
+    assert (full - without_mean).abs().max() <= tol
 
 
 def test_alphaedit_projection_leaves_preserved_keys_untouched(tiny_model, stats):

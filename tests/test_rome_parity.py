@@ -100,3 +100,35 @@ def test_causal_trace_matches_romes_code(default_model, i):
         assert res.scores[kind].shape == want.shape
         assert (res.scores[kind] - want).abs().max() <= 1e-5, (kind, (res.scores[kind] - want).abs().max())
     assert REF[f"trace.{i}.resid"].max() - REF[f"trace.{i}.resid"].min() > 0.1  # the grid is not flat
+
+
+TEMPLATES = json.loads((DATA / "template_reference.json").read_text())
+
+
+def test_rome_context_templates_are_romes_code(default_model):
+    """ROME's rule (prefix_seeds=None): the templates ROME's own get_context_templates generates on the
+    same weights after torch.manual_seed(0) (tests/data/make_template_reference.py), text for text."""
+    from relation_lens.editing import generate_prefixes
+
+    ref = TEMPLATES["rome"]
+    config = EditConfig.rome()
+    assert [list(p) for p in config.prefix_lengths] == ref["prefix_lengths"] and config.prefix_seeds is None
+    assert generate_prefixes(default_model, config) == ref["templates"]
+
+
+def test_memit_context_templates_are_memits_code(default_model):
+    """MEMIT's rule (memit_config(): seed words, length counting the word's tokens, the word kept): the
+    templates MEMIT's own get_context_templates generates on the same weights, text for text; each
+    starts with its seed word, and a batch edit groups them as MEMIT's compute_ks does."""
+    from relation_lens.batch_editing import _key_rows, memit_config
+    from relation_lens.editing import generate_prefixes
+
+    ref = TEMPLATES["memit"]
+    config = memit_config()
+    assert list(config.prefix_seeds) == ref["seeds"] and [list(p) for p in config.prefix_lengths] == ref["prefix_lengths"]
+    got = generate_prefixes(default_model, config)
+    assert got == [t for group in ref["templates"] for t in group]
+    assert all(t.startswith(seed) for t, seed in zip(got[1:], ref["seeds"]))
+    request = EditRequest("{} is located in the continent of", "Germany", "Asia")
+    rows, plain = _key_rows(default_model, [request], "rome", got, config)
+    assert [g for *_, g in rows] == [0] + [1] * 5 and len(plain) == 1  # [["{}"], [5 templates]]
