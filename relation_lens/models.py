@@ -85,6 +85,11 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
             folder, or a TransformerLens model name.
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
         dtype: ``torch.float32`` (default), ``float16``, ``bfloat16``, ``float64`` (or their names).
+            ``float64`` from the embedded model or a local folder is float64 through and through: read,
+            converted and processed (LayerNorm folding, centring) in float64, log-probs equal to the
+            Hugging Face model's in float64 to 1e-12 (tested); TransformerLens' own processing would
+            round it through float32. A hub name goes through TransformerLens' ``from_pretrained``,
+            whose processing does round a float64 load through float32.
         center_writing_weights: TransformerLens' default processing subtracts the mean over ``d_model``
             from every weight that writes to the residual stream (invisible to the model's outputs,
             which normalise the stream). ``False`` keeps the Hugging Face weights' MLP outputs as
@@ -366,6 +371,8 @@ def process_state_layerwise(state: dict, cfg, *, fold_ln: bool = True, center_wr
               fold_value_biases=fold_value_biases)
     for k, v in state.items():
         state[k] = v.detach()
+    float64 = any(v.dtype == torch.float64 for v in state.values() if v.is_floating_point())
+    process = _process_weights_float64 if float64 else ProcessWeights.process_weights
     out = {}
     one = copy.copy(cfg)
     one.n_layers = 1
@@ -374,7 +381,7 @@ def process_state_layerwise(state: dict, cfg, *, fold_ln: bool = True, center_wr
     # TransformerLens' first step has copied them
     for layer in range(cfg.n_layers):
         prefix = f"blocks.{layer}."
-        done = ProcessWeights.process_weights(
+        done = process(
             {**small, **{k.replace(prefix, "blocks.0.", 1): state.pop(k) for k in [k for k in state if k.startswith(prefix)]}},
             one, **{**kw, "center_unembed": False})
         out.update({k.replace("blocks.0.", prefix, 1): v for k, v in done.items() if k.startswith("blocks.0.")})
@@ -386,12 +393,39 @@ def process_state_layerwise(state: dict, cfg, *, fold_ln: bool = True, center_wr
     unembed = {k for k in state if k.startswith(("unembed.", "ln_final."))}
     for keys in ([k for k in state if k not in unembed], sorted(unembed)):
         others = {k: v for k, v in small.items() if k not in keys}
-        done = ProcessWeights.process_weights({**others, **{k: state.pop(k) for k in keys}}, rest, **kw)
+        done = process({**others, **{k: state.pop(k) for k in keys}}, rest, **kw)
         out.update({k: v for k, v in done.items() if k in keys})
         del done
         _trim()
     state.clear()
     return out
+
+
+def _process_weights_float64(state: dict, cfg, *, fold_ln: bool, center_writing_weights: bool,
+                             center_unembed: bool, fold_value_biases: bool) -> dict:
+    """``ProcessWeights.process_weights``'s steps in its order (TransformerLens 3.9, no adapter, no
+    refactoring of attention matrices), in float64: TransformerLens' own function casts every tensor
+    that is not float32 to float32 before processing and back after, which rounds a float64 model's
+    folded weights to float32 (W_in and W_Q moved by up to 3e-8, log-probs by 1e-6)."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    norm = getattr(cfg, "normalization_type", "LN")
+    if fold_ln and norm in ("LN", "LNPre"):
+        state = ProcessWeights.fold_layer_norm(state, cfg, fold_biases=True, center_weights=True)
+    elif fold_ln and norm in ("RMS", "RMSPre"):
+        state = ProcessWeights.fold_layer_norm(state, cfg, fold_biases=False, center_weights=False)
+    if center_writing_weights and norm in ("LN", "LNPre") and not getattr(cfg, "final_rms", False):
+        state = ProcessWeights.center_writing_weights(state, cfg)
+    if center_unembed:
+        state = ProcessWeights.center_unembed(state, cfg=cfg)
+    if fold_value_biases:
+        state = ProcessWeights.fold_value_biases(state, cfg)
+        if center_writing_weights and norm in ("LN", "LNPre"):
+            for layer in range(cfg.n_layers):
+                key = f"blocks.{layer}.attn.b_O"
+                if key in state:
+                    state[key] = state[key] - state[key].mean()
+    return state
 
 
 def _hooked(cfg, tokenizer, state: dict, center: bool):

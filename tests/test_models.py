@@ -279,3 +279,34 @@ def test_uncentred_load_keeps_huggingface_mlp_outputs():
     assert torch.allclose(c_raw["blocks.1.hook_mlp_out"][0], ref, atol=1e-5)
     assert torch.allclose(c_cen["blocks.1.hook_mlp_out"][0], ref - ref.mean(-1, keepdim=True), atol=1e-5)
     assert (ref.mean(-1).abs() > 1e-5).any()  # the two loads really differ
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+@pytest.mark.parametrize("center", [True, False])
+def test_float64_loads_are_float64_through_and_through(tmp_path, tokenizer, arch, center):
+    """dtype="float64": every parameter is float64 and the log-probs equal the Hugging Face model's in
+    float64 to 1e-12 on GPT-2 (TransformerLens 3.9's process_weights rounds through float32 and is
+    1.1e-6 off). Rotary models are compared at 1e-6: transformers' own rotary embedding computes its
+    cos/sin tables in float32 whatever the model's dtype (measured: 8e-8 LLaMA, 8e-11 NeoX), while
+    TransformerLens' tables are float64. The float64 processing, rounded to float32, is TransformerLens'
+    float32 processing (each step in its order: dropping one moves the weights by far more than float32
+    rounding)."""
+    import transformers as T
+
+    import relation_lens as rl
+
+    if arch == "gpt2":
+        folder = default_model_path()
+    else:
+        _, folder = _random_folder(tmp_path, tokenizer, arch)
+    hf = T.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    model = rl.load_model(folder, dtype="float64", center_writing_weights=center)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    ids = model.to_tokens("The Space Needle is located in the city of", prepend_bos=False)
+    with torch.no_grad():
+        gap = (model(ids).log_softmax(-1) - hf(ids).logits.log_softmax(-1)).abs().max().item()
+    assert gap < (1e-12 if arch == "gpt2" else 1e-6), gap
+    ref = dict(_transformer_lens_reference(T.AutoModelForCausalLM.from_pretrained(folder).eval(), folder, tokenizer,
+                                           center).named_parameters())
+    for k, v in model.named_parameters():
+        assert (v.float() - ref[k]).abs().max() <= 1e-5 * max(1.0, ref[k].abs().max().item()), k
