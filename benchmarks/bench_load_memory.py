@@ -40,7 +40,6 @@ def main() -> None:
     ap.add_argument("--shape", default="medium", choices=sorted(SHAPES))
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()
-    import torch
     import transformers as T
 
     from _report import emit, machine

@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from relation_lens._locks import model_lock
+from relation_lens.guards import model_lock
 from relation_lens._results import ValueEquality
 from relation_lens.editing import (EditConfig, EditRequest, _check_model, _key_position, _value, generate_prefixes,
                                    prefix_counts)

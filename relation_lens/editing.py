@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,14 +41,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from relation_lens._locks import model_lock
+from relation_lens.guards import frozen_parameters, model_lock
 from relation_lens._results import ValueEquality
 from relation_lens.errors import EditError, SpanError, UnsupportedModelError, shorten
 from relation_lens.spans import char_span_to_tokens, check_fits_context, object_tokens, right_pad, token_offsets
 
-logger = logging.getLogger(__name__)
-
-Method = Literal["relation_rome", "rome"]
 UNCHANGED = "; the model was not changed"
 RELATION_ROME_LAYER = 4  # the 5th MLP layer, as in Li, Chen & Wang (2024)
 # Settings for the embedded default model (used by EditConfig.default_for): it is tiny and was trained
@@ -417,7 +413,8 @@ def _value(model, request: EditRequest, layer: int, method: str, config: EditCon
     added after block ``layer`` at the key token. ``init="mlp"``: ``v_init`` is the MLP output there
     (ROME); ``"resid"``: the residual stream after the block (MEMIT's ``target_init``, which its
     clamp and weight decay are relative to)."""
-    method = "rome" if method in ("rome", "memit") else "relation_rome"
+    if method not in ("rome", "relation_rome"):
+        raise EditError(f"key method {method!r} is not 'rome' (last subject token) or 'relation_rome' (last token)")
     new_ids = object_tokens(model, request.text, request.target_new)
     prompt_text = request.text
     bos = config.prepend_bos
@@ -491,10 +488,7 @@ def _value(model, request: EditRequest, layer: int, method: str, config: EditCon
 
     kl_init = None
     history = []
-    saved_flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen_parameters(model):
         for step in range(config.v_steps):
             logp = log_probs(delta)
             rw = logp[:-1].view(n_rw, len(new_ids), -1)
@@ -526,9 +520,6 @@ def _value(model, request: EditRequest, layer: int, method: str, config: EditCon
                 if (z * unit).norm() > max_norm:
                     z.mul_(max_norm / (z * unit).norm())
             delta = z * unit
-    finally:
-        for p, flag in zip(model.parameters(), saved_flags):
-            p.requires_grad_(flag)
     return _Value(keys, k_star, k_plain, target_init, delta.detach(), positions, prefixes, history)
 
 
@@ -545,7 +536,7 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
     if stats is not None and stats.layer != layer:
         raise EditError(f"key statistics are for layer {stats.layer}, but the edit is at layer {layer}")
     val = _value(model, request, layer, method, config)
-    keys, k_star, k_plain, target_init, delta = val.keys, val.k_star, val.k_plain, val.target_init, val.delta
+    k_star, k_plain, target_init, delta = val.k_star, val.k_plain, val.target_init, val.delta
     positions, prefixes, history, bos = val.positions, val.prefixes, val.history, config.prepend_bos
     prompt_text = request.text
     v_star = (target_init + delta.detach()).double().cpu()
@@ -569,8 +560,7 @@ def _compute_edit(model, request: EditRequest, method: str, layer: int | None, s
     return RankOneUpdate(
         layer=layer, left=u.to(W.dtype), right=right, key=k_star, value=v_star, method=method, request=request,
         key_positions=tuple(positions),
-        info={"history": history, "prefixes": prefixes, "key_mode": config.key_mode,
-              "v_norm_ratio": (delta.detach().norm() / target_init.norm()).item()})
+        info={"history": history, "prefixes": prefixes, "key_mode": config.key_mode})
 
 
 class Edit:
@@ -587,7 +577,6 @@ class Edit:
     def __init__(self, model, update):
         self.model = model
         self.update = update
-        self.layer = update.layers[0]
         self._saved: dict[int, tuple[Tensor, Tensor]] = {}
         new = {}
         for layer, delta in update.layer_deltas().items():

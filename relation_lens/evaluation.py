@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from relation_lens._results import JsonRoundTrip, ValueEquality, known_fields

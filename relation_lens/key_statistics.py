@@ -23,7 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from relation_lens._locks import model_lock
+from relation_lens.guards import model_lock
 from relation_lens._results import ValueEquality
 from relation_lens.errors import DataError, EditError
 from relation_lens.spans import right_pad

@@ -59,3 +59,30 @@ def naive_trace(model, tokens, span, noise, target, kinds=("resid", "mlp", "attn
                 grid[layer, p] = run([(names[kind].format(j), restore_at(p)) for j in layers])
         grids[kind] = grid
     return grids, run([])
+
+
+@torch.no_grad()
+def patched_probability(model, tokens, corrupt_span, noise, target, restore=()):
+    """One corrupted run with clean values restored at ``restore`` = [(hook name, positions)], as a
+    plain forward pass with hooks; the mean over noise samples of P(target) at the last position."""
+    a, b = corrupt_span
+    names = {name for name, _ in restore}
+    _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
+
+    def add_noise(act, hook):
+        act = act.clone()
+        act[:, a:b] += noise.to(act.device)
+        return act
+
+    def restorer(positions):
+        pos = list(positions)
+
+        def fn(act, hook):
+            act = act.clone()
+            act[:, pos] = cache[hook.name][0, pos]
+            return act
+        return fn
+
+    hooks = [("hook_embed", add_noise)] + [(name, restorer(pos)) for name, pos in restore]
+    logits = model.run_with_hooks(tokens.expand(noise.shape[0], -1), fwd_hooks=hooks)
+    return logits[:, -1].float().softmax(-1)[:, target].mean().item()

@@ -30,7 +30,6 @@ from relation_lens.data.io import read_json
 from relation_lens.data.loaders import COUNTERFACT_FIELDS, validate_counterfact
 from relation_lens.errors import DataError
 from relation_lens.probes import known_mask
-from relation_lens.spans import object_tokens, right_pad
 
 
 # Records 400-429 of the shipped dataset tune the editors' settings (experiments/tune_*.py); reported

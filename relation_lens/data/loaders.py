@@ -13,7 +13,6 @@ a missing file raises :class:`~relation_lens.errors.DataError` naming the path.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path

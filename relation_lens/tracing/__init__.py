@@ -46,7 +46,6 @@ from relation_lens.tracing.config import (
     window_layers,
 )
 from relation_lens.tracing.dataset import BUCKETS, bucket_positions, bucketize, fact_fields, trace_dataset
-from relation_lens.tracing.engine import patched_probability
 from relation_lens.tracing.knockout import (
     SOURCES,
     DatasetKnockoutResult,
@@ -73,6 +72,6 @@ __all__ = [
     "knockout_dataset", "DatasetKnockoutResult",
     "HOOKS", "NOISE_MULTIPLIER", "BUCKETS", "window_layers", "depth_scaled_window", "check_model", "make_noise",
     "noise_std", "rome_noise_std", "resolve_noise_std", "resolve_target", "Target", "corrupt_span_for",
-    "patched_probability", "bucket_positions", "bucketize", "fact_fields", "knockout", "KnockoutResult", "SOURCES",
+    "bucket_positions", "bucketize", "fact_fields", "knockout", "KnockoutResult", "SOURCES",
     "source_positions",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from relation_lens._locks import model_lock
+from relation_lens.guards import model_lock
 from relation_lens.spans import check_fits_context, find_spans
 from relation_lens.tracing.config import TraceConfig
 from relation_lens.errors import ConfigError, RelationLensError, TargetError

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from relation_lens.guards import frozen_parameters
 from relation_lens.tracing.config import HOOKS, window_layers
 from relation_lens.tracing.engine import metric_values
 
@@ -41,21 +42,14 @@ def attribution_grids(model, start: Float[Tensor, "sample pos d_model"], clean: 
         return act
 
     n = start.shape[0]
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)  # gradients for the activations only
-    try:
-        with torch.enable_grad():
-            x = start.detach().requires_grad_(True)
-            with model.hooks(fwd_hooks=[(name, keep) for name in names]):
-                logits = model(x, start_at_layer=0)[:, -1]
-            targets = torch.full((n,), target)
-            contrasts = None if contrast is None else torch.full((n,), contrast)
-            value = metric_values(logits, targets, metric, contrasts)
-            grads = torch.autograd.grad(value.mean(), [acts[name] for name in names])
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
+    with frozen_parameters(model), torch.enable_grad():  # gradients for the activations only
+        x = start.detach().requires_grad_(True)
+        with model.hooks(fwd_hooks=[(name, keep) for name in names]):
+            logits = model(x, start_at_layer=0)[:, -1]
+        targets = torch.full((n,), target)
+        contrasts = None if contrast is None else torch.full((n,), contrast)
+        value = metric_values(logits, targets, metric, contrasts)
+        grads = torch.autograd.grad(value.mean(), [acts[name] for name in names])
     corrupted = value.detach().float().mean().item()
     out = {}
     for kind in kinds:

@@ -171,10 +171,8 @@ def trace_dataset(model, facts, *, config: TraceConfig | None = None, exclude_in
                 ckpt.append({**row, "result": row["result"].to_dict()} if "result" in row else row)
         bar.update(len(group))
     bar.close()
-    my_items = {i for group in packs for i in group}
-    mine.update({i: row for i, row in done.items() if i in my_items})
     rows = {i: row for part in gather(mine, r) for i, row in part.items()}
-    if ckpt:  # items recorded by a rank of an earlier run with another world size
+    if ckpt:  # items done by an earlier run (by any rank, of any world size): every rank read them all
         rows.update({i: row for i, row in done.items() if i not in rows})
     results, skipped = [], []
     for i in sorted(rows):

@@ -100,6 +100,16 @@ def _cells(kinds: Sequence[str], n_layers: int, n_pos: int, window: int) -> list
     return out
 
 
+def restore_where(act: Tensor, mask: Tensor, clean: Tensor) -> Tensor:
+    """``act`` with ``clean`` written where ``mask`` is set: ``mask``'s dimensions lead ``act``'s (rows,
+    then positions, heads or neurons as far as it goes) and ``clean`` broadcasts to ``act``. The one
+    restore-the-clean-value rule of the engine and of :func:`relation_lens.patch`."""
+    m = mask.to(act.device)
+    while m.dim() < act.dim():
+        m = m[..., None]
+    return torch.where(m, clean.to(act.device, act.dtype), act)
+
+
 class _Plan:
     """What the restoring hooks do during the current block call: ``masks[(kind, layer)]`` marks
     the rows (of the active prefix of the batch) whose output of that kind is restored, and
@@ -115,8 +125,8 @@ class _Plan:
             mask = self.masks.get((kind, layer))
             if mask is None:
                 return act
-            act = act.clone()
-            act[:, 0] = torch.where(mask[:, None], self.values[(kind, layer)], act[:, 0])
+            act = act.clone()  # the block's first position is the one being restored
+            act[:, 0] = restore_where(act[:, 0], mask, self.values[(kind, layer)])
             return act
 
         return restore
@@ -283,29 +293,4 @@ def _stack_kv(jobs: list[_Job]) -> list[tuple[Tensor, Tensor]]:
             pair.append(torch.stack([torch.nn.functional.pad(x, (0, 0, 0, 0, 0, T - x.shape[1])) for x in parts]))
         out.append((pair[0], pair[1]))
     return out
-
-
-@torch.no_grad()
-def patched_probability(model, tokens: Tensor, corrupt_span: Span, noise: Tensor, target: int,
-                        restore: Sequence[tuple[str, Sequence[int]]] = ()) -> float:
-    """One corrupted run with clean values restored at ``restore`` = [(hook name, positions)], as a
-    plain forward pass with hooks: the building block the engine is an accelerated form of.
-
-    Returns the mean over noise samples of P(target) at the last position.
-    """
-    names = {name for name, _ in restore}
-    _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
-
-    def restorer(positions):
-        pos = list(positions)
-
-        def fn(act, hook):
-            act = act.clone()
-            act[:, pos] = cache[hook.name][0, pos]
-            return act
-        return fn
-
-    hooks = [("hook_embed", _noise_hook(corrupt_span, noise))] + [(name, restorer(pos)) for name, pos in restore]
-    logits = model.run_with_hooks(tokens.expand(noise.shape[0], -1), fwd_hooks=hooks)
-    return logits[:, -1].float().softmax(-1)[:, target].mean().item()
 

@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from relation_lens._locks import model_lock
+from relation_lens.guards import model_lock
 from relation_lens._results import known_fields
 from relation_lens.errors import ConfigError, shorten
 from relation_lens.spans import Span, check_fits_context, find_spans

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from relation_lens._locks import model_lock
+from relation_lens.guards import model_lock
 from relation_lens._results import known_fields
 from relation_lens.errors import ConfigError
 from relation_lens.tracing.config import TraceConfig
-from relation_lens.tracing.engine import metric_values
+from relation_lens.tracing.engine import metric_values, restore_where
 from relation_lens.tracing.inputs import check_model
 from relation_lens.tracing.results import _Views
 
@@ -217,9 +217,4 @@ def patch(model, prompt: str, *, subject: str, sites, target: str | int | None =
 
 def _restorer(clean: Tensor, mask: Tensor):
     """A hook writing ``clean`` (one prompt's activation) where ``mask`` (per row) is set."""
-    def restore(act, hook):
-        m = mask.to(act.device)
-        while m.dim() < act.dim():
-            m = m[..., None]
-        return torch.where(m, clean.to(act.device)[None], act)
-    return restore
+    return lambda act, hook: restore_where(act, mask, clean[None])
