@@ -18,8 +18,24 @@ from relation_lens.errors import (
     TargetError,
     UnsupportedModelError,
 )
-from relation_lens.editing import Edit, EditConfig, EditRequest, RankOneUpdate, apply_edit, compute_edit, edit
-from relation_lens.batch_editing import BatchUpdate, Preserve, ValueCache
+from relation_lens.editing import (
+    METHODS,
+    AlphaEditConfig,
+    BatchUpdate,
+    Edit,
+    EditConfig,
+    EditMethod,
+    EditRequest,
+    Preserve,
+    RankOneUpdate,
+    Update,
+    ValueCache,
+    apply_edit,
+    compute_edit,
+    edit,
+    register_method,
+    save_edited,
+)
 from relation_lens.evaluation import EvaluationResult, evaluate, evaluate_batch
 from relation_lens.models import load_model
 from relation_lens.key_statistics import KeyStatistics
@@ -40,7 +56,8 @@ from relation_lens.tracing.patch import PatchResult, Site, patch
 
 __all__ = [
     "load_model", "trace", "knockout", "KnockoutResult", "knockout_dataset", "DatasetKnockoutResult", "patch", "Site", "PatchResult", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
-    "edit", "evaluate", "evaluate_batch", "BatchUpdate", "Preserve", "ValueCache", "EvaluationResult", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
+    "edit", "evaluate", "evaluate_batch", "BatchUpdate", "Preserve", "AlphaEditConfig", "ValueCache", "Update",
+    "EditMethod", "METHODS", "register_method", "save_edited", "EvaluationResult", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
     "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",
     "PromptError", "TargetError", "NoiseError", "EditError", "DataError", "TargetWarning",
 ]

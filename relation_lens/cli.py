@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -75,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt with {} for the subject (default: '{} is located in the country of')")
     p.add_argument("--subject", default="Paris", help="the subject (default: Paris)")
     p.add_argument("--target-new", default="Italy", help="the new object (default: Italy)")
-    p.add_argument("--method", default="relation_rome", choices=["relation_rome", "rome"])
+    p.add_argument("--method", default="relation_rome",
+                   help="a registered single-request editing method: relation_rome (default), rome, or one added "
+                        "with relation_lens.register_method")
     p.add_argument("--layer", type=int, default=None, help="MLP layer (default: 4 for relation-ROME, traced for ROME)")
     p.add_argument("--key-mode", default="symmetric", choices=["symmetric", "asymmetric"],
                    help="symmetric: r-ROME keys (default); asymmetric: ROME's original code")
@@ -91,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Edit, measure (ES, PS, NS, RS, Score, fluency) and undo, record by record; "
                                    "write evaluation.json (every record's numbers) and a markdown row to --out.")
     _common(p)
-    p.add_argument("--method", default="relation_rome", choices=["relation_rome", "rome", "none"])
+    p.add_argument("--method", default="relation_rome",
+                   help="a registered single-request editing method (relation_rome, the default; rome) or none "
+                        "(the unedited model)")
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--records", type=Path, default=None,
                    help="CounterFact file (ROME or MEND layout, or JSONL); default: the shipped counterfactual "
@@ -240,10 +245,14 @@ def _edit_prompts(args) -> tuple[str, str]:
 
 def _cmd_edit(args) -> None:
     import relation_lens as rl
-    from relation_lens.editing import EditConfig, save_edited
+    from relation_lens.editing import EditConfig, get_method, save_edited, single_methods
+    from relation_lens.errors import EditError
     from relation_lens.probes import predict
     from relation_lens.spans import object_tokens
 
+    if args.method not in single_methods():
+        raise EditError(f"--method {args.method!r} is not one of {single_methods()} (batch methods: compute_edit "
+                        "with a list of requests, or relation-lens evaluate)")
     if args.save is not None:
         _check_out(args.save, "edit")
     model = rl.load_model(args.model, device=args.device)
@@ -251,13 +260,16 @@ def _cmd_edit(args) -> None:
     paraphrase, unrelated = _edit_prompts(args)
     prompts = {"edit prompt": request.text, "paraphrase": paraphrase, "unrelated": unrelated}
     before = predict(model, list(prompts.values()), k=3)
-    update = rl.compute_edit(model, request, method=args.method, layer=args.layer,
-                             config=EditConfig.default_for(model, key_mode=args.key_mode), progress=not args.quiet)
+    method = get_method(args.method)
+    config = dataclasses.replace(method.default_config(model), key_mode=args.key_mode)
+    update = rl.compute_edit(model, request, method=args.method, layer=args.layer, config=config,
+                             progress=not args.quiet)
+    layers = ", ".join(map(str, update.layers))
     new_first = model.tokenizer.decode(object_tokens(model, request.text, request.target_new)[:1])
     with rl.apply_edit(model, update):
         after = predict(model, list(prompts.values()), k=3)
     took = after[0][0][0] == new_first
-    print(f"{args.method} edit at layer {update.layer}: {request.text!r} -> {request.target_new!r}")
+    print(f"{args.method} edit at layer {layers}: {request.text!r} -> {request.target_new!r}")
     for (name, prompt), b, a in zip(prompts.items(), before, after):
         fmt = lambda top: ", ".join(f"{t!r} {p:.2f}" for t, p in top)  # noqa: E731
         print(f"  {name:11s} {prompt!r}\n      before: {fmt(b)}\n      after:  {fmt(a)}")
@@ -269,7 +281,8 @@ def _cmd_edit(args) -> None:
             return
         save_edited(args.model, [update], args.save)
         (args.save / "edit.json").write_text(json.dumps({
-            "base_model": args.model, "method": args.method, "layer": update.layer, "key_mode": args.key_mode,
+            "base_model": args.model, "method": args.method,
+            "layer": update.layers[0] if len(update.layers) == 1 else list(update.layers), "key_mode": args.key_mode,
             "took": took,
             "request": {"prompt": request.prompt, "subject": request.subject, "target_new": request.target_new},
         }, indent=1))

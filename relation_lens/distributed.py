@@ -154,7 +154,7 @@ class Checkpoint:
         return out
 
     def append(self, row: dict[str, Any]) -> None:
-        from relation_lens._results import json_safe
+        from relation_lens.results import json_safe
 
         file = self.folder / f"items.rank{self.rank.rank}.jsonl"
         if file.is_file() and file.stat().st_size:

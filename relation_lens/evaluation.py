@@ -28,8 +28,21 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from relation_lens._results import JsonRoundTrip, ValueEquality, known_fields
-from relation_lens.editing import EditConfig, EditRequest, apply_edit, compute_edit
+from relation_lens.results import JsonRoundTrip, ValueEquality, known_fields
+from relation_lens.distributed import gather, ranks
+from relation_lens.editing import (
+    EditConfig,
+    apply_edit,
+    batch_defaults,
+    batch_methods,
+    compute_edit,
+    default_layer,
+    get_method,
+    request_of,
+    single_methods,
+    statistics_for,
+)
+from relation_lens.key_statistics import KeyStatistics
 from relation_lens.errors import EditError, SpanError
 from relation_lens.intervals import mean_ci95_list
 from relation_lens.probes import greedy_generate, target_probs
@@ -177,7 +190,8 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
     Args:
         records: CounterFact records in the flat schema of :func:`relation_lens.data.loaders.load_counterfact`
             (a ``datasets.Dataset`` or a list of dicts).
-        method: ``"relation_rome"``, ``"rome"``, or ``"none"`` (no edit: the unedited baseline).
+        method: a registered single-request method (``"relation_rome"``, ``"rome"``, or one added with
+            :func:`relation_lens.register_method`), or ``"none"`` (no edit: the unedited baseline).
         layer: the edited layer (``None``: the method's default, fixed from the first record for ROME).
         stats: key statistics of that layer (computed or loaded from the disk cache when ``None``).
 
@@ -187,23 +201,21 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
     Under torch.distributed each rank edits and measures records ``i`` with ``i % world_size == rank``
     and every rank returns the whole result, its records in the input's order.
     """
-    from relation_lens.editing import default_layer
-    from relation_lens.key_statistics import KeyStatistics
-
     records = [dict(r) for r in records]
-    if method not in ("relation_rome", "rome", "none"):
-        raise EditError(f"method {method!r} is not 'relation_rome', 'rome' or 'none'")
-    config = config or EditConfig.default_for(model)
-    if method != "none":
+    if method != "none" and method not in single_methods():
+        raise EditError(f"method {method!r} is not one of {single_methods() + ['none']}"
+                        + (" (a batch method: use evaluate_batch)" if method in batch_methods() else ""))
+    edit_method = None if method == "none" else get_method(method)
+    config = config or (EditConfig.default_for(model) if edit_method is None else edit_method.default_config(model))
+    options = {}
+    if edit_method is not None and "layer" in edit_method.options:
         if layer is None:
-            first = records[0]
-            layer = default_layer(model, method, EditRequest(first["prompt"], first["subject"], first["target_new"],
-                                                             first["target_true"]))
+            layer = default_layer(model, "rome" if edit_method.key == "subject" else "relation_rome",
+                                  request_of(records[0]))
         if stats is None:
             stats = KeyStatistics.compute(model, layer, n_texts=config.stats_n_texts, progress=progress,
                                           prepend_bos=config.prepend_bos)
-    from relation_lens.distributed import gather, ranks
-
+        options["layer"] = layer
     r = ranks()
     mine: dict[int, dict[str, Any]] = {}
     for i in tqdm(r.share(len(records)), desc=f"evaluating {method}", disable=not (progress and r.is_main)):
@@ -213,8 +225,7 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
             row.update(record_metrics(model, rec, fluency))
         else:
             try:
-                req = EditRequest(rec["prompt"], rec["subject"], rec["target_new"], rec["target_true"])
-                update = compute_edit(model, req, method=method, layer=layer, stats=stats, config=config)
+                update = compute_edit(model, request_of(rec), method=method, stats=stats, config=config, **options)
             except (EditError, SpanError) as exc:
                 row["error"] = str(exc)
                 mine[i] = row
@@ -235,34 +246,27 @@ def evaluate_batch(model, records, *, method: str = "relation_memit", batch_size
                    mom2_update_weight: float | None = None, preserve=None, fluency: bool = False,
                    progress: bool = False, values=None) -> EvaluationResult:
     """Batch editing: the records are edited ``batch_size`` at a time with MEMIT or relation-MEMIT
-    (one :class:`~relation_lens.batch_editing.BatchUpdate` per batch), every record of a batch is
+    (one :class:`~relation_lens.editing.updates.BatchUpdate` per batch), every record of a batch is
     measured with the whole batch written, and the batch is undone before the next one. A batch
     whose update cannot be computed marks its records with an ``error``. The metrics are
     :func:`evaluate`'s (:func:`record_metrics`). ``values``: a
-    :class:`~relation_lens.batch_editing.ValueCache`, to evaluate the same records at several batch
+    :class:`~relation_lens.editing.memit.ValueCache`, to evaluate the same records at several batch
     sizes while optimising each record's ``z`` once."""
-    from relation_lens.batch_editing import BATCH_METHODS, batch_defaults, compute_batch_edit
-    from relation_lens.key_statistics import KeyStatistics
-
-    if method not in BATCH_METHODS:
-        raise EditError(f"method {method!r} is not one of {list(BATCH_METHODS)}")
+    if method not in batch_methods():
+        raise EditError(f"method {method!r} is not one of {batch_methods()}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EditError(f"batch_size must be a positive int, got {batch_size!r}")
     records = [dict(r) for r in records]
     layers, config, mom2_update_weight = batch_defaults(model, method, layers, config, mom2_update_weight)
-    stats = dict(stats or {})
-    for layer in layers:
-        if layer not in stats:
-            stats[layer] = KeyStatistics.compute(model, layer, n_texts=config.stats_n_texts,
-                                                 prepend_bos=config.prepend_bos)
+    stats = statistics_for(model, layers, stats, config)
     out = []
     for start in tqdm(range(0, len(records), batch_size), desc=f"evaluating {method}", disable=not progress):
         batch = records[start:start + batch_size]
         rows = [_row(rec) for rec in batch]
         try:
-            reqs = [EditRequest(rec["prompt"], rec["subject"], rec["target_new"], rec["target_true"]) for rec in batch]
-            update = compute_batch_edit(model, reqs, method=method, layers=layers, stats=stats, config=config,
-                                        mom2_update_weight=mom2_update_weight, preserve=preserve, values=values)
+            update = compute_edit(model, [request_of(rec) for rec in batch], method=method, layers=layers,
+                                  stats=stats, config=config, mom2_update_weight=mom2_update_weight,
+                                  preserve=preserve, values=values)
         except (EditError, SpanError) as exc:
             out += [{**row, "error": str(exc)} for row in rows]
             continue

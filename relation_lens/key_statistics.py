@@ -10,6 +10,7 @@ on disk, keyed by a fingerprint of the model, the layer, the corpus and the numb
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from relation_lens.guards import model_lock
-from relation_lens._results import ValueEquality
+from relation_lens.results import ValueEquality
 from relation_lens.errors import DataError, EditError
 from relation_lens.spans import right_pad
 
@@ -98,6 +99,16 @@ class KeyStatistics(ValueEquality):
     model_fingerprint: str
     corpus_hash: str
     n_texts: int
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of these statistics (layer, provenance and the matrix itself), computed once: what
+        AlphaEdit's projector cache is keyed by, so that other statistics of the same layer never reuse
+        a projector."""
+        h = hashlib.sha256(json.dumps([self.layer, self.count, self.model_fingerprint, self.corpus_hash,
+                                       self.n_texts, list(self.moment.shape), str(self.moment.dtype)]).encode())
+        h.update(self.moment.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def __repr__(self) -> str:  # a summary; the matrix is in .moment
         return (f"KeyStatistics(layer {self.layer}, [{self.moment.shape[0]} x {self.moment.shape[1]}] "

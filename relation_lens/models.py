@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 from relation_lens.errors import HubUnreachableError, ModelLoadError
+from relation_lens.presets import DEFAULT_MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "relation-lens-default"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 

@@ -120,7 +120,7 @@ def test_memit_context_templates_are_memits_code(default_model):
     """MEMIT's rule (memit_config(): seed words, length counting the word's tokens, the word kept): the
     templates MEMIT's own get_context_templates generates on the same weights, text for text; each
     starts with its seed word, and a batch edit groups them as MEMIT's compute_ks does."""
-    from relation_lens.batch_editing import _key_rows, memit_config
+    from relation_lens.editing import key_rows, memit_config
     from relation_lens.editing import generate_prefixes
 
     ref = TEMPLATES["memit"]
@@ -130,5 +130,5 @@ def test_memit_context_templates_are_memits_code(default_model):
     assert got == [t for group in ref["templates"] for t in group]
     assert all(t.startswith(seed) for t, seed in zip(got[1:], ref["seeds"]))
     request = EditRequest("{} is located in the continent of", "Germany", "Asia")
-    rows, plain = _key_rows(default_model, [request], "rome", got, config)
+    rows, plain = key_rows(default_model, [request], "subject", got, config)
     assert [g for *_, g in rows] == [0] + [1] * 5 and len(plain) == 1  # [["{}"], [5 templates]]

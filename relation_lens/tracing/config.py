@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from relation_lens._results import ValueEquality
+from relation_lens.results import ValueEquality
 from relation_lens.errors import ConfigError, NoiseError, SpanError
 
 Kind = Literal["resid", "mlp", "attn"]

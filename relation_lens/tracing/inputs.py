@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from relation_lens import presets
 from relation_lens.errors import NoiseError, SpanError, TargetError, UnsupportedModelError
 from relation_lens.errors import shorten
 from relation_lens.spans import PromptSpans, Span, object_tokens
@@ -57,9 +58,7 @@ def noise_std(model) -> float:
 def default_noise_subjects(model) -> tuple[str, ...]:
     """The subjects ROME's noise rule averages over when none are given: the default model's world
     subjects on the default model, known_1000's subjects (ROME's own list) on any other model."""
-    from relation_lens.models import DEFAULT_MODEL_NAME
-
-    if model.cfg.model_name == DEFAULT_MODEL_NAME:
+    if presets.for_model(model).world_noise_subjects:
         from relation_lens.data import load_world
 
         return tuple(dict.fromkeys(f.subject for f in load_world()))

@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from relation_lens.guards import model_lock
-from relation_lens._results import known_fields
+from relation_lens.results import known_fields
 from relation_lens.errors import ConfigError, shorten
 from relation_lens.spans import Span, check_fits_context, find_spans
 from relation_lens.tracing.config import TraceConfig, window_layers

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from relation_lens.guards import model_lock
-from relation_lens._results import known_fields
+from relation_lens.results import known_fields
 from relation_lens.errors import ConfigError
 from relation_lens.tracing.config import TraceConfig
 from relation_lens.tracing.engine import metric_values, restore_where

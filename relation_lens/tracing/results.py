@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from relation_lens._results import JsonRoundTrip, ValueEquality, known_fields
+from relation_lens.results import JsonRoundTrip, ValueEquality, known_fields
 from relation_lens.spans import Span
 
 

@@ -1,0 +1,80 @@
+"""Every model-specific default in one place, looked up by model.
+
+The published settings (ROME's, MEMIT's and AlphaEdit's GPT-2 XL hyperparameters, the paper's
+relation-ROME layer) hold for any model; the embedded default model, which is tiny and trained to
+near-certainty on its facts, has its own, each chosen on the tuning split (counterfactual records
+400-429, disjoint from every record the experiments report) by a script in ``experiments/``. The
+editing methods and the tracing noise rule ask :func:`for_model` instead of testing a model's name
+themselves. Only plain values live here (no classes of the library), so every module can read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MODEL_NAME = "relation-lens-default"
+
+RELATION_ROME_LAYER = 4  # the 5th MLP layer, as in Li, Chen & Wang (2024)
+
+# ROME's value optimisation on the default model (EditConfig.default_model_preset): a value vector needs
+# more room than GPT-2 XL's. Tuned with the formulas and conventions the library used then, which the
+# preset keeps (each named). experiments/tune_edit_preset.py, experiments/results/edit_preset_tuning.md.
+DEFAULT_MODEL_PRESET: dict[str, Any] = {
+    "v_weight_decay": 0.05, "clamp_norm_factor": 10.0, "v_steps": 40, "v_lr_scale": "rms",
+    "weight_decay_form": "squared_ratio", "early_stop_on": "nll", "kl_direction": "forward",
+    "prefix_lengths": ((6, 5), (11, 5)), "key_mode": "symmetric"}
+
+# MEMIT's GPT-2 XL hyper-parameters (hparams/MEMIT/gpt2-xl.json): its value optimisation settings and
+# its context templates (memit_main.get_context_templates: 5 self-generated prefixes of 10 tokens, one
+# started from each of its five seed words, beside the plain prompt)
+MEMIT_PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
+MEMIT_GPT2_XL: dict[str, Any] = {"v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "clamp_norm_factor": 0.75,
+                                 "kl_factor": 0.0625, "prefix_lengths": ((10, 5),),
+                                 "prefix_seeds": MEMIT_PREFIX_SEEDS}
+MOM2_UPDATE_WEIGHT = 20_000.0  # MEMIT's lambda on GPT-2 XL
+
+# The default model's MEMIT layers and lambda (experiments/tune_memit.py, experiments/results/memit_tuning.md):
+# MEMIT's lambda of 20000 is tied to GPT-2 XL's key scale and leaves no room for an update on its keys.
+DEFAULT_MODEL_MEMIT: dict[str, Any] = {"layers": {"memit": (1, 2), "relation_memit": (3, 4)},
+                                       "mom2_update_weight": {"memit": 10.0, "relation_memit": 30.0}}
+
+# AlphaEdit's GPT-2 XL settings (threshold 2e-2, l2 10); on the default model l2=10 stops every edit (its
+# keys are on a smaller scale): experiments/tune_alphaedit.py, experiments/results/alphaedit_tuning.md.
+ALPHAEDIT_GPT2_XL: dict[str, float] = {"threshold": 2e-2, "l2": 10.0}
+DEFAULT_MODEL_ALPHAEDIT: dict[str, float] = {"threshold": 2e-2, "l2": 0.1}
+
+
+@dataclass(frozen=True)
+class ModelPresets:
+    """The defaults for one model: ``edit`` (EditConfig fields over ROME's), per-method MEMIT layers
+    (``None``: scaled to depth) and lambda, AlphaEdit's settings, and whether ROME's noise rule
+    averages over the default model's world subjects (else known_1000's)."""
+
+    edit: dict[str, Any] = field(default_factory=dict)
+    memit_layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    mom2_update_weight: dict[str, float] = field(default_factory=dict)
+    alphaedit: dict[str, float] = field(default_factory=lambda: dict(ALPHAEDIT_GPT2_XL))
+    world_noise_subjects: bool = False
+
+
+PUBLISHED = ModelPresets(mom2_update_weight={"memit": MOM2_UPDATE_WEIGHT, "relation_memit": MOM2_UPDATE_WEIGHT})
+DEFAULT_MODEL = ModelPresets(edit=DEFAULT_MODEL_PRESET, memit_layers=DEFAULT_MODEL_MEMIT["layers"],
+                             mom2_update_weight=DEFAULT_MODEL_MEMIT["mom2_update_weight"],
+                             alphaedit=DEFAULT_MODEL_ALPHAEDIT, world_noise_subjects=True)
+_BY_NAME: dict[str, ModelPresets] = {DEFAULT_MODEL_NAME: DEFAULT_MODEL}
+
+
+def is_default_model(model) -> bool:
+    """Whether ``model`` is the embedded default model (by the name :func:`relation_lens.load_model` gives it)."""
+    return model.cfg.model_name == DEFAULT_MODEL_NAME
+
+
+def for_model(model) -> ModelPresets:
+    """The presets of ``model``: its own where this module has them, the published ones otherwise."""
+    return _BY_NAME.get(model.cfg.model_name, PUBLISHED)
+
+
+def relation_rome_layer(n_layers: int) -> int:
+    """relation-ROME's layer: index 4 (the 5th MLP), or the middle layer of models of 4 layers or fewer."""
+    return RELATION_ROME_LAYER if n_layers > RELATION_ROME_LAYER else n_layers // 2
