@@ -211,6 +211,14 @@ def test_statistics_cache_writes_atomically_under_concurrency(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["stats.safetensors"]  # no temporary file left
 
 
+def _synthetic_stats(d: int, g: torch.Generator) -> tuple[torch.Tensor, KeyStatistics]:
+    """A well-conditioned second moment at layer 2: eigenvalues 0.1 .. 10, random eigenvectors drawn from ``g``."""
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    C = q @ torch.diag(torch.logspace(-1, 1, d, dtype=torch.float64)) @ q.T
+    return C, KeyStatistics(layer=2, moment=C, count=1000, model_fingerprint="synthetic", corpus_hash="synthetic",
+                            n_texts=1)
+
+
 def test_left_vector_is_the_inverse_second_moment_times_the_key(tiny_model, tiny_stats):
     """u = C^-1 k*: C u is k* (float64 direct solve), and the update leaves alone every key k with
     k . u = 0, i.e. the keys C-orthogonal to k*. Replacing C^-1 by C, or dropping it, fails here."""
@@ -218,10 +226,7 @@ def test_left_vector_is_the_inverse_second_moment_times_the_key(tiny_model, tiny
     # is singular, and the identity to check is exact algebra either way
     g = torch.Generator().manual_seed(0)
     d = tiny_model.cfg.d_mlp
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    C = q @ torch.diag(torch.logspace(-1, 1, d, dtype=torch.float64)) @ q.T
-    stats = KeyStatistics(layer=2, moment=C, count=1000, model_fingerprint="synthetic", corpus_hash="synthetic",
-                          n_texts=1)
+    C, stats = _synthetic_stats(d, g)
     req = EditRequest("{} is located in the country of", "Paris", "Japan")
     upd = compute_edit(tiny_model, req, method="relation_rome", layer=2, stats=stats, config=FAST)
     k = upd.key
@@ -242,10 +247,7 @@ def test_ridge_is_relative_to_the_mean_diagonal_of_c(tiny_model):
     is 2.15 for this C, so a ridge without that scaling fails; the edited key still maps to v* exactly."""
     g = torch.Generator().manual_seed(1)
     d = tiny_model.cfg.d_mlp
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    C = q @ torch.diag(torch.logspace(-1, 1, d, dtype=torch.float64)) @ q.T
-    stats = KeyStatistics(layer=2, moment=C, count=1000, model_fingerprint="synthetic", corpus_hash="synthetic",
-                          n_texts=1)
+    C, stats = _synthetic_stats(d, g)
     req = EditRequest("{} is located in the country of", "Paris", "Japan")
     upd = compute_edit(tiny_model, req, method="relation_rome", layer=2, stats=stats,
                        config=dataclasses.replace(FAST, ridge=0.5))
