@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _report import emit, machine  # noqa: E402
 
 import relation_lens as rl  # noqa: E402
 from relation_lens import tracing  # noqa: E402
-from _report import emit, machine  # noqa: E402
 
 PROMPT, SUBJECT = "Space Needle is located in the city of", "Space Needle"
 

@@ -26,8 +26,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()
-    import relation_lens as rl
     from _report import emit, machine
+
+    import relation_lens as rl
     from relation_lens.data.counterfact import evaluation_records
     from relation_lens.evaluation import records_metrics
     from relation_lens.probes import target_probs

@@ -41,8 +41,8 @@ def main() -> None:
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()
     import transformers as T
-
     from _report import emit, machine
+
     from relation_lens.models import default_model_path
 
     with tempfile.TemporaryDirectory() as tmp:

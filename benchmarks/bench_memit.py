@@ -26,8 +26,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()
-    import relation_lens as rl
     from _report import emit, machine
+
+    import relation_lens as rl
     from relation_lens.batch_editing import batch_defaults, memit_config
     from relation_lens.data.counterfact import load_counterfactual
     from relation_lens.editing import EditConfig, default_layer, generate_prefixes

@@ -29,10 +29,10 @@ def main() -> None:
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()
     import torch
-
-    import relation_lens as rl
     from _report import emit, machine
     from bench_trace import gpt2_small_shaped
+
+    import relation_lens as rl
     from relation_lens.data import world_trace_facts
 
     facts = world_trace_facts(limit=args.prompts)

@@ -55,13 +55,13 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import relation_lens as rl
-    from relation_lens.editing import EditConfig, EditRequest, compute_edit
-    from relation_lens.key_statistics import default_corpus, _texts
-    from relation_lens.models import default_model_path
+    from make_rome_reference import _cuda_to_cpu, gpt2_xl_hparams
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from make_rome_reference import _cuda_to_cpu, gpt2_xl_hparams
+    import relation_lens as rl
+    from relation_lens.editing import EditConfig, EditRequest, compute_edit
+    from relation_lens.key_statistics import _texts, default_corpus
+    from relation_lens.models import default_model_path
 
     meta = json.loads((ROOT / "tests" / "data" / "rome_reference.json").read_text())
     model = rl.load_model()
@@ -77,7 +77,9 @@ def main() -> None:
     os.chdir(rome_root)
     sys.path.insert(0, str(rome_root))
     _cuda_to_cpu()
-    from rome import compute_u as rome_u, layer_stats as rome_ls, rome_main
+    from rome import compute_u as rome_u
+    from rome import layer_stats as rome_ls
+    from rome import rome_main
     from rome.rome_hparams import ROMEHyperParams
 
     os.chdir(here)

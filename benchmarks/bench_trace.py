@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
+from _report import emit, machine, median_time  # noqa: E402
+from oracle import naive_trace  # noqa: E402
 
 import relation_lens as rl  # noqa: E402
 from relation_lens.tracing import make_noise, window_layers  # noqa: E402
-from oracle import naive_trace  # noqa: E402
-from _report import emit, machine, median_time  # noqa: E402
 
 PROMPT = "Space Needle is located in the city of"
 SUBJECT = "Space Needle"

@@ -76,7 +76,8 @@ def main() -> None:
              "relations keep their answers. s: the batch size's time; each record's z is optimised once per method, "
              "during its first size (whose s includes it), and read from the cache by the others.", "",
              "| variant | batch size | batches | failed | ES | PS | NS | RS | s |", "|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda ci: f"{ci[0]:.1f} ± {ci[1]:.1f}"
+    def fmt(ci):
+        return f"{ci[0]:.1f} ± {ci[1]:.1f}"
     for r in rows:
         if "batch_size" in r:
             lines.append(f"| {r['variant']} | {r['batch_size'] or '–'} | {r['batches'] or '–'} | {r['failed']} | {fmt(r['ES'])} | "

@@ -44,8 +44,8 @@ import torch
 import relation_lens as rl
 from relation_lens.batch_editing import Preserve, batch_defaults, memit_config
 from relation_lens.data import load_world
-from relation_lens.editing import EditConfig, default_layer, generate_prefixes
 from relation_lens.data.counterfact import evaluation_records
+from relation_lens.editing import EditConfig, default_layer, generate_prefixes
 from relation_lens.evaluation import records_metrics
 from relation_lens.probes import known_mask
 
@@ -149,7 +149,8 @@ def report(folder: Path, out: Path, title: str, quick: bool) -> str:
     rows = [r for f in sorted(folder.glob("*.json")) for r in json.loads(f.read_text())["rows"]]
     rows.sort(key=lambda r: (order(r["variant"]), r["edits"]))
     suffix = "_quick" if quick else ""
-    fmt = lambda x: "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+    def fmt(x):
+        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
     lines = [f"# Sequential editing: up to {max(r['edits'] for r in rows)} edits in a row ({title})", "",
              "Rates (%) over the records edited so far, CounterFact's definitions: ES the prompt prefers the new "
              "object, PS its paraphrases do, NS neighbourhood prompts keep the true object, RS the subject's other "

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import relation_lens as rl
 from relation_lens.data import load_world
-from relation_lens.probes import known_mask
 from relation_lens.data.loaders import fewrel_prompts, load_fewrel
+from relation_lens.probes import known_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "results"

@@ -4,10 +4,15 @@ GPT-2 XL l2 (10) is too strong for the small model's keys; its threshold (2e-2) 
 
     python experiments/tune_alphaedit.py > experiments/results/alphaedit_tuning.md
 """
-import torch, relation_lens as rl, itertools
-from relation_lens.batch_editing import Preserve, memit_config, batch_defaults
+import itertools
+
+import torch
+
+import relation_lens as rl
+from relation_lens.batch_editing import Preserve, batch_defaults, memit_config
 from relation_lens.data.counterfact import load_counterfactual
 from relation_lens.probes import target_probs
+
 m = rl.load_model()
 recs = list(load_counterfactual())[400:412]
 for l in range(6):

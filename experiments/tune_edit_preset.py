@@ -3,12 +3,15 @@ counterfactual relation dataset), disjoint from the records the experiments repo
 
     python experiments/tune_edit_preset.py > experiments/results/edit_preset_tuning.md
 """
-import os, time
+import os
+import time
+
 os.environ["HF_HUB_OFFLINE"]="1"
 import relation_lens as rl
-from relation_lens.editing import EditConfig, default_layer, EditRequest
-from relation_lens.evaluation import evaluate, EvaluationResult
 from relation_lens.data.counterfact import load_counterfactual
+from relation_lens.editing import EditConfig, EditRequest, default_layer
+from relation_lens.evaluation import EvaluationResult, evaluate
+
 m = rl.load_model()
 recs = list(load_counterfactual())[400:430]   # tuning split, disjoint from the evaluation records (first 100-200)
 first = recs[0]

@@ -5,19 +5,7 @@
 >>> result = rl.trace(model, "The capital of France is", subject="France")
 """
 
-from relation_lens.errors import (
-    ConfigError,
-    DataError,
-    EditError,
-    HubUnreachableError,
-    ModelLoadError,
-    NoiseError,
-    PromptError,
-    RelationLensError,
-    SpanError,
-    TargetError,
-    UnsupportedModelError,
-)
+from relation_lens import views  # registers the renderers of result.plot() / to_html()
 from relation_lens.editing import (
     METHODS,
     AlphaEditConfig,
@@ -36,13 +24,26 @@ from relation_lens.editing import (
     register_method,
     save_edited,
 )
+from relation_lens.errors import (
+    ConfigError,
+    DataError,
+    EditError,
+    HubUnreachableError,
+    ModelLoadError,
+    NoiseError,
+    PromptError,
+    RelationLensError,
+    SpanError,
+    TargetError,
+    UnsupportedModelError,
+)
 from relation_lens.evaluation import EvaluationResult, evaluate, evaluate_batch
-from relation_lens.models import load_model
 from relation_lens.key_statistics import KeyStatistics
+from relation_lens.models import load_model
 from relation_lens.spans import find_spans
 from relation_lens.tracing import (
-    DatasetTraceResult,
     DatasetKnockoutResult,
+    DatasetTraceResult,
     KnockoutResult,
     TargetWarning,
     TraceConfig,
@@ -53,12 +54,12 @@ from relation_lens.tracing import (
     trace_dataset,
 )
 from relation_lens.tracing.patch import PatchResult, Site, patch
+from relation_lens.version import __version__
 
 __all__ = [
     "load_model", "trace", "knockout", "KnockoutResult", "knockout_dataset", "DatasetKnockoutResult", "patch", "Site", "PatchResult", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
     "edit", "evaluate", "evaluate_batch", "BatchUpdate", "Preserve", "AlphaEditConfig", "ValueCache", "Update",
     "EditMethod", "METHODS", "register_method", "save_edited", "EvaluationResult", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
-    "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",
+    "views", "__version__", "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",
     "PromptError", "TargetError", "NoiseError", "EditError", "DataError", "TargetWarning",
 ]
-__version__ = "0.1.0"

@@ -136,7 +136,7 @@ def _check_out(out: Path, command: str) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise SystemExit(f"relation-lens {command}: cannot create the output folder {str(out)!r} ({exc.strerror})")
+        raise SystemExit(f"relation-lens {command}: cannot create the output folder {str(out)!r} ({exc.strerror})") from None
     if not os.access(out, os.W_OK):
         raise SystemExit(f"relation-lens {command}: the output folder {str(out)!r} is not writable")
 
@@ -245,7 +245,11 @@ def _edit_prompts(args) -> tuple[str, str]:
 
 def _cmd_edit(args) -> None:
     import relation_lens as rl
-    from relation_lens.editing import EditConfig, get_method, save_edited, single_methods
+    from relation_lens.editing import (
+        get_method,
+        save_edited,
+        single_methods,
+    )
     from relation_lens.errors import EditError
     from relation_lens.probes import predict
     from relation_lens.spans import object_tokens
@@ -291,8 +295,8 @@ def _cmd_edit(args) -> None:
 
 def _cmd_evaluate(args) -> None:
     import relation_lens as rl
-    from relation_lens.editing import EditConfig
     from relation_lens.distributed import ranks
+    from relation_lens.editing import EditConfig
     from relation_lens.evaluation import EvaluationResult, evaluate
 
     r = ranks()

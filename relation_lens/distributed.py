@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from relation_lens.errors import ConfigError
+from relation_lens.results import json_safe
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,6 @@ class Ranks:
 
 def ranks() -> Ranks:
     """This process's rank and the world size, initialising the group ``torchrun`` described."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return Ranks(dist.get_rank(), dist.get_world_size())
     if dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
@@ -57,14 +57,12 @@ def ranks() -> Ranks:
     return Ranks(0, 1)
 
 
-_OWNED = []  # a process group this module initialised (from torchrun's environment)
+_OWNED: list[bool] = []  # a process group this module initialised (from torchrun's environment)
 
 
 def shutdown() -> None:
     """Destroy the process group :func:`ranks` initialised, if any (the CLI calls it on exit)."""
     if _OWNED:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
         _OWNED.clear()
@@ -74,8 +72,6 @@ def gather(obj: Any, r: Ranks) -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank."""
     if r.world_size == 1:
         return [obj]
-    import torch.distributed as dist
-
     out: list[Any] = [None] * r.world_size
     dist.all_gather_object(out, obj)
     return out
@@ -85,8 +81,6 @@ def all_reduce_sum(t: torch.Tensor, r: Ranks) -> torch.Tensor:
     """The sum of ``t`` over ranks (float64 kept; moved to the rank's GPU and back under NCCL)."""
     if r.world_size == 1:
         return t
-    import torch.distributed as dist
-
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
     work = t.to(dev).clone()
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
@@ -95,8 +89,6 @@ def all_reduce_sum(t: torch.Tensor, r: Ranks) -> torch.Tensor:
 
 def barrier(r: Ranks) -> None:
     if r.world_size > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -154,8 +146,6 @@ class Checkpoint:
         return out
 
     def append(self, row: dict[str, Any]) -> None:
-        from relation_lens.results import json_safe
-
         file = self.folder / f"items.rank{self.rank.rank}.jsonl"
         if file.is_file() and file.stat().st_size:
             with open(file, "rb") as fh:

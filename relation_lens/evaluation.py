@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from relation_lens.results import JsonRoundTrip, ValueEquality, known_fields
 from relation_lens.distributed import gather, ranks
 from relation_lens.editing import (
     EditConfig,
@@ -42,10 +40,12 @@ from relation_lens.editing import (
     single_methods,
     statistics_for,
 )
-from relation_lens.key_statistics import KeyStatistics
 from relation_lens.errors import EditError, SpanError
 from relation_lens.intervals import mean_ci95_list
+from relation_lens.key_statistics import KeyStatistics
+from relation_lens.model_interface import Model
 from relation_lens.probes import greedy_generate, target_probs
+from relation_lens.results import EvaluationResult
 
 METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "RS", "RM", "fluency")
 
@@ -61,7 +61,7 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
     return sum(w * e for w, e in zip(weights, ents)) / len(ents)
 
 
-def record_metrics(model, rec: dict, fluency: bool = False) -> dict[str, float]:
+def record_metrics(model: Model, rec: dict, fluency: bool = False) -> dict[str, float]:
     """One CounterFact-style record measured on the model as it is now: ES/EM (the prompt prefers
     ``target_new`` to ``target_true``; by how much), PS/PM (paraphrases), NS/NM (neighbourhood prompts
     keep their true object over ``target_new``), RS/RM (the subject's other relations keep their
@@ -72,16 +72,18 @@ def record_metrics(model, rec: dict, fluency: bool = False) -> dict[str, float]:
     return m
 
 
-def _fluency(model, rec: dict) -> float:
+def _fluency(model: Model, rec: dict) -> float:
     """ROME's fluency of greedy generations from the record's generation prompts (or its prompt)."""
     gens = [greedy_generate(model, g) for g in (rec.get("generation_prompts") or [rec["prompt"].format(rec["subject"])])]
     return sum(ngram_entropy(g) for g in gens) / len(gens)
 
 
-def records_metrics(model, records: Sequence[dict]) -> list[dict[str, float]]:
+def records_metrics(model: Model, records: Sequence[dict]) -> list[dict[str, float]]:
     """:func:`record_metrics` (without fluency) of several records, their probabilities read in one
     batched :func:`~relation_lens.probes.target_probs` call."""
-    prompts, targets, reads = [], [], []
+    prompts: list[str] = []
+    targets: list[str] = []
+    reads: list[tuple[int, str, int, int]] = []
     for j, rec in enumerate(records):
         text = rec["prompt"].format(rec["subject"])
         new, true = rec["target_new"], rec["target_true"]
@@ -117,56 +119,6 @@ def _harmonic(values: list[float]) -> float:
     return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
 
 
-@dataclass(frozen=True, repr=False, eq=False)
-class EvaluationResult(JsonRoundTrip, ValueEquality):
-    """Per-record metrics and their summary (mean, 95% CI half-width), in percent for the rates."""
-
-    method: str
-    layer: int | None
-    records: tuple[dict[str, Any], ...]
-    summary: dict[str, tuple[float, float]]
-    n_failed: int
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def score(self) -> float:
-        return self.summary["Score"][0]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "layer": self.layer, "records": list(self.records),
-                "summary": {k: list(v) for k, v in self.summary.items()}, "n_failed": self.n_failed,
-                "settings": self.settings}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EvaluationResult":
-        d = known_fields(cls, d)
-        return cls(method=d["method"], layer=d["layer"], records=tuple(d["records"]),
-                   summary={k: tuple(v) for k, v in d["summary"].items()}, n_failed=d["n_failed"],
-                   settings=d.get("settings", {}))
-
-    def __repr__(self) -> str:  # a summary; per-record numbers are in .records
-        metrics = ", ".join(f"{k} {self.summary[k][0]:.1f}" for k in ("Score", "ES", "PS", "NS", "RS")
-                            if k in self.summary)
-        return (f"EvaluationResult({self.method} at layer {self.layer}: {metrics}; "
-                f"{len(self.records)} records, {self.n_failed} failed)")
-
-    def row(self) -> str:
-        """One markdown table row: method, layer, Score, ES, PS, NS, RS, fluency (mean ± CI)."""
-        na = lambda v, fmt: "n/a" if math.isnan(v) else format(v, fmt)  # noqa: E731
-        cells = [na(self.summary["Score"][0], ".1f"), na(self.summary["ScoreROME"][0], ".1f")]
-        for k in ("ES", "PS", "NS", "RS"):
-            mu, ci = self.summary[k]
-            cells.append("n/a" if math.isnan(mu) else f"{mu:.1f} ± {na(ci, '.1f')}")
-        mu, ci = self.summary["fluency"]
-        cells.append(f"{mu:.2f} ± {ci:.2f}" if not math.isnan(mu) else "n/a")
-        return f"| {self.method} | {self.layer if self.layer is not None else '-'} | " + " | ".join(cells) + " |"
-
-    @staticmethod
-    def header() -> str:
-        return ("| method | layer | Score | Score (ES,PS,NS) | ES | PS | NS | RS | fluency |\n"
-                "|---|---|---|---|---|---|---|---|---|")
-
-
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     """Mean and 95% half-width of each metric over the rows without an ``error`` (rates in percent,
     fluency in bits), and the Scores: harmonic means of ES, PS, NS, RS (``Score``) and of ES, PS,
@@ -182,7 +134,7 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     return summary
 
 
-def evaluate(model, records, *, method: str = "relation_rome", layer: int | None = None,
+def evaluate(model: Model, records, *, method: str = "relation_rome", layer: int | None = None,
              config: EditConfig | None = None, stats=None, fluency: bool = True,
              progress: bool = False) -> EvaluationResult:
     """Edit ``model`` for each record, measure, undo; summarise.
@@ -207,7 +159,7 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
                         + (" (a batch method: use evaluate_batch)" if method in batch_methods() else ""))
     edit_method = None if method == "none" else get_method(method)
     config = config or (EditConfig.default_for(model) if edit_method is None else edit_method.default_config(model))
-    options = {}
+    options: dict[str, Any] = {}
     if edit_method is not None and "layer" in edit_method.options:
         if layer is None:
             layer = default_layer(model, "rome" if edit_method.key == "subject" else "relation_rome",
@@ -241,7 +193,7 @@ def evaluate(model, records, *, method: str = "relation_rome", layer: int | None
                             settings={"key_mode": config.key_mode, "n_records": len(records), "fluency": fluency})
 
 
-def evaluate_batch(model, records, *, method: str = "relation_memit", batch_size: int = 10,
+def evaluate_batch(model: Model, records, *, method: str = "relation_memit", batch_size: int = 10,
                    layers: Sequence[int] | None = None, config: EditConfig | None = None, stats: dict | None = None,
                    mom2_update_weight: float | None = None, preserve=None, fluency: bool = False,
                    progress: bool = False, values=None) -> EvaluationResult:

@@ -12,12 +12,14 @@ import threading
 import weakref
 from contextlib import contextmanager
 
-_LOCKS: "weakref.WeakKeyDictionary[object, threading.RLock]" = weakref.WeakKeyDictionary()
+from relation_lens.model_interface import Model
+
+_LOCKS: weakref.WeakKeyDictionary[object, threading.RLock] = weakref.WeakKeyDictionary()
 _GUARD = threading.Lock()
 
 
 @contextmanager
-def model_lock(model):
+def model_lock(model: Model):
     """Hold ``model``'s lock (re-entrant: a traced edit may call trace inside)."""
     with _GUARD:
         lock = _LOCKS.get(model)
@@ -28,7 +30,7 @@ def model_lock(model):
 
 
 @contextmanager
-def frozen_parameters(model):
+def frozen_parameters(model: Model):
     """Turn off ``requires_grad`` on every parameter of ``model``; restore each flag on exit."""
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():

@@ -15,18 +15,23 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable, Sequence
 
 import torch
 from jaxtyping import Float
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from relation_lens.data import load_world
+from relation_lens.distributed import all_reduce_sum, ranks
+from relation_lens.errors import DataError, EditError, UnsupportedModelError
 from relation_lens.guards import model_lock
+from relation_lens.model_interface import Model, tokenizer_of
 from relation_lens.results import ValueEquality
-from relation_lens.errors import DataError, EditError
 from relation_lens.spans import right_pad
 
 logger = logging.getLogger(__name__)
@@ -37,7 +42,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RELATION_LENS_CACHE", Path.home() / ".cache" / "relation_lens")) / "stats"
 
 
-def model_fingerprint(model, upto_layer: int | None = None) -> str:
+def model_fingerprint(model: Model, upto_layer: int | None = None) -> str:
     """A short hash of the model's name, shape and the weights that determine keys up to ``upto_layer``."""
     h = hashlib.sha256(json.dumps([model.cfg.model_name, model.cfg.n_layers, model.cfg.d_model, model.cfg.d_mlp,
                                    model.cfg.d_vocab, str(model.cfg.dtype)]).encode())
@@ -54,8 +59,6 @@ def model_fingerprint(model, upto_layer: int | None = None) -> str:
 
 def default_corpus() -> list[str]:
     """The default model's own training text: every fact under every training template."""
-    from relation_lens.data import load_world
-
     return [f"{t.format(f.subject)} {f.object}." for f in load_world() for t in f.train_templates]
 
 
@@ -115,10 +118,10 @@ class KeyStatistics(ValueEquality):
                 f"from {self.count} keys of {self.n_texts} texts, model {self.model_fingerprint[:12]})")
 
     @classmethod
-    def compute(cls, model, layer: int, corpus: Iterable[str] | None = None, *, n_texts: int | None = 10_000,
+    def compute(cls, model: Model, layer: int, corpus: Iterable[str] | None = None, *, n_texts: int | None = 10_000,
                 batch_size: int = 64, cache: bool = True, progress: bool = True,
                 directory: str | Path | None = None, prepend_bos: bool | None = None,
-                precision: str = "mixed") -> "KeyStatistics":
+                precision: str = "mixed") -> KeyStatistics:
         """Compute (or load from the disk cache) the key statistics of ``layer``.
 
         Under torch.distributed, batch ``b`` of ``batch_size`` texts is run by rank ``b % world_size`` and
@@ -147,13 +150,9 @@ class KeyStatistics(ValueEquality):
         file = path / (f"{fp}_L{layer}_{ch}_{len(texts)}{'' if bos else '_nobos'}"
                        f"{'' if precision == 'mixed' else '_f64'}.safetensors")
         if cache and file.is_file():
-            from safetensors.torch import load_file
-
             data = load_file(file)
             logger.info("loaded key statistics from %s", file)
             return cls(layer, data["moment"], int(data["count"].item()), fp, ch, len(texts))
-        from relation_lens.distributed import all_reduce_sum, ranks
-
         r = ranks()
         tokens = tokenize_corpus(model, texts, bos)
         order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))  # similar lengths together: little padding
@@ -171,7 +170,7 @@ class KeyStatistics(ValueEquality):
             _atomic_save({"moment": moment.contiguous(), "count": torch.tensor([count])}, file)
         return stats
 
-    def inverse_times(self, k: Float[Tensor, "d_mlp"], ridge: float = 0.0) -> Float[Tensor, "d_mlp"]:
+    def inverse_times(self, k: Float[Tensor, d_mlp], ridge: float = 0.0) -> Float[Tensor, d_mlp]:
         """``C^-1 k`` (float64 solve), with ``ridge x mean(diag C)`` added to the diagonal."""
         C = self.moment
         if ridge:
@@ -183,10 +182,6 @@ def _atomic_save(tensors: dict[str, Tensor], file: Path) -> None:
     """Write ``tensors`` to ``file`` through a temporary file of a unique name in the same folder and
     an atomic rename, so that concurrent runs never read a half-written file nor clobber each
     other's temporary file (the last rename wins; both wrote the same numbers)."""
-    import tempfile
-
-    from safetensors.torch import save_file
-
     file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.stem}.", suffix=".tmp")
     os.close(fd)
@@ -198,10 +193,10 @@ def _atomic_save(tensors: dict[str, Tensor], file: Path) -> None:
         raise
 
 
-def tokenize_corpus(model, texts: Sequence[str], bos: bool) -> list[Tensor]:
+def tokenize_corpus(model: Model, texts: Sequence[str], bos: bool) -> list[Tensor]:
     """Each text's tokens as ``model.to_tokens(text, prepend_bos=bos, truncate=True)`` gives them, in
     one batched tokenizer call (a call per text costs more than the forward passes on a small model)."""
-    tok = model.tokenizer
+    tok = tokenizer_of(model)
     limit = model.cfg.n_ctx
     if not getattr(tok, "is_fast", False) or tok.bos_token_id is None:
         return [model.to_tokens(t, prepend_bos=bos, truncate=True)[0].cpu() for t in texts]
@@ -218,13 +213,15 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def _accumulate(model, layer: int, batches: list[list[Tensor]], progress: bool, bos: bool,
+def _accumulate(model: Model, layer: int, batches: list[list[Tensor]], progress: bool, bos: bool,
                 precision: str = "mixed") -> tuple[Tensor, int]:
     """The float64 sum of ``k k^T`` and the number of keys over ``batches`` of token sequences. The
     forward stops at the key (``hook_post`` of the layer): the rest of the block and of the model is
     not run, as ROME's ``layer_stats`` stops its trace."""
     name = f"blocks.{layer}.mlp.hook_post"
     d = model.cfg.d_mlp
+    if d is None:
+        raise UnsupportedModelError(f"the model {model.cfg.model_name!r} has no MLPs (d_mlp is None): no keys to count")
     moment = torch.zeros(d, d, dtype=torch.float64)
     count = 0
     stored = {}

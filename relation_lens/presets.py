@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from relation_lens.model_interface import Model
+
 DEFAULT_MODEL_NAME = "relation-lens-default"
 
 RELATION_ROME_LAYER = 4  # the 5th MLP layer, as in Li, Chen & Wang (2024)
@@ -65,12 +67,12 @@ DEFAULT_MODEL = ModelPresets(edit=DEFAULT_MODEL_PRESET, memit_layers=DEFAULT_MOD
 _BY_NAME: dict[str, ModelPresets] = {DEFAULT_MODEL_NAME: DEFAULT_MODEL}
 
 
-def is_default_model(model) -> bool:
+def is_default_model(model: Model) -> bool:
     """Whether ``model`` is the embedded default model (by the name :func:`relation_lens.load_model` gives it)."""
     return model.cfg.model_name == DEFAULT_MODEL_NAME
 
 
-def for_model(model) -> ModelPresets:
+def for_model(model: Model) -> ModelPresets:
     """The presets of ``model``: its own where this module has them, the published ones otherwise."""
     return _BY_NAME.get(model.cfg.model_name, PUBLISHED)
 

@@ -8,22 +8,23 @@ from collections.abc import Sequence
 
 import torch
 
+from relation_lens.model_interface import Model, decode
 from relation_lens.spans import object_tokens, right_pad
 
 
 @torch.no_grad()
-def predict(model, prompts: Sequence[str], k: int = 1) -> list[list[tuple[str, float]]]:
+def predict(model: Model, prompts: Sequence[str], k: int = 1) -> list[list[tuple[str, float]]]:
     """Top-``k`` next tokens and probabilities for each prompt."""
     out = []
     for p in prompts:
         probs = model(model.to_tokens(p))[0, -1].float().softmax(-1)
         top = probs.topk(k)
-        out.append([(model.tokenizer.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)])
+        out.append([(decode(model, [int(i)]), float(v)) for v, i in zip(top.values, top.indices)])
     return out
 
 
 @torch.no_grad()
-def target_probs(model, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+def target_probs(model: Model, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """``exp(mean log P(target tokens | prompt))`` for each (prompt, target) pair, teacher-forced; the
     pairs run in right-padded batches of ``batch_size`` sequences of similar length (causal attention:
     each pair's positions are as they would be alone). A float32 tensor on the CPU."""
@@ -42,18 +43,18 @@ def target_probs(model, prompts: Sequence[str], targets: Sequence[str], batch_si
 
 
 @torch.no_grad()
-def greedy_generate(model, prompt: str, max_new_tokens: int = 30) -> str:
+def greedy_generate(model: Model, prompt: str, max_new_tokens: int = 30) -> str:
     toks = model.to_tokens(prompt)[0]
     start = len(toks)
     for _ in range(max_new_tokens):
         if len(toks) >= model.cfg.n_ctx:
             break
         toks = torch.cat([toks, model(toks[None])[0, -1].argmax()[None]])
-    return model.tokenizer.decode(toks[start:])
+    return decode(model, toks[start:].tolist())
 
 
 @torch.no_grad()
-def known_mask(model, prompts: list[str], targets: list[str], batch_size: int = 128) -> list[bool]:
+def known_mask(model: Model, prompts: list[str], targets: list[str], batch_size: int = 128) -> list[bool]:
     """Whether the model's top next token after each prompt is the first token of its target."""
     out = []
     for i in range(0, len(prompts), batch_size):

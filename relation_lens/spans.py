@@ -18,10 +18,12 @@ Conventions (positions index ``model.to_tokens(prompt)[0]``, half-open ``(start,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
 from relation_lens.errors import PromptError, SpanError, shorten
+from relation_lens.model_interface import Model, tokenizer_of
 
 Span = tuple[int, int]
 
@@ -38,7 +40,7 @@ class PromptSpans:
     relation_span: Span
 
 
-def token_offsets(model, prompt: str, prepend_bos: bool | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def token_offsets(model: Model, prompt: str, prepend_bos: bool | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Tokens of ``prompt`` as the model sees them, and each token's character range.
 
     ``prepend_bos``: ``None`` follows the model's own default (``model.cfg.default_prepend_bos``);
@@ -52,7 +54,7 @@ def token_offsets(model, prompt: str, prepend_bos: bool | None = None) -> tuple[
         raise PromptError(f"prompt {shorten(prompt)} is empty; give the text that ends right before the answer")
     bos = model.cfg.default_prepend_bos if prepend_bos is None else bool(prepend_bos)
     tokens = model.to_tokens(prompt, prepend_bos=bos, truncate=False)[0].cpu()
-    tok = model.tokenizer
+    tok = tokenizer_of(model)
     ids = tokens.tolist()
     if getattr(tok, "is_fast", False):
         enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
@@ -62,7 +64,7 @@ def token_offsets(model, prompt: str, prepend_bos: bool | None = None) -> tuple[
             return tokens, [(0, 0)] * shift + [tuple(o) for o in enc["offset_mapping"]]
     # Fallback for any tokenizer: the decoded prefixes grow through the prompt.
     offsets, prev = [], 0
-    strs = model.to_str_tokens(tokens)
+    strs = cast(list[str], model.to_str_tokens(tokens))
     text = ""
     for i, s in enumerate(strs):
         if i == 0 and bos and s == tok.bos_token:
@@ -75,7 +77,7 @@ def token_offsets(model, prompt: str, prepend_bos: bool | None = None) -> tuple[
     return tokens, offsets
 
 
-def check_fits_context(model, text: str, n_tokens: int, what: str = "prompt", note: str = "") -> None:
+def check_fits_context(model: Model, text: str, n_tokens: int, what: str = "prompt", note: str = "") -> None:
     """Raise :class:`PromptError` naming ``text`` (shortened) when ``n_tokens`` exceed the model's context."""
     if n_tokens > model.cfg.n_ctx:
         raise PromptError(f"{what} {shorten(text)} is {n_tokens} tokens, longer than the model's context of "
@@ -90,7 +92,7 @@ def char_span_to_tokens(offsets: list[tuple[int, int]], start: int, end: int) ->
     return (hit[0], hit[-1] + 1)
 
 
-def find_spans(model, prompt: str, subject: str, *, include_last: bool = True, occurrence: int = 0,
+def find_spans(model: Model, prompt: str, subject: str, *, include_last: bool = True, occurrence: int = 0,
                require_relation: bool = True, prepend_bos: bool | None = None) -> PromptSpans:
     """Find the subject and relation token spans of ``prompt``.
 
@@ -124,15 +126,16 @@ def find_spans(model, prompt: str, subject: str, *, include_last: bool = True, o
         where = "ends the prompt" if subj[1] == len(offsets) else "is followed only by the last token"
         raise SpanError(f"relation span is empty in prompt {shorten(prompt)}: the subject {subject!r} {where} "
                         f"(include_last={include_last}); relation tracing needs relation words after the subject")
-    return PromptSpans(prompt=prompt, tokens=tokens, str_tokens=tuple(model.to_str_tokens(tokens)),
+    return PromptSpans(prompt=prompt, tokens=tokens, str_tokens=tuple(cast(list[str], model.to_str_tokens(tokens))),
                        subject=subject, subject_span=subj, relation_span=rel)
 
 
-def right_pad(model, seqs: list[torch.Tensor]) -> torch.Tensor:
+def right_pad(model: Model, seqs: list[torch.Tensor]) -> torch.Tensor:
     """Stack token sequences into one ``[batch, max_len]`` tensor, padded on the right with the
     tokenizer's pad token. Under causal attention, right padding leaves every real position's
     states as they would be alone, so callers read positions ``< len(seq)`` only."""
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad_id = tokenizer_of(model).pad_token_id
+    pad = pad_id if pad_id is not None else 0
     out = torch.full((len(seqs), max(len(x) for x in seqs)), pad, dtype=torch.long)
     for i, x in enumerate(seqs):
         out[i, :len(x)] = x
@@ -149,7 +152,7 @@ def continuation_text(prompt: str, target: str) -> str:
     return " " + target
 
 
-def object_tokens(model, prompt: str, obj: str) -> torch.Tensor:
+def object_tokens(model: Model, prompt: str, obj: str) -> torch.Tensor:
     """Tokens of ``obj`` as the continuation of ``prompt`` (:func:`continuation_text`), no BOS.
     Shape ``[n_tokens]``."""
     return model.to_tokens(continuation_text(prompt, obj), prepend_bos=False)[0]

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import relation_lens as rl
 from conftest import EPS32, random_model
 from oracle import window as oracle_window
+
+import relation_lens as rl
 
 PROMPT, SUBJECT = "The Space Needle is located in the city of", "The Space Needle"
 NAMES = {"resid": "blocks.{}.hook_resid_post", "mlp": "blocks.{}.hook_mlp_out", "attn": "blocks.{}.hook_attn_out"}

@@ -2,7 +2,6 @@ import json
 import subprocess
 import sys
 
-
 from relation_lens.cli import build_parser, main
 
 

@@ -4,8 +4,7 @@ from pathlib import Path
 import pytest
 
 from relation_lens import DataError
-from relation_lens.data.loaders import (RELATION_TEMPLATES, fewrel_prompts, load_counterfact, load_fewrel,
-                                        load_known)
+from relation_lens.data.loaders import RELATION_TEMPLATES, fewrel_prompts, load_counterfact, load_fewrel, load_known
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SLICE = Path(__file__).resolve().parent / "data" / "shared_slice"  # the first records of the same files

@@ -5,14 +5,12 @@ import random
 
 import pytest
 import torch
+from conftest import all_hooks, checksum, same_weights
 
 import relation_lens as rl
 from relation_lens.data import load_world
-from relation_lens.probes import known_mask
-from relation_lens.probes import predict
-from relation_lens.probes import target_probs
 from relation_lens.models import default_model_path
-from conftest import all_hooks, checksum, same_weights
+from relation_lens.probes import known_mask, predict, target_probs
 
 
 @pytest.mark.slow

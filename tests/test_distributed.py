@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SUBPROCESS_TIMEOUT_S
 
 import relation_lens as rl
-from conftest import SUBPROCESS_TIMEOUT_S
 from relation_lens.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,6 @@ def test_trace_dataset_with_torchrun_equals_one_process(tmp_path):
 
 def test_statistics_and_evaluation_on_two_processes_equal_one(tmp_path):
     import torch.multiprocessing as mp
-
     from dist_worker import run_workloads, workloads
 
     out = str(tmp_path / "result")

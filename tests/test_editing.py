@@ -2,11 +2,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import ARCHITECTURES, all_hooks, checksum, random_model, same_weights
 
 import relation_lens as rl
 from relation_lens.editing import EditConfig, EditRequest, RankOneUpdate, apply_edit, compute_edit
 from relation_lens.key_statistics import KeyStatistics
-from conftest import ARCHITECTURES, all_hooks, checksum, random_model, same_weights
 
 # r-ROME keys and the scale-free lr (the tests of exactness use k* in every term); 4 generated tokens
 FAST = EditConfig(v_steps=12, prefix_lengths=((5, 3),), key_mode="symmetric", v_lr_scale="rms")
@@ -89,7 +89,7 @@ def test_apply_and_undo_bit_exact_and_sequential(tiny_model, tiny_stats):
     reqs = [EditRequest("{} is located in the country of", s, t) for s, t in
             (("Paris", "Japan"), ("Berlin", "Norway"), ("Rome", "France"))]
     edits = []
-    for i, r in enumerate(reqs):
+    for _i, r in enumerate(reqs):
         upd = compute_edit(tiny_model, r, layer=2, stats=tiny_stats[2], config=FAST)
         before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
         edits.append(apply_edit(tiny_model, upd))

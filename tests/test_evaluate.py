@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
+from conftest import checksum, float32_prob_tolerance, same_weights
 
 from relation_lens.editing import EditConfig
 from relation_lens.evaluation import evaluate, ngram_entropy
-from relation_lens.probes import target_probs
 from relation_lens.key_statistics import KeyStatistics
-from conftest import checksum, float32_prob_tolerance, same_weights
+from relation_lens.probes import target_probs
 
 
 def test_ngram_entropy_by_hand():

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import all_hooks, checksum, random_model, same_weights
 
 import relation_lens as rl
-from conftest import all_hooks, checksum, random_model, same_weights
 
 PROMPT, SUBJECT = "The Space Needle is located in the city of", "The Space Needle"
 

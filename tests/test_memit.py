@@ -10,9 +10,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import EPS32
 
 import relation_lens as rl
-from conftest import EPS32
 from relation_lens.batch_editing import BatchUpdate, Preserve, memit_config
 
 REQUESTS = [rl.EditRequest("{} is located in the city of", "The Space Needle", "Paris"),

@@ -1,5 +1,5 @@
-import re
 import json
+import re
 import time
 
 import pytest
@@ -149,7 +149,7 @@ def test_parity_check_refuses_a_conversion_that_drifts(tmp_path, monkeypatch):
     import relation_lens as rl
     import relation_lens.models as models
 
-    monkeypatch.setattr(models, "PARITY_TOL", -1.0)  # any difference at all now counts as drift
+    monkeypatch.setattr(models.parity, "PARITY_TOL", -1.0)  # any difference at all now counts as drift
     with pytest.raises(rl.ModelLoadError, match="log-probs up to .* away from the Hugging Face model"):
         rl.load_model(_variant(tmp_path, "copy"))
 
@@ -196,7 +196,7 @@ def _transformer_lens_reference(hf, folder, tokenizer, center=True):
 
     from relation_lens import models
 
-    cfg, state = models._to_hooked_state(hf, tokenizer, folder, folder.name, torch.float32)
+    cfg, state = models.to_hooked_state(hf, tokenizer, folder, folder.name, torch.float32)
     ref = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     ref.load_and_process_state_dict(dict(state), fold_ln=True, center_writing_weights=center, center_unembed=True,
                                     fold_value_biases=True, refactor_factored_attn_matrices=False)

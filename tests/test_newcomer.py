@@ -8,9 +8,9 @@ import threading
 
 import pytest
 import torch
+from conftest import all_hooks, checksum, same_weights
 
 import relation_lens as rl
-from conftest import all_hooks, checksum, same_weights
 
 PROMPT, SUBJECT = "The Space Needle is located in the city of", "The Space Needle"
 

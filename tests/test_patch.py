@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import float32_prob_tolerance
 
 import relation_lens as rl
 from relation_lens import Site
 from relation_lens.tracing import make_noise
-from conftest import float32_prob_tolerance
 
 PROMPT, SUBJECT = "The Space Needle is located in the city of", "The Space Needle"
 

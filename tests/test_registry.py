@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import checksum, same_weights
 
 import relation_lens as rl
-from conftest import checksum, same_weights
 from relation_lens.editing import EditConfig, RankOneUpdate, single_methods
 
 

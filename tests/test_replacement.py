@@ -4,12 +4,11 @@ corrupted row running the counterfactual's tokens)."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from oracle import naive_trace
 
 import relation_lens as rl
-from oracle import naive_trace
 from relation_lens.spans import token_offsets
 
 PROMPT, SUBJECT = "The Space Needle is located in the city of", "The Space Needle"

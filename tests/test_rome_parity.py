@@ -120,8 +120,7 @@ def test_memit_context_templates_are_memits_code(default_model):
     """MEMIT's rule (memit_config(): seed words, length counting the word's tokens, the word kept): the
     templates MEMIT's own get_context_templates generates on the same weights, text for text; each
     starts with its seed word, and a batch edit groups them as MEMIT's compute_ks does."""
-    from relation_lens.editing import key_rows, memit_config
-    from relation_lens.editing import generate_prefixes
+    from relation_lens.editing import generate_prefixes, key_rows, memit_config
 
     ref = TEMPLATES["memit"]
     config = memit_config()

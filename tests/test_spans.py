@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from relation_lens import SpanError, PromptError, find_spans
+from relation_lens import PromptError, SpanError, find_spans
 from relation_lens.spans import char_span_to_tokens
 
 

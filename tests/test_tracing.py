@@ -3,11 +3,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import ARCHITECTURES, all_hooks, checksum, float32_sum_tolerance, random_model, same_weights
+from oracle import naive_trace, patched_probability
 
 import relation_lens as rl
 from relation_lens.tracing import TargetWarning, make_noise, window_layers
-from conftest import ARCHITECTURES, all_hooks, checksum, float32_sum_tolerance, random_model, same_weights
-from oracle import naive_trace, patched_probability
 
 PROMPT, SUBJECT = "The Space Needle is located in the city of", "The Space Needle"
 

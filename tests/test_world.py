@@ -49,7 +49,12 @@ def test_missing_or_bad_world(tmp_path):
 
 
 def test_shipped_counterfactual_is_the_seeded_build_and_splits_off_its_tuning_records(default_model):
-    from relation_lens.data.counterfact import TUNING_SPLIT, build_counterfactual, evaluation_records, load_counterfactual
+    from relation_lens.data.counterfact import (
+        TUNING_SPLIT,
+        build_counterfactual,
+        evaluation_records,
+        load_counterfactual,
+    )
 
     shipped = [dict(r) for r in load_counterfactual()]
     assert len(shipped) == 1030 and len({(r["subject"], r["relation_id"]) for r in shipped}) == 1030

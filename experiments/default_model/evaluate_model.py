@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 
 import torch
-from transformers import GPT2LMHeadModel, GPT2TokenizerFast
-
 from train import ROOT, load_world, measure
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
 MODEL = ROOT / "relation_lens" / "data" / "default_model"
 

@@ -8,11 +8,11 @@ into those used in training and those held out (for paraphrase evaluation). Sour
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 from relation_lens.data.io import read_json
 from relation_lens.errors import DataError

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import torch
 
+from relation_lens.data import load_world
 from relation_lens.data.io import read_json
 from relation_lens.data.loaders import COUNTERFACT_FIELDS, validate_counterfact
 from relation_lens.errors import DataError
+from relation_lens.model_interface import Model
 from relation_lens.probes import known_mask
-
 
 # Records 400-429 of the shipped dataset tune the editors' settings (experiments/tune_*.py); reported
 # results use the others (evaluation_records).
@@ -48,14 +49,12 @@ def evaluation_records(records=None, n: int | None = None) -> list[dict]:
 
 
 @torch.no_grad()
-def build_counterfactual(model, world=None, *, n: int = 500, seed: int = 0, n_neighbors: int = 5,
+def build_counterfactual(model: Model, world=None, *, n: int = 500, seed: int = 0, n_neighbors: int = 5,
                          n_relations: int = 5) -> list[dict]:
     """Build ``n`` CounterFact-style records (see the module docstring) from facts ``model`` knows.
 
     Records are ordered and chosen by ``seed``; fields are :data:`~relation_lens.data.loaders.COUNTERFACT_FIELDS`.
     """
-    from relation_lens.data import load_world
-
     world = world or load_world()
     facts = list(world)
     knows = known_mask(model, [f.prompt(0) for f in facts], [f.object for f in facts])
@@ -69,7 +68,7 @@ def build_counterfactual(model, world=None, *, n: int = 500, seed: int = 0, n_ne
     rng = random.Random(seed)
     pool = [f for f in known if len(objects[f.relation_id]) > 1]
     rng.shuffle(pool)
-    records = []
+    records: list[dict] = []
     for f in pool:
         if len(records) >= n:
             break

@@ -104,7 +104,8 @@ def fewrel_prompts(triples, templates: dict[str, list[str]] | None = None, *, wh
     import datasets
 
     templates = templates or RELATION_TEMPLATES
-    rows, missing = [], {}
+    rows: list[dict[str, Any]] = []
+    missing: dict[str, int] = {}
     for r in triples:
         ts = templates.get(r["relation_id"])
         if not ts:

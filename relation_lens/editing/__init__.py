@@ -20,7 +20,12 @@ from relation_lens.editing.memit import (
     statistics_for,
 )
 from relation_lens.editing.method import EditMethod
-from relation_lens.editing.prefixes import generate_prefixes, key_position, key_rows, prefix_counts
+from relation_lens.editing.prefixes import (
+    generate_prefixes,
+    key_position,
+    key_rows,
+    prefix_counts,
+)
 from relation_lens.editing.registry import (
     METHODS,
     batch_methods,
@@ -30,7 +35,12 @@ from relation_lens.editing.registry import (
     register_method,
     single_methods,
 )
-from relation_lens.editing.requests import EditConfig, EditRequest, check_editable, request_of
+from relation_lens.editing.requests import (
+    EditConfig,
+    EditRequest,
+    check_editable,
+    request_of,
+)
 from relation_lens.editing.rome import compute_rank_one, default_layer
 from relation_lens.editing.updates import BatchUpdate, RankOneUpdate, Update
 from relation_lens.editing.value import Value, optimise_value

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from relation_lens import presets
 from relation_lens.errors import ConfigError
+from relation_lens.model_interface import Model
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Preserve:
         return self.config.l2
 
     @classmethod
-    def default_for(cls, model) -> "Preserve":
+    def default_for(cls, model: Model) -> Preserve:
         """AlphaEdit's GPT-2 XL settings, except on a model with its own presets (the embedded default
         model: ``l2=0.1``; its keys are on a smaller scale and 10 stops every edit;
         experiments/tune_alphaedit.py, experiments/results/alphaedit_tuning.md)."""

@@ -16,6 +16,7 @@ from torch import Tensor
 from relation_lens.editing.requests import check_editable
 from relation_lens.editing.updates import Update
 from relation_lens.errors import EditError
+from relation_lens.model_interface import Model, mlp_out
 from relation_lens.models import default_model_path
 from relation_lens.presets import DEFAULT_MODEL_NAME
 
@@ -31,20 +32,20 @@ class Edit:
             ...  # the edited model
     """
 
-    def __init__(self, model, update):
+    def __init__(self, model: Model, update):
         self.model = model
         self.update = update
         self._saved: dict[int, tuple[Tensor, Tensor]] = {}
         new = {}
         for layer, delta in update.layer_deltas().items():
-            param = model.blocks[layer].mlp.W_out
+            param = mlp_out(model, layer)
             new[layer] = param.detach() + delta.to(param.device, param.dtype)
             if not torch.isfinite(new[layer]).all():
                 raise EditError(f"applying the update would put NaN or Inf into blocks.{layer}.mlp.W_out; the model "
                                 "was not changed")
         with torch.no_grad():
             for layer, value in new.items():
-                param = model.blocks[layer].mlp.W_out
+                param = mlp_out(model, layer)
                 original = param.detach().clone()
                 param.copy_(value)
                 self._saved[layer] = (original, param.detach().clone())
@@ -60,16 +61,16 @@ class Edit:
         if not self.active:
             raise EditError(f"this edit (layers {list(self._saved)}, {self._what()}) was already undone")
         for layer, (_, edited) in self._saved.items():
-            if not torch.equal(self.model.blocks[layer].mlp.W_out.detach(), edited):
+            if not torch.equal(mlp_out(self.model, layer).detach(), edited):
                 raise EditError(
                     f"blocks.{layer}.mlp.W_out changed since this edit was applied (another edit or training); "
                     "undo the later changes first (edits are undone in reverse order)")
         with torch.no_grad():
             for layer, (original, _) in self._saved.items():
-                self.model.blocks[layer].mlp.W_out.copy_(original)
+                mlp_out(self.model, layer).copy_(original)
         self.active = False
 
-    def __enter__(self) -> "Edit":
+    def __enter__(self) -> Edit:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -81,7 +82,7 @@ class Edit:
         return f"Edit({self.update.method}, layer {layers}: {self._what()}, {'active' if self.active else 'undone'})"
 
 
-def apply_edit(model, update) -> Edit:
+def apply_edit(model: Model, update) -> Edit:
     """Write ``update`` (any :class:`~relation_lens.editing.updates.Update`: a :class:`RankOneUpdate`,
     a :class:`BatchUpdate`, or another method's) into the model's MLP output matrices in place;
     returns the undo handle."""
@@ -89,7 +90,7 @@ def apply_edit(model, update) -> Edit:
         raise EditError(f"expected an Update (e.g. a RankOneUpdate or a BatchUpdate), got {type(update).__name__}")
     for layer, delta in update.layer_deltas().items():
         check_editable(model, layer)
-        shape = tuple(model.blocks[layer].mlp.W_out.shape)
+        shape = tuple(mlp_out(model, layer).shape)
         if tuple(delta.shape) != shape:
             raise EditError(f"update of shape {tuple(delta.shape)} does not fit blocks.{layer}.mlp.W_out of shape "
                             f"{shape}")

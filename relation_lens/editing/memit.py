@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,6 +39,7 @@ from relation_lens.editing.value import optimise_value
 from relation_lens.errors import EditError
 from relation_lens.guards import model_lock
 from relation_lens.key_statistics import KeyStatistics
+from relation_lens.model_interface import Model, mlp_out
 from relation_lens.spans import right_pad
 
 BATCH_METHODS = ("memit", "relation_memit")
@@ -48,7 +50,7 @@ def memit_config(**overrides) -> EditConfig:
     return EditConfig(**{**presets.MEMIT_GPT2_XL, **overrides})
 
 
-def default_layers(model, method: str) -> tuple[int, ...]:
+def default_layers(model: Model, method: str) -> tuple[int, ...]:
     """MEMIT's layers scaled to depth: GPT-2 XL's 13-17 of 48 layers (relation-MEMIT: the 5 layers
     ending at relation-ROME's layer scaled the same way), at least one layer."""
     L = model.cfg.n_layers
@@ -60,7 +62,7 @@ def default_layers(model, method: str) -> tuple[int, ...]:
     return tuple(range(lo, max(lo, hi) + 1))
 
 
-def batch_defaults(model, method: str, layers, config, mom2_update_weight):
+def batch_defaults(model: Model, method: str, layers, config, mom2_update_weight):
     """``(layers, config, lambda)`` with the method's defaults filled in: MEMIT's GPT-2 XL settings,
     except on a model with its own presets (:func:`relation_lens.presets.for_model`; the default
     model: :data:`~relation_lens.presets.DEFAULT_MODEL_MEMIT`)."""
@@ -72,7 +74,7 @@ def batch_defaults(model, method: str, layers, config, mom2_update_weight):
     return tuple(layers), config or memit_config(), float(mom2_update_weight)
 
 
-def statistics_for(model, layers, stats: dict | None, config: EditConfig, progress: bool = False) -> dict:
+def statistics_for(model: Model, layers, stats: dict | None, config: EditConfig, progress: bool = False) -> dict:
     """``{layer: KeyStatistics}`` for ``layers``: those given, the others computed (or read from the disk
     cache) with ``config``'s corpus size and BOS setting."""
     stats = dict(stats or {})
@@ -85,11 +87,11 @@ def statistics_for(model, layers, stats: dict | None, config: EditConfig, progre
     return stats
 
 
-def compute_batch_edit(model, requests: EditRequest | Sequence[EditRequest], *, method: str = "relation_memit",
+def compute_batch_edit(model: Model, requests: EditRequest | Sequence[EditRequest], *, method: str = "relation_memit",
                        layers: Sequence[int] | None = None, stats: dict | None = None,
                        config: EditConfig | None = None, mom2_update_weight: float | None = None,
                        preserve: Preserve | None = None, progress: bool = False,
-                       values: "ValueCache | None" = None) -> BatchUpdate:
+                       values: Any = None) -> BatchUpdate:  # a ValueCache or None, checked by compute_batch_edit
     """MEMIT / relation-MEMIT for a batch of requests (see the module docstring). Pure: the model is
     as it was afterwards (the layers' updates are written while later layers' keys are read, then
     taken back bit for bit).
@@ -133,7 +135,7 @@ def compute_batch_edit(model, requests: EditRequest | Sequence[EditRequest], *, 
         Z = torch.stack([(v.target_init + v.delta).double().cpu() for v in found])
         prefixes = found[0].prefixes
         rows, plain_rows = key_rows(model, requests, key, prefixes, config)
-        originals = {l: model.blocks[l].mlp.W_out.detach().clone() for l in layers}
+        originals = {l: mlp_out(model, l).detach().clone() for l in layers}
         deltas, keys, residuals = {}, {}, {}
         try:
             for i, layer in enumerate(layers):
@@ -148,14 +150,14 @@ def compute_batch_edit(model, requests: EditRequest | Sequence[EditRequest], *, 
                 if not torch.isfinite(dW).all():
                     raise EditError(f"the MEMIT update at layer {layer} holds NaN or Inf; the model was not changed")
                 deltas[layer], keys[layer], residuals[layer] = dW, K, R
-                W = model.blocks[layer].mlp.W_out
+                W = mlp_out(model, layer)
                 with torch.no_grad():  # as MEMIT: written while the next layers' keys are read
                     W.copy_(originals[layer] + dW.to(W.device, W.dtype))
         finally:
             with torch.no_grad():
                 for layer, W0 in originals.items():
-                    model.blocks[layer].mlp.W_out.copy_(W0)
-    return BatchUpdate(method=method, layers=layers, deltas=deltas, keys=keys, residuals=residuals, targets=Z,
+                    mlp_out(model, layer).copy_(W0)
+    return BatchUpdate(method=method, layers=tuple(layers), deltas=deltas, keys=keys, residuals=residuals, targets=Z,
                        requests=requests,
                        info={"z_layer": z_layer, "mom2_update_weight": mom2_update_weight, "prefixes": prefixes,
                              "alphaedit": preserve is not None,
@@ -163,13 +165,13 @@ def compute_batch_edit(model, requests: EditRequest | Sequence[EditRequest], *, 
 
 
 @torch.no_grad()
-def rows_at(model, rows: Sequence[tuple], layer: int, hook: str | None, chunk: int = 64) -> Tensor:
+def rows_at(model: Model, rows: Sequence[tuple], layer: int, hook: str | None, chunk: int = 64) -> Tensor:
     """float64 ``[len(rows), d]``: for each ``(tokens, position, ...)`` row, ``hook`` of block ``layer``
     (``None``: the residual stream after the block) at that position; right-padded batches of
     ``chunk`` rows, sorted by length so each batch pads little (causal attention: the padding is never
     read)."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    out = [None] * len(rows)
+    out: list[Tensor] = [torch.empty(0)] * len(rows)
     for c in range(0, len(order), chunk):
         idx = order[c:c + chunk]
         batch = right_pad(model, [rows[i][0] for i in idx]).to(model.cfg.device)
@@ -185,7 +187,7 @@ def rows_at(model, rows: Sequence[tuple], layer: int, hook: str | None, chunk: i
     return torch.stack(out)
 
 
-def memit_keys(model, rows: Sequence[tuple], n_requests: int, layer: int) -> Tensor:
+def memit_keys(model: Model, rows: Sequence[tuple], n_requests: int, layer: int) -> Tensor:
     """MEMIT's ``compute_ks``: per request, the mean over context types (the plain prompt; each group
     of generated prefixes) of the mean key (``hook_post``) within the type; ``[request, d_mlp]``."""
     acts = rows_at(model, rows, layer, "mlp.hook_post")
@@ -211,7 +213,7 @@ class ValueCache:
     def __len__(self) -> int:
         return len(self._found)
 
-    def values(self, model, requests, layer: int, key: str, config: EditConfig) -> list:
+    def values(self, model: Model, requests, layer: int, key: str, config: EditConfig) -> list:
         fingerprint = (id(model), tuple(p.detach().double().sum().item() for p in model.parameters()))
         if fingerprint != self._fingerprint:
             self._found, self._fingerprint = {}, fingerprint
@@ -233,7 +235,7 @@ class BatchMethod(EditMethod):
     options = frozenset({"layers", "mom2_update_weight", "values"})
     unread = frozenset({"ridge", "key_mode"})  # MEMIT's solve has lambda C + K^T K, and no asymmetric key
 
-    def default_config(self, model) -> EditConfig:
+    def default_config(self, model: Model) -> EditConfig:
         return memit_config()
 
     def check_options(self, given):
@@ -241,9 +243,10 @@ class BatchMethod(EditMethod):
             raise EditError(f"{self.name} edits several layers: pass layers=, not layer=")
         super().check_options(given)
 
-    def compute(self, model, request, *, config, stats, preserve, progress, layers=None, mom2_update_weight=None,
-                values=None):
-        return compute_batch_edit(model, self.requests_of(request), method=self.name, layers=layers, stats=stats,
+    def compute(self, model: Model, request: Any, *, config: EditConfig, stats: Any, preserve: Any, progress: bool,
+                layers: Sequence[int] | None = None, mom2_update_weight: float | None = None,
+                values: Any = None) -> BatchUpdate:  # a ValueCache or None, checked by compute_batch_edit
+        return compute_batch_edit(model, self.many_requests(request), method=self.name, layers=layers, stats=stats,
                                   config=config, mom2_update_weight=mom2_update_weight, preserve=preserve,
                                   progress=progress, values=values)
 

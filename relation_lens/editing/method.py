@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from relation_lens.editing.requests import EditConfig, EditRequest
 from relation_lens.editing.updates import Update
 from relation_lens.errors import ConfigError, EditError
+from relation_lens.model_interface import Model
 
 
 class EditMethod:
@@ -33,7 +34,7 @@ class EditMethod:
     options: ClassVar[frozenset[str]] = frozenset()
     unread: ClassVar[frozenset[str]] = frozenset()
 
-    def default_config(self, model) -> EditConfig:
+    def default_config(self, model: Model) -> EditConfig:
         """The settings used when ``config=None``."""
         return EditConfig.default_for(model)
 
@@ -52,18 +53,25 @@ class EditMethod:
             raise ConfigError(f"method {self.name!r} does not read EditConfig {settings}: leave "
                               f"{'it' if len(ignored) == 1 else 'them'} at the default, or use a method that does")
 
-    def requests_of(self, request) -> EditRequest | tuple[EditRequest, ...]:
+    def requests_of(self, request: Any) -> EditRequest | tuple[EditRequest, ...]:
         """One request (``batch=False``) or a tuple of them, checked."""
-        if self.batch:
-            requests = (request,) if isinstance(request, EditRequest) else tuple(request)
-            if not requests or not all(isinstance(r, EditRequest) for r in requests):
-                raise EditError(f"method {self.name!r} needs one or more EditRequests")
-            return requests
+        return self.many_requests(request) if self.batch else self.one_request(request)
+
+    def one_request(self, request: Any) -> EditRequest:
+        """``request`` checked to be one :class:`EditRequest`."""
         if not isinstance(request, EditRequest):
             raise EditError(f"expected an EditRequest, got {type(request).__name__}")
         return request
 
-    def compute(self, model, request, *, config: EditConfig, stats, preserve, progress: bool,
-                **options) -> Update:
+    def many_requests(self, request: Any) -> tuple[EditRequest, ...]:
+        """One request or several, as a checked non-empty tuple."""
+        requests = (request,) if isinstance(request, EditRequest) else tuple(request)
+        if not requests or not all(isinstance(r, EditRequest) for r in requests):
+            raise EditError(f"method {self.name!r} needs one or more EditRequests")
+        return requests
+
+    def compute(self, model: Model, request: Any, *, config: EditConfig, stats: Any, preserve: Any,
+                progress: bool) -> Update:
+        """The method's update; subclasses add their keyword options (those named in ``options``)."""
         raise NotImplementedError
 

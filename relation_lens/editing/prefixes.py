@@ -11,10 +11,11 @@ from torch import Tensor
 
 from relation_lens.editing.requests import EditConfig, EditRequest
 from relation_lens.errors import SpanError, shorten
+from relation_lens.model_interface import Model, tokenizer_of
 from relation_lens.spans import char_span_to_tokens, token_offsets
 
 
-def key_position(model, text: str, subject_start: int, subject: str, key: str,
+def key_position(model: Model, text: str, subject_start: int, subject: str, key: str,
                  prepend_bos: bool | None = None) -> tuple[Tensor, int]:
     """``(tokens, position)`` of the key token in ``text``, whose subject starts at character
     ``subject_start``: the last subject token (``key="subject"``: ROME, MEMIT) or the last token,
@@ -42,7 +43,7 @@ def prefix_counts(config: EditConfig) -> list[int]:
 
 
 @torch.no_grad()
-def generate_prefixes(model, config: EditConfig) -> list[str]:
+def generate_prefixes(model: Model, config: EditConfig) -> list[str]:
     """The context templates of ROME or MEMIT, as their code generates them (``get_context_templates``
     in ROME's ``rome_main.py`` and in MEMIT's ``memit_main.py``, both over ``util/generate.py``'s
     ``generate_fast``): ``"{}"`` first, then for each ``(length, count)`` of ``config.prefix_lengths``
@@ -60,7 +61,7 @@ def generate_prefixes(model, config: EditConfig) -> list[str]:
     if config.prefixes is not None:
         return list(config.prefixes)
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
-    tok = model.tokenizer
+    tok = tokenizer_of(model)
     out = ["{}"]
     for (length, _), count in zip(config.prefix_lengths, prefix_counts(config)):
         if config.prefix_seeds is None:
@@ -88,7 +89,7 @@ def generate_prefixes(model, config: EditConfig) -> list[str]:
     return out
 
 
-def key_rows(model, requests: Sequence[EditRequest], key: str, prefixes: Sequence[str],
+def key_rows(model: Model, requests: Sequence[EditRequest], key: str, prefixes: Sequence[str],
              config: EditConfig) -> tuple[list, list]:
     """Tokenise once what MEMIT's ``compute_ks`` reads: per request and context template, ``(tokens,
     key position, request index, context type)`` (type 0 the plain prompt, then one per group of

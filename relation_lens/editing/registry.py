@@ -15,6 +15,7 @@ from relation_lens.editing.requests import EditConfig
 from relation_lens.editing.rome import RelationRome, Rome
 from relation_lens.editing.updates import Update
 from relation_lens.errors import EditError
+from relation_lens.model_interface import Model
 
 METHODS: dict[str, EditMethod] = {m.name: m for m in (RelationRome(), Rome(), Memit(), RelationMemit())}
 
@@ -46,7 +47,7 @@ def batch_methods() -> list[str]:
     return [name for name, m in METHODS.items() if m.batch]
 
 
-def compute_edit(model, request, *, method: str = "relation_rome", layer: int | None = None,
+def compute_edit(model: Model, request, *, method: str = "relation_rome", layer: int | None = None,
                  stats=None, config: EditConfig | None = None, prefixes: Sequence[str] | None = None,
                  progress: bool = False, layers: Sequence[int] | None = None, preserve=None,
                  mom2_update_weight: float | None = None, values=None) -> Update:
@@ -93,6 +94,6 @@ def compute_edit(model, request, *, method: str = "relation_rome", layer: int | 
     return m.compute(model, request, config=config, stats=stats, preserve=preserve, progress=progress, **options)
 
 
-def edit(model, request, **kwargs) -> Edit:
+def edit(model: Model, request, **kwargs) -> Edit:
     """``apply_edit(model, compute_edit(model, request, **kwargs))``."""
     return apply_edit(model, compute_edit(model, request, **kwargs))

@@ -11,6 +11,7 @@ import torch
 
 from relation_lens import presets
 from relation_lens.errors import EditError, UnsupportedModelError, shorten
+from relation_lens.model_interface import Model
 
 UNCHANGED = "; the model was not changed"
 
@@ -109,17 +110,17 @@ class EditConfig:
     seed: int = 0
 
     @classmethod
-    def rome(cls, **overrides) -> "EditConfig":
+    def rome(cls, **overrides) -> EditConfig:
         """ROME's code on GPT-2 (XL), tokenisation included: ``EditConfig(prepend_bos=False)``."""
         return cls(**{"prepend_bos": False, **overrides})
 
     @classmethod
-    def default_model_preset(cls, **overrides) -> "EditConfig":
+    def default_model_preset(cls, **overrides) -> EditConfig:
         """:data:`~relation_lens.presets.DEFAULT_MODEL_PRESET`: the settings tuned for the embedded default model."""
         return cls(**{**presets.DEFAULT_MODEL_PRESET, **overrides})
 
     @classmethod
-    def default_for(cls, model, **overrides) -> "EditConfig":
+    def default_for(cls, model: Model, **overrides) -> EditConfig:
         """ROME's settings, except on a model with its own preset (:func:`relation_lens.presets.for_model`:
         the embedded default model gets :data:`~relation_lens.presets.DEFAULT_MODEL_PRESET`, see
         docs/editing.md); ``overrides`` replace fields either way."""
@@ -159,7 +160,7 @@ class EditConfig:
             object.__setattr__(self, "prefix_seeds", seeds)
 
 
-def check_editable(model, layer: int) -> None:
+def check_editable(model: Model, layer: int) -> None:
     """Refuse a model the editor cannot write (not a HookedTransformer, no MLPs, half precision) or a
     layer it does not have, before anything is computed."""
     from transformer_lens import HookedTransformer

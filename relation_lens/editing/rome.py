@@ -30,6 +30,7 @@ weights bit for bit.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
@@ -41,10 +42,11 @@ from relation_lens.editing.value import optimise_value
 from relation_lens.errors import EditError, shorten
 from relation_lens.guards import model_lock
 from relation_lens.key_statistics import KeyStatistics
+from relation_lens.model_interface import Model, mlp_out, mlp_out_bias
 from relation_lens.tracing import TargetWarning, depth_scaled_window, trace
 
 
-def default_layer(model, method: str, request: EditRequest | None = None) -> int:
+def default_layer(model: Model, method: str, request: EditRequest | None = None) -> int:
     """relation-ROME: index 4 (the 5th MLP; the middle layer for models of 4 layers or fewer).
     ROME: the layer where subject tracing of the MLPs (window scaled to depth, 5 noise samples) peaks at the
     last subject token of the request."""
@@ -63,7 +65,7 @@ def default_layer(model, method: str, request: EditRequest | None = None) -> int
     raise EditError(f"method {method!r} is not 'relation_rome' or 'rome'")
 
 
-def compute_rank_one(model, request: EditRequest, *, method: str, key: str, layer: int | None, stats,
+def compute_rank_one(model: Model, request: EditRequest, *, method: str, key: str, layer: int | None, stats,
                      config: EditConfig, progress: bool = False, preserve=None) -> RankOneUpdate:
     """ROME's update (module docstring) keyed on ``key`` at ``layer`` (``None``: :func:`default_layer`)."""
     if layer is None:
@@ -82,8 +84,8 @@ def compute_rank_one(model, request: EditRequest, *, method: str, key: str, laye
     if stats is None:
         stats = KeyStatistics.compute(model, layer, n_texts=config.stats_n_texts, progress=progress,
                                       prepend_bos=bos)
-    W = model.blocks[layer].mlp.W_out.detach().double().cpu()
-    b = model.blocks[layer].mlp.b_out.detach().double().cpu()
+    W = mlp_out(model, layer).detach().double().cpu()
+    b = mlp_out_bias(model, layer).detach().double().cpu()
     k_res = k_star if config.key_mode == "symmetric" else k_plain
     if preserve is None:
         u = stats.inverse_times(k_star, config.ridge)
@@ -110,9 +112,10 @@ class RankOneMethod(EditMethod):
             raise EditError(f"layers=, mom2_update_weight= and values= are for 'memit' / 'relation_memit', "
                             f"not {self.name!r}")
 
-    def compute(self, model, request, *, config, stats, preserve, progress, layer=None):
+    def compute(self, model: Model, request: Any, *, config: EditConfig, stats: Any, preserve: Any, progress: bool,
+                layer: int | None = None) -> RankOneUpdate:
         with model_lock(model):
-            return compute_rank_one(model, self.requests_of(request), method=self.name, key=self.key, layer=layer,
+            return compute_rank_one(model, self.one_request(request), method=self.name, key=self.key, layer=layer,
                                     stats=stats, config=config, progress=progress, preserve=preserve)
 
 

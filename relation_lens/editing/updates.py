@@ -21,7 +21,8 @@ class Update(Protocol):
     TransformerLens' layout), written for ``requests`` by ``method``; ``layer_keys()[l]`` are the
     keys (``[n, d_mlp]``) it was solved for, which AlphaEdit's memory adds up."""
 
-    method: str
+    @property
+    def method(self) -> str: ...
 
     @property
     def layers(self) -> tuple[int, ...]: ...
@@ -39,10 +40,10 @@ class RankOneUpdate(ValueEquality):
     """``W_out' = W_out + outer(left, right)`` at ``layer``; a value, applying it is separate."""
 
     layer: int
-    left: Float[Tensor, "d_mlp"]
-    right: Float[Tensor, "d_model"]
-    key: Float[Tensor, "d_mlp"]  # k*
-    value: Float[Tensor, "d_model"]  # v*
+    left: Float[Tensor, d_mlp]
+    right: Float[Tensor, d_model]
+    key: Float[Tensor, d_mlp]  # k*
+    value: Float[Tensor, d_model]  # v*
     method: str
     request: EditRequest
     key_positions: tuple[int, ...]  # key token in each prefixed prompt

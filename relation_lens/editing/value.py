@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -15,7 +16,13 @@ from relation_lens.editing.prefixes import generate_prefixes, key_position
 from relation_lens.editing.requests import UNCHANGED, EditConfig, EditRequest
 from relation_lens.errors import EditError, shorten
 from relation_lens.guards import frozen_parameters
-from relation_lens.spans import check_fits_context, object_tokens, right_pad, token_offsets
+from relation_lens.model_interface import Model
+from relation_lens.spans import (
+    check_fits_context,
+    object_tokens,
+    right_pad,
+    token_offsets,
+)
 
 
 @dataclass
@@ -31,7 +38,7 @@ class Value:
     history: list[dict]
 
 
-def optimise_value(model, request: EditRequest, layer: int, key: str, config: EditConfig, init: str = "mlp") -> Value:
+def optimise_value(model: Model, request: EditRequest, layer: int, key: str, config: EditConfig, init: str = "mlp") -> Value:
     """Steps 1-2 of ROME (and MEMIT's ``compute_z``), shared by all methods: the keys at ``layer`` and the optimised ``delta``
     added after block ``layer`` at the key token. ``init="mlp"``: ``v_init`` is the MLP output there
     (ROME); ``"resid"``: the residual stream after the block (MEMIT's ``target_init``, which its
@@ -64,14 +71,15 @@ def optimise_value(model, request: EditRequest, layer: int, key: str, config: Ed
     kl_toks, kl_pos = key_position(model, kl_text, config.kl_prompt.index("{}"), request.subject,
                                    "subject" if key == "subject" or kl_text.endswith(request.subject) else key, bos)
     hook_post, hook_out = f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_mlp_out"
-    dev = model.cfg.device
+    input_dev = model.cfg.device
 
     # One forward of the prefixed prompts (with the target's tokens, teacher-forced) and the KL prompt up
     # to the edited layer gives the keys, v_init, and the residual the value optimisation starts from.
     seqs = [torch.cat([c, new_ids[:-1].cpu()]) for c in contexts] + [kl_toks]
-    batch = right_pad(model, seqs).to(dev)
+    batch = right_pad(model, seqs).to(input_dev)
     with torch.no_grad():
-        resid_base, cache = model.run_with_cache(batch, names_filter=[hook_post, hook_out], stop_at_layer=layer + 1)
+        out, cache = model.run_with_cache(batch, names_filter=[hook_post, hook_out], stop_at_layer=layer + 1)
+        resid_base = cast(Tensor, out)
 
     # 1. the key k*: average of hook_post at the key token over the prefixed prompts
     n_rw = len(contexts)

@@ -35,6 +35,7 @@ samples); inside a batch, a row joins the layer loop at its own start layer. Onl
 position is unembedded.
 """
 
+from relation_lens.results import DatasetTraceResult, TraceResult
 from relation_lens.tracing.api import trace
 from relation_lens.tracing.config import (
     HOOKS,
@@ -45,14 +46,12 @@ from relation_lens.tracing.config import (
     depth_scaled_window,
     window_layers,
 )
-from relation_lens.tracing.dataset import BUCKETS, bucket_positions, bucketize, fact_fields, trace_dataset
-from relation_lens.tracing.knockout import (
-    SOURCES,
-    DatasetKnockoutResult,
-    KnockoutResult,
-    knockout,
-    knockout_dataset,
-    source_positions,
+from relation_lens.tracing.dataset import (
+    BUCKETS,
+    bucket_positions,
+    bucketize,
+    fact_fields,
+    trace_dataset,
 )
 from relation_lens.tracing.inputs import (
     Target,
@@ -65,7 +64,14 @@ from relation_lens.tracing.inputs import (
     resolve_target,
     rome_noise_std,
 )
-from relation_lens.tracing.results import DatasetTraceResult, TraceResult
+from relation_lens.tracing.knockout import (
+    SOURCES,
+    DatasetKnockoutResult,
+    KnockoutResult,
+    knockout,
+    knockout_dataset,
+    source_positions,
+)
 
 __all__ = [
     "trace", "trace_dataset", "TraceConfig", "TraceResult", "DatasetTraceResult", "TargetWarning", "Kind", "KINDS",

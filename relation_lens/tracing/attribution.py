@@ -24,11 +24,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from relation_lens.guards import frozen_parameters
+from relation_lens.model_interface import Model
 from relation_lens.tracing.config import HOOKS, window_layers
 from relation_lens.tracing.engine import metric_values
 
 
-def attribution_grids(model, start: Float[Tensor, "sample pos d_model"], clean: dict[str, Tensor],
+def attribution_grids(model: Model, start: Float[Tensor, "sample pos d_model"], clean: dict[str, Tensor],
                       kinds: Sequence[str], window: int, target: int, metric: str = "prob",
                       contrast: int | None = None) -> dict[str, Float[Tensor, "layer pos"]]:
     """``[n_layers, n_pos]`` grids of approximate scores from the corrupted run starting at ``start``

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from relation_lens.results import ValueEquality
 from relation_lens.errors import ConfigError, NoiseError, SpanError
+from relation_lens.results import ValueEquality
 
 Kind = Literal["resid", "mlp", "attn"]
 KINDS: tuple[Kind, ...] = ("resid", "mlp", "attn")
@@ -149,7 +149,7 @@ class TraceConfig(ValueEquality):
         """The window in layers on a model of ``n_layers``."""
         return depth_scaled_window(n_layers) if self.window is None else self.window
 
-    def replace(self, **changes: Any) -> "TraceConfig":
+    def replace(self, **changes: Any) -> TraceConfig:
         """A copy with ``changes``; unknown names raise :class:`~relation_lens.errors.ConfigError`."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
@@ -158,7 +158,7 @@ class TraceConfig(ValueEquality):
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def of(cls, config: "TraceConfig | None", settings: dict[str, Any]) -> "TraceConfig":
+    def of(cls, config: TraceConfig | None, settings: dict[str, Any]) -> TraceConfig:
         """``config`` (or the defaults) with the keyword ``settings`` of a call on top."""
         if config is not None and not isinstance(config, TraceConfig):
             raise ConfigError(f"config must be a TraceConfig, got {type(config).__name__}")

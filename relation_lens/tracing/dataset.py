@@ -13,12 +13,22 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from relation_lens.errors import ConfigError, DataError, PromptError, SpanError, TargetError, shorten
+from relation_lens.distributed import Checkpoint, fingerprint, gather, ranks
+from relation_lens.errors import (
+    ConfigError,
+    DataError,
+    PromptError,
+    SpanError,
+    TargetError,
+    shorten,
+)
 from relation_lens.intervals import mean_ci95
+from relation_lens.key_statistics import model_fingerprint
+from relation_lens.model_interface import Model
+from relation_lens.results import DatasetTraceResult, TraceResult
 from relation_lens.tracing.api import trace, trace_packed
 from relation_lens.tracing.config import TraceConfig
 from relation_lens.tracing.inputs import TargetWarning, check_model, resolve_noise_std
-from relation_lens.tracing.results import DatasetTraceResult, TraceResult
 
 BUCKETS = ("first subject", "middle subject", "last subject", "first relation", "middle relation",
            "last relation", "last token")
@@ -85,7 +95,7 @@ def average(results: list[TraceResult], kinds, n_layers: int, exclude_incorrect:
     return used, mean, ci, count, clean, corrupted
 
 
-def trace_dataset(model, facts, *, config: TraceConfig | None = None, exclude_incorrect: bool = True,
+def trace_dataset(model: Model, facts, *, config: TraceConfig | None = None, exclude_incorrect: bool = True,
                   skip_invalid: bool = True, progress: bool = False, checkpoint: str | Path | None = None,
                   pack: int = 8, **settings: Any) -> DatasetTraceResult:
     """Trace many prompts and average the indirect effects by layer and position bucket.
@@ -118,8 +128,6 @@ def trace_dataset(model, facts, *, config: TraceConfig | None = None, exclude_in
     Returns:
         DatasetTraceResult (its means are NaN, and its repr says so, when nothing was averaged).
     """
-    from relation_lens.distributed import Checkpoint, fingerprint, gather, ranks
-
     cfg = TraceConfig.of(config, settings)
     check_model(model, cfg.kinds)
     if not isinstance(pack, int) or isinstance(pack, bool) or pack < 1:
@@ -132,8 +140,6 @@ def trace_dataset(model, facts, *, config: TraceConfig | None = None, exclude_in
     r = ranks()
     ckpt = None
     if checkpoint is not None:
-        from relation_lens.key_statistics import model_fingerprint
-
         ckpt = Checkpoint(checkpoint, {"workload": "trace_dataset", "config": cfg.to_dict(),
                                        "facts": fingerprint(items), "n_facts": len(items),
                                        "model": model_fingerprint(model), "skip_invalid": skip_invalid,
@@ -148,7 +154,7 @@ def trace_dataset(model, facts, *, config: TraceConfig | None = None, exclude_in
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TargetWarning)
             if pack == 1:
-                outcome = []
+                outcome: list[TraceResult | Exception] = []
                 for i in group:
                     prompt, subject, target = items[i]
                     try:
@@ -163,7 +169,7 @@ def trace_dataset(model, facts, *, config: TraceConfig | None = None, exclude_in
             if isinstance(res, Exception):
                 if not skip_invalid or not isinstance(res, (SpanError, PromptError, TargetError)):
                     raise res
-                row = {"index": i, "skipped": str(res)}
+                row: dict[str, Any] = {"index": i, "skipped": str(res)}
             else:
                 row = {"index": i, "result": res}
             mine[i] = row

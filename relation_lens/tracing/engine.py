@@ -12,27 +12,31 @@ layer loop at its own start layer. Only the last position is unembedded.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from relation_lens.errors import ConfigError
+from relation_lens.model_interface import Model
 from relation_lens.spans import Span
 from relation_lens.tracing.config import HOOKS, window_layers
 
 
 @dataclass
-class _Runs:
+class Runs:
     clean: dict[str, Tensor]  # kind -> [layer, pos, d_model]
     corrupt_resid: list[Tensor]  # layer 0..L -> [sample, pos, d_model]: resid entering block j (L: final)
     corrupt_kv: list[tuple[Tensor, Tensor]]  # layer -> (keys, values) [sample, pos, heads, d_head]
 
 
-def _final_logits(model, resid_last: Float[Tensor, "batch 1 d_model"]) -> Float[Tensor, "batch vocab"]:
+def _final_logits(model: Model, resid_last: Float[Tensor, "batch 1 d_model"]) -> Float[Tensor, "batch vocab"]:
     """The logits at the last position from the residual stream after the last block, through
     TransformerLens' own forward (``start_at_layer=n_layers``: final norm, unembedding, soft cap)."""
     return model(resid_last, start_at_layer=model.cfg.n_layers)[:, -1]
@@ -48,16 +52,18 @@ def _noise_hook(span: Span, noise: Tensor):
     return add_noise
 
 
-def _embed_with_noise(model, tokens: Tensor, span: Span, noise: Tensor) -> Tensor:
+def embed_with_noise(model: Model, tokens: Tensor, span: Span, noise: Tensor) -> Tensor:
     """Residual stream entering block 0, with ``noise`` added to ``hook_embed`` on ``span``."""
     with model.hooks(fwd_hooks=[("hook_embed", _noise_hook(span, noise))]):
         return model(tokens.expand(noise.shape[0], -1), stop_at_layer=0)
 
 
-def _corrupted_run(model, resid: Float[Tensor, "sample pos d_model"]):
+def corrupted_run(model: Model, resid: Float[Tensor, "sample pos d_model"]):
     """The corrupted run from the residual entering block 0 (noised embeddings, or the embeddings of
     replaced tokens): the residual entering every block, each block's keys/values, the final logits."""
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry as Entry
+    from transformer_lens.cache.key_value_cache_entry import (
+        TransformerLensKeyValueCacheEntry as Entry,
+    )
 
     resids, kvs = [resid], []
     for block in model.blocks:
@@ -69,11 +75,12 @@ def _corrupted_run(model, resid: Float[Tensor, "sample pos d_model"]):
     return resids, kvs, _final_logits(model, resid[:, -1:])
 
 
-def _clean_run(model, tokens: Tensor, kinds: Sequence[str], extra: Sequence[str] = ()):
+def clean_run(model: Model, tokens: Tensor, kinds: Sequence[str], extra: Sequence[str] = ()):
     """The clean run: per kind, ``[layer, pos, d]`` activations; the last position's logits; and the
     hooks named in ``extra`` (``{name: [pos, ...]}``, for callers that restore other sites)."""
     names = {HOOKS[k].format(l) for k in kinds for l in range(model.cfg.n_layers)} | set(extra)
-    logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
+    out, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names)
+    logits = cast(Tensor, out)
     # on one device (the blocks' activations may sit on several: n_devices); moved where they are restored
     dev = logits.device
     clean = {k: torch.stack([cache[HOOKS[k].format(l)][0].to(dev) for l in range(model.cfg.n_layers)]) for k in kinds}
@@ -81,7 +88,7 @@ def _clean_run(model, tokens: Tensor, kinds: Sequence[str], extra: Sequence[str]
 
 
 @dataclass(frozen=True)
-class _Cell:
+class Cell:
     kind: str
     layer: int
     pos: int
@@ -89,14 +96,14 @@ class _Cell:
     patch_layers: range  # blocks whose kind output is restored (mlp/attn)
 
 
-def _cells(kinds: Sequence[str], n_layers: int, n_pos: int, window: int) -> list[_Cell]:
+def grid_cells(kinds: Sequence[str], n_layers: int, n_pos: int, window: int) -> list[Cell]:
     out = []
     for kind in kinds:
         for layer in range(n_layers):
             win = range(layer, layer + 1) if kind == "resid" else window_layers(layer, window, n_layers)
             start = layer + 1 if kind == "resid" else win.start
             for pos in range(n_pos):
-                out.append(_Cell(kind, layer, pos, start, win))
+                out.append(Cell(kind, layer, pos, start, win))
     return out
 
 
@@ -133,18 +140,18 @@ class _Plan:
 
 
 @dataclass
-class _Job:
+class Job:
     """One prompt's share of an engine run: its runs, the cells to score, its target token (and the
     contrast token of ``metric="logit_diff"``)."""
-    runs: _Runs
-    cells: list[_Cell]
+    runs: Runs
+    cells: list[Cell]
     target: int
     n_tokens: int
     contrast: int | None = None
 
 
 def metric_values(logits: Float[Tensor, "row vocab"], targets: Tensor, metric: str = "prob",
-                  contrasts: Tensor | None = None) -> Float[Tensor, "row"]:
+                  contrasts: Tensor | None = None) -> Float[Tensor, row]:
     """Per row: P(target), log P(target), or logit(target) - logit(contrast) (float32 or wider)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     t = targets[:, None].to(logits.device)
@@ -152,15 +159,17 @@ def metric_values(logits: Float[Tensor, "row vocab"], targets: Tensor, metric: s
         return logits.softmax(-1).gather(1, t)[:, 0]
     if metric == "logprob":
         return logits.log_softmax(-1).gather(1, t)[:, 0]
+    if contrasts is None:
+        raise ConfigError("metric='logit_diff' needs the contrast tokens")
     return (logits.gather(1, t) - logits.gather(1, contrasts[:, None].to(logits.device)))[:, 0]
 
 
-def _chunks(jobs: list[_Job], per_batch: int, pack: bool) -> list[list[tuple[int, _Cell]]]:
+def _chunks(jobs: list[Job], per_batch: int, pack: bool) -> list[list[tuple[int, Cell]]]:
     """Batches of at most ``per_batch`` cells. Unpacked, a batch holds cells of one prompt and one
     position (no padding). Packed, the (prompt, position) groups are ordered by the length of the
     suffix they recompute (longest first, so that batches hold similar lengths) and cut into
     batches across prompts and positions."""
-    groups: dict[tuple[int, int], list[_Cell]] = defaultdict(list)
+    groups: dict[tuple[int, int], list[Cell]] = defaultdict(list)
     for i, job in enumerate(jobs):
         for c in job.cells:
             groups[(i, c.pos)].append(c)
@@ -173,8 +182,8 @@ def _chunks(jobs: list[_Job], per_batch: int, pack: bool) -> list[list[tuple[int
 
 
 @torch.no_grad()
-def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool = False,
-              pack: bool = False, metric: str = "prob") -> list[dict[_Cell, float]]:
+def run_jobs(model: Model, jobs: list[Job], n: int, batch_size: int, progress: bool = False,
+              pack: bool = False, metric: str = "prob") -> list[dict[Cell, float]]:
     """Score the cells of every job, ``n`` noise samples per cell, in batches of at most
     ``batch_size`` rows. The layer loop is planned on the host: inside a batch the cells are sorted
     by start layer, so the rows active at a layer are a prefix (a slice, not a gather); the restore
@@ -186,19 +195,19 @@ def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool =
     attention mask over the padding (which also gives rotary models their positions), and each row
     is read out at its own last position. A batch whose rows share one prompt and position runs
     without padding or mask, exactly as unpacked."""
-    from bisect import bisect_right
-
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry as Entry
+    from transformer_lens.cache.key_value_cache_entry import (
+        TransformerLensKeyValueCacheEntry as Entry,
+    )
 
     L = model.cfg.n_layers
     plan = _Plan()
     windowed = [k for k in ("mlp", "attn") if any(k in job.runs.clean for job in jobs)]
-    hooks = [(HOOKS[k].format(l), plan.hook(k, l)) for k in windowed for l in range(L)]
+    hooks: list[tuple[str | Callable, Callable]] = [(HOOKS[k].format(l), plan.hook(k, l)) for k in windowed for l in range(L)]
     chunks = _chunks(jobs, max(1, batch_size // n), pack)
     # packed: every job's cached keys/values of each layer in one tensor [job, sample, pos, head, d_head]
     # (right-padded to the longest prompt), so that a batch's prefixes are one gather per layer
-    stacked = _stack_kv(jobs) if pack else None
-    scored: list[tuple[list[tuple[int, _Cell]], Tensor]] = []
+    stacked = _stack_kv(jobs) if pack else []
+    scored: list[tuple[list[tuple[int, Cell]], Tensor]] = []
     with model.hooks(fwd_hooks=hooks):
         for chunk in tqdm(chunks, desc="tracing", disable=not progress, leave=False):
             chunk = sorted(chunk, key=lambda jc: jc[1].start)  # stable: the order within a start is kept
@@ -209,7 +218,7 @@ def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool =
             uniform = len({(i, c.pos) for i, c in chunk}) == 1
             device = runs[0].corrupt_resid[chunk[0][1].start].device
             inputs = []
-            for (i, c), r, s in zip(chunk, runs, suffix):
+            for (_, c), r, s in zip(chunk, runs, suffix):
                 x = r.corrupt_resid[c.start][:, c.pos:].to(device)
                 if c.kind == "resid" or s < S:
                     x = torch.nn.functional.pad(x, (0, 0, 0, S - s)) if s < S else x.clone()
@@ -224,7 +233,8 @@ def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool =
             masks = {k: torch.tensor(m, device=device).repeat_interleave(n, dim=1) for k, m in restore.items()}
             clean = {k: torch.stack([r.clean[k][:, c.pos].to(device) for r, (_, c) in zip(runs, chunk)])
                      for k in restore}  # [cell, layer, d_model]
-            attn_mask, gather = None, None
+            attn_mask: Tensor | None = None
+            gather: tuple[Tensor, ...] = ()
             if not uniform:
                 # row -> (job, sample, cached position t - (P - p), clamped; the padding is masked)
                 job_idx = torch.tensor([i for i, _ in chunk]).repeat_interleave(n)
@@ -250,8 +260,8 @@ def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool =
                         kv = (keys[:, :p].to(dev).repeat(active_cells, 1, 1, 1),
                               values[:, :p].to(dev).repeat(active_cells, 1, 1, 1))
                     else:  # only packed batches mix prompts or positions
-                        idx = tuple(t[:active].to(stacked[j][0].device) for t in gather)
-                        kv = (stacked[j][0][idx].to(dev), stacked[j][1][idx].to(dev))
+                        where = tuple(t[:active].to(stacked[j][0].device) for t in gather)
+                        kv = (stacked[j][0][where].to(dev), stacked[j][1][where].to(dev))
                     entry = Entry(*kv, frozen=True)
                 plan.masks = {(k, j): masks[k][j, :active].to(dev) for k, m in restore.items() if any(m[j])}
                 plan.values = {(k, j): clean[k][:active_cells, j].to(dev).repeat_interleave(n, dim=0)
@@ -275,13 +285,13 @@ def _run_jobs(model, jobs: list[_Job], n: int, batch_size: int, progress: bool =
             scored.append((chunk, values.view(len(chunk), n).mean(1)))
             plan.masks, plan.values = {}, {}
     values = torch.cat([v.cpu() for _, v in scored]).tolist() if scored else []
-    out: list[dict[_Cell, float]] = [{} for _ in jobs]
+    out: list[dict[Cell, float]] = [{} for _ in jobs]
     for (i, c), v in zip((jc for chunk, _ in scored for jc in chunk), values):
         out[i][c] = v
     return out
 
 
-def _stack_kv(jobs: list[_Job]) -> list[tuple[Tensor, Tensor]]:
+def _stack_kv(jobs: list[Job]) -> list[tuple[Tensor, Tensor]]:
     """Per layer, the jobs' cached keys and values stacked ``[job, sample, pos, head, d_head]``
     (right-padded to the longest prompt), on that layer's device."""
     T = max(job.n_tokens for job in jobs)

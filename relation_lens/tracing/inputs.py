@@ -12,9 +12,17 @@ from jaxtyping import Float
 from torch import Tensor
 
 from relation_lens import presets
-from relation_lens.errors import NoiseError, SpanError, TargetError, UnsupportedModelError
-from relation_lens.errors import shorten
-from relation_lens.spans import PromptSpans, Span, object_tokens
+from relation_lens.data import known_1000_subjects, load_world
+from relation_lens.errors import (
+    NoiseError,
+    PromptError,
+    SpanError,
+    TargetError,
+    UnsupportedModelError,
+    shorten,
+)
+from relation_lens.model_interface import Model, decode
+from relation_lens.spans import PromptSpans, Span, object_tokens, token_offsets
 from relation_lens.tracing.config import KINDS, NOISE_MULTIPLIER
 
 
@@ -22,7 +30,7 @@ class TargetWarning(UserWarning):
     """A target string is several tokens long; only its first token is scored."""
 
 
-def check_model(model, kinds: Sequence[str] = KINDS, prompt: str | None = None) -> None:
+def check_model(model: Model, kinds: Sequence[str] = KINDS, prompt: str | None = None) -> None:
     """Raise :class:`UnsupportedModelError` unless tracing can run on ``model``."""
     try:
         _check_model(model, kinds)
@@ -32,7 +40,7 @@ def check_model(model, kinds: Sequence[str] = KINDS, prompt: str | None = None) 
         raise
 
 
-def _check_model(model, kinds: Sequence[str]) -> None:
+def _check_model(model: Model, kinds: Sequence[str]) -> None:
     from transformer_lens import HookedTransformer
 
     if not isinstance(model, HookedTransformer):
@@ -50,24 +58,20 @@ def _check_model(model, kinds: Sequence[str]) -> None:
         raise UnsupportedModelError(f"model {cfg.model_name!r} is attention-only: it has no MLP outputs to restore")
 
 
-def noise_std(model) -> float:
+def noise_std(model: Model) -> float:
     """The default noise level: 3 x the standard deviation of the whole token embedding matrix."""
     return NOISE_MULTIPLIER * model.W_E.detach().float().std().item()
 
 
-def default_noise_subjects(model) -> tuple[str, ...]:
+def default_noise_subjects(model: Model) -> tuple[str, ...]:
     """The subjects ROME's noise rule averages over when none are given: the default model's world
     subjects on the default model, known_1000's subjects (ROME's own list) on any other model."""
     if presets.for_model(model).world_noise_subjects:
-        from relation_lens.data import load_world
-
         return tuple(dict.fromkeys(f.subject for f in load_world()))
-    from relation_lens.data import known_1000_subjects
-
     return known_1000_subjects()
 
 
-def rome_noise_std(model, subjects: Sequence[str] | None = None) -> float:
+def rome_noise_std(model: Model, subjects: Sequence[str] | None = None) -> float:
     """ROME's noise level (``collect_embedding_std`` in its ``experiments/causal_trace.py``): 3 x the
     standard deviation of the token embeddings (``hook_embed``, no positions) of every token of
     every subject, each subject tokenised alone without BOS, pooled over the list."""
@@ -80,7 +84,7 @@ def rome_noise_std(model, subjects: Sequence[str] | None = None) -> float:
     return NOISE_MULTIPLIER * emb.float().std().item()
 
 
-def resolve_noise_std(model, noise: float | str | None, subjects: Sequence[str] | None = None) -> float:
+def resolve_noise_std(model: Model, noise: float | str | None, subjects: Sequence[str] | None = None) -> float:
     """The std a noise setting stands for (``None``/``"embedding"``, ``"rome"`` or a number)."""
     if noise is None or noise == "embedding":
         return noise_std(model)
@@ -89,7 +93,7 @@ def resolve_noise_std(model, noise: float | str | None, subjects: Sequence[str] 
     return float(noise)
 
 
-def make_noise(model, n_samples: int, span_len: int, noise: float | str | Tensor | None, seed: int,
+def make_noise(model: Model, n_samples: int, span_len: int, noise: float | str | Tensor | None, seed: int,
                subjects: Sequence[str] | None = None) -> tuple[Float[Tensor, "sample span d_model"], float | None]:
     """The noise added to the corrupted span's token embeddings, and its std (None if given)."""
     d = model.cfg.d_model
@@ -117,7 +121,7 @@ class Target:
     n_tokens: int  # tokens in the requested string; only the first is scored
 
 
-def resolve_target(model, prompt: str, target: str | int | None, clean_logits: Tensor) -> Target:
+def resolve_target(model: Model, prompt: str, target: str | int | None, clean_logits: Tensor) -> Target:
     """Turn ``target`` into the token to score.
 
     A string is tokenised as a continuation of the prompt (:func:`relation_lens.spans.continuation_text`:
@@ -126,22 +130,22 @@ def resolve_target(model, prompt: str, target: str | int | None, clean_logits: T
     """
     if target is None:
         tok = int(clean_logits.argmax())
-        return Target(tok, model.tokenizer.decode([tok]), None, 1)
+        return Target(tok, decode(model, [tok]), None, 1)
     if isinstance(target, int):
         if not 0 <= target < model.cfg.d_vocab:
             raise TargetError(f"target token id {target} is outside the vocabulary [0, {model.cfg.d_vocab}) "
                               f"(prompt {shorten(prompt)})")
-        return Target(target, model.tokenizer.decode([target]), str(target), 1)
+        return Target(target, decode(model, [target]), str(target), 1)
     if not isinstance(target, str) or not target.strip():
         raise TargetError(f"target {target!r} is empty (prompt {shorten(prompt)})")
     ids = object_tokens(model, prompt, target).tolist()
     if len(ids) > 1:
         warnings.warn(f"target {target!r} is {len(ids)} tokens; scoring its first token "
-                      f"{model.tokenizer.decode(ids[:1])!r} (prompt {shorten(prompt)})", TargetWarning, stacklevel=3)
-    return Target(ids[0], model.tokenizer.decode(ids[:1]), target, len(ids))
+                      f"{decode(model, ids[:1])!r} (prompt {shorten(prompt)})", TargetWarning, stacklevel=3)
+    return Target(ids[0], decode(model, ids[:1]), target, len(ids))
 
 
-def corrupt_span_for(spans: PromptSpans, corrupt: str | tuple[int, int], n_pos: int) -> tuple[str, Span]:
+def corrupt_span_for(spans: PromptSpans, corrupt: str | Sequence[int], n_pos: int) -> tuple[str, Span]:
     if isinstance(corrupt, str):
         if corrupt == "relation":
             span = spans.relation_span
@@ -173,13 +177,11 @@ class Counterfactual:
     source: str  # "given", or how it was built
 
 
-def _tokens(model, text: str, prepend_bos: bool | None) -> Tensor:
-    from relation_lens.spans import token_offsets
-
+def _tokens(model: Model, text: str, prepend_bos: bool | None) -> Tensor:
     return token_offsets(model, text, prepend_bos)[0]
 
 
-def counterfactual(model, spans: PromptSpans, subject: str, mode: str, span: Span, *,
+def counterfactual(model: Model, spans: PromptSpans, subject: str, mode: str, span: Span, *,
                    corrupted_prompt: str | None, seed: int, prepend_bos: bool | None) -> Counterfactual:
     """The corrupted tokens for ``corrupt_with="replace"``.
 
@@ -189,8 +191,6 @@ def counterfactual(model, spans: PromptSpans, subject: str, mode: str, span: Spa
     template (subject first) whose tokens match the prompt's up to the relation span and have the
     same length; for subject corruption, the prompt with the subject replaced by another world
     subject of the same token length. :class:`PromptError` when nothing fits."""
-    from relation_lens.errors import PromptError
-
     clean = spans.tokens
     a, b = span
     if corrupted_prompt is not None:
@@ -207,8 +207,6 @@ def counterfactual(model, spans: PromptSpans, subject: str, mode: str, span: Spa
     if mode not in ("relation", "subject"):
         raise PromptError(f"corrupt_with='replace' on an explicit span needs corrupted_prompt= (prompt "
                           f"{shorten(spans.prompt)})")
-    from relation_lens.data import load_world
-
     world = load_world()
     candidates: list[tuple[str, Tensor]] = []
     if mode == "relation":
@@ -224,13 +222,13 @@ def counterfactual(model, spans: PromptSpans, subject: str, mode: str, span: Spa
                     candidates.append((text, toks))
         how = "the same subject under another relation's template of the same token length"
     else:
-        seen = set()
+        seen: set[str] = set()
         for fact in world:
-            other = fact.subject
-            if other in seen or other == subject:
+            other_subject = fact.subject
+            if other_subject in seen or other_subject == subject:
                 continue
-            seen.add(other)
-            text = spans.prompt.replace(subject, other, 1)
+            seen.add(other_subject)
+            text = spans.prompt.replace(subject, other_subject, 1)
             toks = _tokens(model, text, prepend_bos)
             if len(toks) == len(clean) and torch.equal(toks[:a], clean[:a]) and torch.equal(toks[b:], clean[b:]) \
                     and not torch.equal(toks[a:b], clean[a:b]):

@@ -15,23 +15,29 @@ All cells run as rows of batched forward passes; each row's hooks block only its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from relation_lens.errors import (
+    ConfigError,
+    DataError,
+    PromptError,
+    SpanError,
+    TargetError,
+)
 from relation_lens.guards import model_lock
-from relation_lens.results import known_fields
-from relation_lens.errors import ConfigError, shorten
+from relation_lens.intervals import mean_ci95
+from relation_lens.model_interface import Model
+from relation_lens.results import DatasetKnockoutResult, KnockoutResult
 from relation_lens.spans import Span, check_fits_context, find_spans
 from relation_lens.tracing.config import TraceConfig, window_layers
+from relation_lens.tracing.dataset import fact_fields
 from relation_lens.tracing.inputs import check_model, resolve_target
-from relation_lens.tracing.results import _Views
 
 SOURCES = ("subject", "relation", "last", "other")
 
@@ -44,62 +50,7 @@ def source_positions(n_tokens: int, subject_span: Span) -> dict[str, list[int]]:
             "other": [p for p in range(last) if p < a]}
 
 
-@dataclass(frozen=True, repr=False, eq=False)
-class KnockoutResult(_Views):
-    """``change[source]``: relative change of P(target) per layer (``Float[Tensor, "layer"]``), or per
-    layer and head (``"layer head"``) when traced per head; ``prob[source]`` the blocked probabilities."""
-
-    prompt: str
-    tokens: tuple[str, ...]
-    subject: str
-    subject_span: Span
-    target: str
-    target_token: int
-    clean_prob: float
-    positions: dict[str, list[int]]
-    change: dict[str, Tensor]
-    prob: dict[str, Tensor]
-    window: int
-    per_head: bool
-    model_name: str
-    clean_top_token: int | None = None  # the model's own top prediction on the prompt
-
-    def __repr__(self) -> str:
-        worst = ", ".join(f"{s} {float(v.min()):+.2f} at L{int(v.flatten().argmin()) // (v.shape[1] if v.dim() > 1 else 1)}"
-                          for s, v in self.change.items())
-        return (f"KnockoutResult({shorten(self.prompt)}, target={self.target!r}, clean {self.clean_prob:.3g}; "
-                f"largest drops: {worst}; window={self.window}, per_head={self.per_head})")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "tokens": list(self.tokens), "subject": self.subject,
-                "subject_span": list(self.subject_span), "target": self.target, "target_token": self.target_token,
-                "clean_prob": self.clean_prob, "positions": self.positions,
-                "change": {k: v.tolist() for k, v in self.change.items()},
-                "prob": {k: v.tolist() for k, v in self.prob.items()}, "window": self.window,
-                "per_head": self.per_head, "model_name": self.model_name, "clean_top_token": self.clean_top_token}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "KnockoutResult":
-        d = known_fields(cls, d)
-        d["tokens"], d["subject_span"] = tuple(d["tokens"]), tuple(d["subject_span"])
-        d["change"] = {k: torch.tensor(v, dtype=torch.float32) for k, v in d["change"].items()}
-        d["prob"] = {k: torch.tensor(v, dtype=torch.float32) for k, v in d["prob"].items()}
-        return cls(**d)
-
-    def plot(self, path: str | Path | None = None):
-        """Geva-style curves: relative change of P(target) by layer, one line per source (per head:
-        the head with the largest drop)."""
-        curves = [(source, v.min(dim=1).values if v.dim() > 1 else v, None) for source, v in self.change.items()]
-        return _curves_figure(curves, self.window, f"% change in P({self.target.strip()})",
-                              f"attention knockout from the last position: {shorten(self.prompt, 60)}", path)
-
-    def to_html(self) -> str:
-        from relation_lens.viz import _png_data_uri
-
-        return f'<img alt="attention knockout" src="{_png_data_uri(self.plot())}">'
-
-
-def knockout(model, prompt: str, *, subject: str, target: str | int | None = None,
+def knockout(model: Model, prompt: str, *, subject: str, target: str | int | None = None,
              sources: Sequence[str] = SOURCES, window: int | None = None, per_head: bool = False,
              batch_size: int = 256, prepend_bos: bool | None = None) -> KnockoutResult:
     """Attention knockout of ``prompt`` (see the module docstring).
@@ -143,11 +94,11 @@ def knockout(model, prompt: str, *, subject: str, target: str | int | None = Non
                           clean_top_token=int(clean_logits.argmax()))
 
 
-def _blocked_probs(model, tokens: Tensor, cells: list, positions: dict[str, list[int]], window: int, target: int,
+def _blocked_probs(model: Model, tokens: Tensor, cells: list, positions: dict[str, list[int]], window: int, target: int,
                    batch_size: int) -> dict:
     """P(target) with each cell's edges blocked, cells as rows of batched forward passes."""
     L, H, T = model.cfg.n_layers, model.cfg.n_heads, len(tokens)
-    out = {}
+    out: dict[tuple[str, int, int | None], float] = {}
     for i in range(0, len(cells), batch_size):
         chunk = cells[i:i + batch_size]
         # block[j][row, head, key]: whether layer j blocks the last query's edge to that key in that row
@@ -172,110 +123,20 @@ def _blocked_probs(model, tokens: Tensor, cells: list, positions: dict[str, list
             scores[:, :, -1, :] = last
             return scores
 
-        hooks = [(f"blocks.{j}.attn.hook_attn_scores", hook) for j in range(L)]
+        hooks: list[tuple[str | Callable, Callable]] = [(f"blocks.{j}.attn.hook_attn_scores", hook) for j in range(L)]
         logits = model.run_with_hooks(tokens[None].expand(len(chunk), -1), fwd_hooks=hooks)
         p = logits[:, -1].float().softmax(-1)[:, target].tolist()
         out.update(zip(chunk, p))
     return out
 
 
-@dataclass(frozen=True, repr=False, eq=False)
-class DatasetKnockoutResult(_Views):
-    """Knockout averaged over prompts: ``mean[source]`` and ``ci95[source]`` (half-width of a normal
-    95% interval, 1.96 x standard error) of the relative change of P(target), per layer (or layer and
-    head); ``count[source]`` prompts averaged (a prompt with no position of a source is left out of
-    that source). Each prompt's :class:`KnockoutResult` is in ``results``; ``used[i]`` says whether it
-    was averaged (``exclude_incorrect``: only prompts whose clean top prediction is the target)."""
-
-    sources: tuple[str, ...]
-    mean: dict[str, Tensor]
-    ci95: dict[str, Tensor]
-    count: dict[str, int]
-    window: int
-    per_head: bool
-    exclude_incorrect: bool
-    model_name: str
-    results: tuple[KnockoutResult, ...]
-    used: tuple[bool, ...]
-    skipped: tuple[tuple[int, str], ...] = ()
-
-    def __repr__(self) -> str:
-        parts = ", ".join(f"{s} {float(self.mean[s].min()):+.2f} at L{int(self.mean[s].flatten().argmin())}"
-                          for s in self.sources if self.count[s])
-        return (f"DatasetKnockoutResult({sum(self.used)} of {len(self.results)} prompts averaged; largest mean drops: "
-                f"{parts or 'nothing averaged'}; window={self.window})")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"sources": list(self.sources), "mean": {k: v.tolist() for k, v in self.mean.items()},
-                "ci95": {k: v.tolist() for k, v in self.ci95.items()}, "count": dict(self.count),
-                "window": self.window, "per_head": self.per_head, "exclude_incorrect": self.exclude_incorrect,
-                "model_name": self.model_name, "results": [r.to_dict() for r in self.results],
-                "used": list(self.used), "skipped": [list(s) for s in self.skipped]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DatasetKnockoutResult":
-        d = known_fields(cls, d)
-        d["sources"] = tuple(d["sources"])
-        for key in ("mean", "ci95"):  # known_fields turned JSON's null back into NaN
-            d[key] = {k: torch.tensor(v, dtype=torch.float32) for k, v in d[key].items()}
-        d["results"] = tuple(KnockoutResult.from_dict(r) for r in d["results"])
-        d["used"] = tuple(d["used"])
-        d["skipped"] = tuple((int(i), str(m)) for i, m in d.get("skipped", []))
-        return cls(**d)
-
-    def plot(self, path: str | Path | None = None):
-        """Mean relative change of P(target) by layer with 95% bands, one line per source (per head:
-        the head with the largest mean drop)."""
-        curves = []
-        for s in self.sources:
-            m, h = self.mean[s], self.ci95[s]
-            if m.dim() > 1:
-                worst = m.argmin(dim=1)
-                m, h = m.gather(1, worst[:, None])[:, 0], h.gather(1, worst[:, None])[:, 0]
-            curves.append((f"{s} (n={self.count[s]})", m, h))
-        return _curves_figure(curves, self.window, "% change in P(target), mean and 95% CI",
-                              f"attention knockout from the last position, {sum(self.used)} prompts", path)
-
-    def to_html(self) -> str:
-        from relation_lens.viz import _png_data_uri
-
-        return f'<img alt="attention knockout, dataset mean" src="{_png_data_uri(self.plot())}">'
-
-
-def _curves_figure(curves, window: int, ylabel: str, title: str, path):
-    """Knockout curves by layer in percent, ``curves`` = ``(label, values, half-width or None)``."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 3.2), layout="constrained")
-    ax = fig.subplots()
-    for label, m, h in curves:
-        x = list(range(len(m)))
-        ax.plot(x, (100 * m).tolist(), marker="o", label=label)
-        if h is not None:
-            ax.fill_between(x, (100 * (m - h)).tolist(), (100 * (m + h)).tolist(), alpha=0.2)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel(f"layer (centre of a {window}-layer window)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7)
-    if path is not None:
-        fig.savefig(path, dpi=150)
-    return fig
-
-
-def knockout_dataset(model, facts, *, sources: Sequence[str] = SOURCES, window: int | None = None,
+def knockout_dataset(model: Model, facts, *, sources: Sequence[str] = SOURCES, window: int | None = None,
                      per_head: bool = False, exclude_incorrect: bool = True, skip_invalid: bool = True,
                      batch_size: int = 256, prepend_bos: bool | None = None,
                      progress: bool = False) -> DatasetKnockoutResult:
     """:func:`knockout` over many facts (``prompt``, ``subject``, optional ``target``, as for
     :func:`relation_lens.trace_dataset`), averaged per source and layer with 95% intervals
     (:func:`relation_lens.intervals.mean_ci95`)."""
-    from tqdm.auto import tqdm
-
-    from relation_lens.errors import DataError, PromptError, SpanError, TargetError
-    from relation_lens.intervals import mean_ci95
-    from relation_lens.tracing.dataset import fact_fields
-
     items = [fact_fields(f, i) for i, f in enumerate(facts)]
     if not items:
         raise DataError("knockout_dataset got no facts")

@@ -18,146 +18,25 @@ restoring masks on the hooks it touches; the clean values come from one clean pa
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from relation_lens.guards import model_lock
-from relation_lens.results import known_fields
 from relation_lens.errors import ConfigError
+from relation_lens.guards import model_lock
+from relation_lens.model_interface import Model
+from relation_lens.results import PatchResult
+from relation_lens.sites import SITE_KINDS, Site, check_site
 from relation_lens.tracing.config import TraceConfig
 from relation_lens.tracing.engine import metric_values, restore_where
 from relation_lens.tracing.inputs import check_model
-from relation_lens.tracing.results import _Views
+from relation_lens.tracing.prepare import prepare
 
-SITE_KINDS = ("resid", "mlp", "attn", "head", "neurons")
-_HOOK = {"resid": "blocks.{}.hook_resid_post", "mlp": "blocks.{}.hook_mlp_out", "attn": "blocks.{}.hook_attn_out",
-         "head": "blocks.{}.attn.hook_z", "neurons": "blocks.{}.mlp.hook_post"}
+__all__ = ["patch", "Site", "PatchResult", "SITE_KINDS"]
 
-
-@dataclass(frozen=True)
-class Site:
-    """One site: ``kind`` ``"resid"`` (the residual stream after block ``layer``), ``"mlp"`` /
-    ``"attn"`` (the block's MLP / attention output), ``"head"`` (one head's output before ``W_O``,
-    ``hook_z``: give ``head``) or ``"neurons"`` (MLP activations after the nonlinearity,
-    ``hook_post``: give ``neurons``), at token ``position``."""
-    kind: str
-    layer: int
-    position: int
-    head: int | None = None
-    neurons: tuple[int, ...] | None = None
-
-    @property
-    def hook(self) -> str:
-        return _HOOK[self.kind].format(self.layer)
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "layer": self.layer, "position": self.position, "head": self.head,
-                "neurons": None if self.neurons is None else list(self.neurons)}
-
-
-def _check_site(model, site: Any, n_pos: int | None) -> Site:
-    """``site`` checked against the model, and against a prompt of ``n_pos`` tokens unless ``None``."""
-    if not isinstance(site, Site):
-        raise ConfigError(f"{site!r} is not a Site (relation_lens.tracing.patch.Site)")
-    c = model.cfg
-    where = f"site {site}"
-    if site.kind not in SITE_KINDS:
-        raise ConfigError(f"{where}: kind {site.kind!r} is not one of {list(SITE_KINDS)}")
-    if not 0 <= site.layer < c.n_layers:
-        raise ConfigError(f"{where}: layer {site.layer} is outside [0, {c.n_layers})")
-    if n_pos is not None and not 0 <= site.position < n_pos:
-        raise ConfigError(f"{where}: position {site.position} is outside the prompt's {n_pos} tokens")
-    if site.kind == "head":
-        if site.head is None or not 0 <= site.head < c.n_heads:
-            raise ConfigError(f"{where}: a head site needs head in [0, {c.n_heads})")
-    elif site.head is not None:
-        raise ConfigError(f"{where}: head= is for kind 'head' only")
-    if site.kind == "neurons":
-        if not site.neurons or not all(isinstance(i, int) and 0 <= i < c.d_mlp for i in site.neurons):
-            raise ConfigError(f"{where}: a neurons site needs neurons, a non-empty tuple of ints in [0, {c.d_mlp})")
-    elif site.neurons is not None:
-        raise ConfigError(f"{where}: neurons= is for kind 'neurons' only")
-    return site
-
-
-@dataclass(frozen=True, repr=False, eq=False)
-class PatchResult(_Views):
-    """``values[g]``: the metric (mean over noise samples) with group ``groups[g]`` restored."""
-    prompt: str
-    tokens: tuple[str, ...]
-    groups: tuple[tuple[Site, ...], ...]
-    values: tuple[float, ...]
-    metric: str
-    target: str
-    target_token: int
-    clean_value: float
-    corrupted_value: float
-    corrupt_span: tuple[int, int]
-    corrupt_with: str
-    n_samples: int
-    model_name: str
-    settings: dict = field(default_factory=dict)
-
-    def normalised(self) -> tuple[float, ...]:
-        """0 = the corrupted run, 1 = the clean run (Zhang & Nanda 2023)."""
-        gap = self.clean_value - self.corrupted_value
-        return tuple(math.nan if gap == 0 else (v - self.corrupted_value) / gap for v in self.values)
-
-    def __repr__(self) -> str:
-        return (f"PatchResult({self.prompt!r}, {len(self.groups)} groups, {self.metric} of {self.target!r}: clean "
-                f"{self.clean_value:.4g}, corrupted {self.corrupted_value:.4g})")
-
-    def to_dict(self) -> dict:
-        return {"prompt": self.prompt, "tokens": list(self.tokens),
-                "groups": [[s.to_dict() for s in g] for g in self.groups], "values": list(self.values),
-                "metric": self.metric, "target": self.target, "target_token": self.target_token,
-                "clean_value": self.clean_value, "corrupted_value": self.corrupted_value,
-                "corrupt_span": list(self.corrupt_span), "corrupt_with": self.corrupt_with,
-                "n_samples": self.n_samples, "model_name": self.model_name, "settings": self.settings}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PatchResult":
-        d = known_fields(cls, d)  # JSON's null back to NaN, newer fields dropped
-        d["groups"] = tuple(tuple(Site(s["kind"], s["layer"], s["position"], s["head"],
-                                       None if s["neurons"] is None else tuple(s["neurons"])) for s in g)
-                            for g in d["groups"])
-        d["tokens"], d["values"], d["corrupt_span"] = tuple(d["tokens"]), tuple(d["values"]), tuple(d["corrupt_span"])
-        return cls(**d)
-
-    def plot(self, path=None):
-        """A bar per group: the metric with that group restored, against the clean and corrupted runs."""
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(max(4.0, 0.35 * len(self.values) + 1.5), 3.2), layout="constrained")
-        ax = fig.subplots()
-        labels = [", ".join(_label(s) for s in g) if len(g) < 3 else f"{len(g)} sites" for g in self.groups]
-        ax.bar(range(len(self.values)), list(self.values), color="tab:blue")
-        ax.axhline(self.clean_value, color="green", lw=1, ls="--", label="clean")
-        ax.axhline(self.corrupted_value, color="red", lw=1, ls="--", label="corrupted")
-        ax.set_xticks(range(len(labels)), labels, rotation=70, fontsize=6)
-        ax.set_ylabel(f"{self.metric} of {self.target.strip()!r}")
-        ax.legend(fontsize=7)
-        if path is not None:
-            fig.savefig(path, dpi=150)
-        return fig
-
-    def to_html(self) -> str:
-        rows = "".join(f"<tr><td>{', '.join(_label(s) for s in g)}</td><td>{v:.4g}</td></tr>"
-                       for g, v in zip(self.groups, self.values))
-        return (f"<div><b>{self.metric}</b> of {self.target!r}: clean {self.clean_value:.4g}, corrupted "
-                f"{self.corrupted_value:.4g}<table><tr><th>restored</th><th>{self.metric}</th></tr>{rows}</table></div>")
-
-
-def _label(s: Site) -> str:
-    extra = f" h{s.head}" if s.kind == "head" else f" n{list(s.neurons)}" if s.kind == "neurons" else ""
-    return f"{s.kind} L{s.layer}{extra} @{s.position}"
-
-
-def patch(model, prompt: str, *, subject: str, sites, target: str | int | None = None,
+def patch(model: Model, prompt: str, *, subject: str, sites, target: str | int | None = None,
           config: TraceConfig | None = None, corrupted_prompt: str | None = None, contrast: str | int | None = None,
           **settings: Any) -> PatchResult:
     """Restore each group of ``sites`` (a :class:`Site`, or a list of them restored together) in the
@@ -167,18 +46,16 @@ def patch(model, prompt: str, *, subject: str, sites, target: str | int | None =
         ConfigError naming a site that does not exist in the model or prompt; the errors of
         :func:`relation_lens.trace` for the prompt, corruption, target and metric.
     """
-    from relation_lens.tracing.api import _prepare
-
     cfg = TraceConfig.of(config, settings)
     check_model(model, ("resid",), prompt)
     groups = [tuple(g) if isinstance(g, (list, tuple)) else (g,) for g in sites]
     if not groups or any(not g for g in groups):
         raise ConfigError("sites is empty, or holds an empty group")
-    names = sorted({_check_site(model, s, None).hook for g in groups for s in g})
+    names = sorted({check_site(model, s, None).hook for g in groups for s in g})
     with model_lock(model), torch.no_grad():
-        job = _prepare(model, prompt, subject, target, cfg.replace(kinds=("resid",), method="exact"),
+        job = prepare(model, prompt, subject, target, cfg.replace(kinds=("resid",), method="exact"),
                        corrupted_prompt, contrast, engine=False, clean_hooks=names)
-        groups = [tuple(_check_site(model, s, job.job.n_tokens) for s in g) for g in groups]
+        groups = [tuple(check_site(model, s, job.job.n_tokens) for s in g) for g in groups]
         cache = job.extra_clean  # the clean pass's activations at the restored hooks
         n = job.n
         values: list[float] = []
@@ -198,7 +75,7 @@ def patch(model, prompt: str, *, subject: str, sites, target: str | int | None =
                         m[rows, s.position, list(s.neurons)] = True
                     else:
                         m[rows, s.position, :] = True
-            hooks = [(name, _restorer(cache[name], masks[name])) for name in names if masks[name].any()]
+            hooks: list[tuple[str | Callable, Callable]] = [(name, _restorer(cache[name], masks[name])) for name in names if masks[name].any()]
             start = job.start.repeat(len(chunk), 1, 1)
             with model.hooks(fwd_hooks=hooks):
                 logits = model(start, start_at_layer=0)[:, -1]

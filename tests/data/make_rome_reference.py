@@ -92,10 +92,11 @@ def main() -> None:
     ap.add_argument("--rome", type=Path, required=True, help="a checkout of kmeng01/rome")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import relation_lens as rl
-    from relation_lens.models import default_model_path
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    import relation_lens as rl
+    from relation_lens.models import default_model_path
 
     tl_model = rl.load_model(dtype="float64", center_writing_weights=False)  # MLP outputs as HF computes them
     requests, prefixes, stats = reference_inputs(tl_model)
@@ -104,7 +105,8 @@ def main() -> None:
     os.chdir(rome_root)  # ROME reads globals.yml from the working directory
     sys.path.insert(0, str(rome_root))
     _cuda_to_cpu()
-    from rome import compute_u as rome_u, rome_main
+    from rome import compute_u as rome_u
+    from rome import rome_main
     from rome.rome_hparams import ROMEHyperParams
 
     torch.set_default_dtype(torch.float64)  # ROME's delta is created with the default dtype

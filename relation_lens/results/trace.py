@@ -1,38 +1,28 @@
-"""The result types of tracing: frozen values with a JSON round trip, value equality, a one-line
-repr and views (the renderers in :mod:`relation_lens.viz` import these types, never the reverse:
-``plot``/``to_html`` reach the renderers by a call-time import)."""
+"""The results of tracing: one prompt's grids (:class:`TraceResult`) and their average over a dataset
+(:class:`DatasetTraceResult`)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from relation_lens.results import JsonRoundTrip, ValueEquality, known_fields
+from relation_lens.results.codec import Result
 from relation_lens.spans import Span
 
 
-def _argmax_2d(grid: Float[Tensor, "row col"]) -> tuple[int, int]:
+def argmax_2d(grid: Float[Tensor, "row col"]) -> tuple[int, int]:
     """``(row, col)`` of the largest entry, NaN ignored (buckets no prompt has are NaN)."""
     flat = int(torch.nan_to_num(grid, nan=-math.inf).argmax())
     return divmod(flat, grid.shape[1])
 
 
-class _Views(JsonRoundTrip, ValueEquality):
-    """JSON round trip and notebook display shared by the result types (which define ``to_dict``,
-    ``from_dict`` and ``to_html``)."""
-
-    def _repr_html_(self) -> str:  # notebooks: offline, no network probe
-        return self.to_html()
-
-
 @dataclass(frozen=True, repr=False, eq=False)
-class TraceResult(_Views):
+class TraceResult(Result):
     """The outcome of one trace.
 
     ``scores[kind]`` is a ``Float[Tensor, "layer pos"]`` grid of P(target) with the site restored;
@@ -100,7 +90,7 @@ class TraceResult(_Views):
 
     def peak(self, kind: str) -> tuple[int, int, float]:
         """``(layer, position, score)`` of the site whose restoration brings back the most."""
-        layer, pos = _argmax_2d(self.scores[kind])
+        layer, pos = argmax_2d(self.scores[kind])
         return layer, pos, float(self.scores[kind][layer, pos])
 
     def __repr__(self) -> str:  # a summary; the grids are in .scores
@@ -113,42 +103,9 @@ class TraceResult(_Views):
                 f"grids [{layers} layers x {positions} positions]; peaks: {peaks}; "
                 f"n_samples={self.n_samples}, window={self.window}, model={self.model_name!r})")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["scores"] = {k: v.tolist() for k, v in self.scores.items()}
-        d["subject_span"], d["relation_span"], d["corrupt_span"] = map(
-            list, (self.subject_span, self.relation_span, self.corrupt_span))
-        d["tokens"] = list(self.tokens)
-        if self.corrupted_tokens is not None:
-            d["corrupted_tokens"] = list(self.corrupted_tokens)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TraceResult":
-        d = known_fields(cls, d)
-        d["scores"] = {k: torch.tensor(v, dtype=torch.float32) for k, v in d["scores"].items()}
-        for key in ("subject_span", "relation_span", "corrupt_span"):
-            d[key] = tuple(d[key])
-        d["tokens"] = tuple(d["tokens"])
-        if d.get("corrupted_tokens") is not None:
-            d["corrupted_tokens"] = tuple(d["corrupted_tokens"])
-        return cls(**d)
-
-    def plot(self, path: str | Path | None = None, **kwargs):
-        """ROME-style heatmaps (one panel per kind); saved to ``path`` (PNG/PDF/SVG) if given."""
-        from relation_lens.viz import plot_trace
-
-        return plot_trace(self, path, **kwargs)
-
-    def to_html(self) -> str:
-        """A self-contained (offline) circuitsvis view of the grids."""
-        from relation_lens.viz import trace_html
-
-        return trace_html(self)
-
 
 @dataclass(frozen=True, repr=False, eq=False)
-class DatasetTraceResult(_Views):
+class DatasetTraceResult(Result):
     """Average indirect effects over many prompts, by layer and position bucket.
 
     ``mean[kind]`` and ``ci95[kind]`` are ``Float[Tensor, "layer bucket"]`` (the CI is the half-width
@@ -176,7 +133,7 @@ class DatasetTraceResult(_Views):
     def __repr__(self) -> str:  # a summary; the grids are in .mean / .ci95
         peaks = []
         for kind, grid in self.mean.items():
-            layer, b = _argmax_2d(grid)
+            layer, b = argmax_2d(grid)
             peaks.append(f"{kind} L{layer}@{self.buckets[b]} {float(grid[layer, b]):.3g}"
                          f"\u00b1{float(self.ci95[kind][layer, b]):.2g}")
         if self.n_used == 0:
@@ -188,36 +145,3 @@ class DatasetTraceResult(_Views):
                 f"{len(self.skipped)} skipped), corrupt={self.corrupt}; mean clean {self.clean_prob:.3g}, "
                 f"corrupted {self.corrupted_prob:.3g}; largest mean indirect effects: {'; '.join(peaks)}; "
                 f"window={self.window}, model={self.model_name!r})")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"skipped": [list(x) for x in self.skipped],
-            "buckets": list(self.buckets), "mean": {k: v.tolist() for k, v in self.mean.items()},
-            "ci95": {k: v.tolist() for k, v in self.ci95.items()}, "count": self.count.tolist(),
-            "clean_prob": self.clean_prob, "corrupted_prob": self.corrupted_prob, "n_total": self.n_total,
-            "n_used": self.n_used, "n_incorrect": self.n_incorrect, "exclude_incorrect": self.exclude_incorrect,
-            "corrupt": self.corrupt, "window": self.window, "model_name": self.model_name,
-            "results": [r.to_dict() for r in self.results], "used": list(self.used),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DatasetTraceResult":
-        d = known_fields(cls, d)
-        d["buckets"] = tuple(d["buckets"])
-        d["mean"] = {k: torch.tensor(v) for k, v in d["mean"].items()}
-        d["ci95"] = {k: torch.tensor(v) for k, v in d["ci95"].items()}
-        d["count"] = torch.tensor(d["count"])
-        d["results"] = tuple(TraceResult.from_dict(r) for r in d["results"])
-        d["used"] = tuple(d["used"])
-        d["skipped"] = tuple((int(i), str(m)) for i, m in d.get("skipped", ()))
-        return cls(**d)
-
-    def plot(self, path: str | Path | None = None, **kwargs):
-        from relation_lens.viz import plot_dataset
-
-        return plot_dataset(self, path, **kwargs)
-
-    def to_html(self) -> str:
-        from relation_lens.viz import dataset_html
-
-        return dataset_html(self)
-

@@ -1,0 +1,36 @@
+"""Views of patch results: a bar per restored group against the clean and corrupted runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from relation_lens.results import PatchResult, register_view
+from relation_lens.sites import site_label
+
+
+@register_view(PatchResult, "plot")
+def plot_patch(result: PatchResult, path: str | Path | None = None, **savefig_kwargs: Any) -> Figure:
+    """A bar per group: the metric with that group restored, against the clean and corrupted runs."""
+    fig = Figure(figsize=(max(4.0, 0.35 * len(result.values) + 1.5), 3.2), layout="constrained")
+    ax = fig.subplots()
+    labels = [", ".join(site_label(s) for s in g) if len(g) < 3 else f"{len(g)} sites" for g in result.groups]
+    ax.bar(range(len(result.values)), list(result.values), color="tab:blue")
+    ax.axhline(result.clean_value, color="green", lw=1, ls="--", label="clean")
+    ax.axhline(result.corrupted_value, color="red", lw=1, ls="--", label="corrupted")
+    ax.set_xticks(range(len(labels)), labels, rotation=70, fontsize=6)
+    ax.set_ylabel(f"{result.metric} of {result.target.strip()!r}")
+    ax.legend(fontsize=7)
+    if path is not None:
+        fig.savefig(path, dpi=savefig_kwargs.pop("dpi", 150), **savefig_kwargs)
+    return fig
+
+
+@register_view(PatchResult, "html")
+def patch_html(result: PatchResult) -> str:
+    rows = "".join(f"<tr><td>{', '.join(site_label(s) for s in g)}</td><td>{v:.4g}</td></tr>"
+                   for g, v in zip(result.groups, result.values))
+    return (f"<div><b>{result.metric}</b> of {result.target!r}: clean {result.clean_value:.4g}, corrupted "
+            f"{result.corrupted_value:.4g}<table><tr><th>restored</th><th>{result.metric}</th></tr>{rows}</table></div>")
