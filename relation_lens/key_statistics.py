@@ -30,7 +30,7 @@ from relation_lens.data import load_world
 from relation_lens.distributed import all_reduce_sum, ranks
 from relation_lens.errors import DataError, EditError, UnsupportedModelError
 from relation_lens.guards import model_lock
-from relation_lens.model_interface import Model, tokenizer_of
+from relation_lens.model_interface import Model, embed, parameter_fingerprint_items, run_blocks, tokenizer_of
 from relation_lens.results import ValueEquality
 from relation_lens.spans import right_pad
 
@@ -46,7 +46,7 @@ def model_fingerprint(model: Model, upto_layer: int | None = None) -> str:
     """A short hash of the model's name, shape and the weights that determine keys up to ``upto_layer``."""
     h = hashlib.sha256(json.dumps([model.cfg.model_name, model.cfg.n_layers, model.cfg.d_model, model.cfg.d_mlp,
                                    model.cfg.d_vocab, str(model.cfg.dtype)]).encode())
-    for name, p in model.named_parameters():
+    for name, p in parameter_fingerprint_items(model):
         if upto_layer is not None and name.startswith("blocks."):
             if int(name.split(".")[1]) > upto_layer:
                 continue
@@ -240,7 +240,7 @@ def _accumulate(model: Model, layer: int, batches: list[list[Tensor]], progress:
         # right padding under causal attention leaves real tokens untouched
         with model.hooks(fwd_hooks=[(name, grab)]):
             try:
-                model(batch.to(model.cfg.device), stop_at_layer=layer + 1)
+                run_blocks(model, embed(model, batch.to(model.cfg.device)), 0, layer + 1)
             except _StopForward:
                 pass
         k = stored.pop("k")

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "relation_lens"
 # third-party packages imported at first use, not at `import relation_lens` (seconds of import time
 # for a notebook that only reads results, or a CLI asked for --help); docs/architecture.md lists them
 LAZY_THIRD_PARTY = {"transformer_lens", "transformers", "datasets", "huggingface_hub"}
+pytestmark = pytest.mark.transformer_lens_4
 
 
 def _modules() -> dict[str, Path]:
@@ -145,3 +146,12 @@ def test_every_result_type_has_its_views(kind):
     for cls in types:
         assert issubclass(cls, Result)
         assert callable(_view(cls.__new__(cls), kind))
+
+
+def test_transformer_lens_is_imported_only_by_the_model_interface_and_the_loaders():
+    """Both lines of TransformerLens are reached through relation_lens.model_interface (and loaded by
+    relation_lens.models): no other module imports TransformerLens."""
+    allowed = ("relation_lens.model_interface", "relation_lens.models")
+    bad = [f"{m}:{node.lineno}" for m in MODULES if not m.startswith(allowed)
+           for node, target, _, _, _ in _imports(m) if target.split(".")[0] == "transformer_lens"]
+    assert bad == []

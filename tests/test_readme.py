@@ -17,5 +17,7 @@ def test_quick_start_runs(tmp_path, monkeypatch, capsys):
 def test_readme_commands_match_ci():
     text = README.read_text()
     ci = (README.parent / ".ci" / "run").read_text()
-    test_cmd = next(line for line in text.splitlines() if "pytest" in line and line.startswith("python3 -m venv"))
-    assert test_cmd.replace("pip install ", "pip install -q ") in ci
+    test_cmds = [line for line in text.splitlines() if "pytest" in line and line.startswith("python3 -m venv")]
+    assert len(test_cmds) == 2  # TransformerLens 3.x (the suite) and 4.x (its second environment)
+    for test_cmd in test_cmds:
+        assert test_cmd.replace("pip install ", "pip install -q ") in ci

@@ -39,7 +39,7 @@ from relation_lens.editing.value import optimise_value
 from relation_lens.errors import EditError
 from relation_lens.guards import model_lock
 from relation_lens.key_statistics import KeyStatistics
-from relation_lens.model_interface import Model, mlp_out
+from relation_lens.model_interface import Model, embed, hooked_activation, mlp_out, run_blocks
 from relation_lens.spans import right_pad
 
 BATCH_METHODS = ("memit", "relation_memit")
@@ -176,11 +176,9 @@ def rows_at(model: Model, rows: Sequence[tuple], layer: int, hook: str | None, c
         idx = order[c:c + chunk]
         batch = right_pad(model, [rows[i][0] for i in idx]).to(model.cfg.device)
         if hook is None:
-            acts = model(batch, stop_at_layer=layer + 1)
+            acts = run_blocks(model, embed(model, batch), 0, layer + 1)
         else:
-            name = f"blocks.{layer}.{hook}"
-            _, cache = model.run_with_cache(batch, names_filter=name, stop_at_layer=layer + 1)
-            acts = cache[name]
+            acts = hooked_activation(model, batch, f"blocks.{layer}.{hook}", layer)
         picked = acts[torch.arange(len(idx)), torch.tensor([rows[i][1] for i in idx])].double().cpu()
         for r, i in enumerate(idx):
             out[i] = picked[r]

@@ -11,7 +11,7 @@ import torch
 
 from relation_lens import presets
 from relation_lens.errors import EditError, UnsupportedModelError, shorten
-from relation_lens.model_interface import Model
+from relation_lens.model_interface import Model, check_interface, is_bridge, is_hooked_transformer
 
 UNCHANGED = "; the model was not changed"
 
@@ -163,10 +163,9 @@ class EditConfig:
 def check_editable(model: Model, layer: int) -> None:
     """Refuse a model the editor cannot write (not a HookedTransformer, no MLPs, half precision) or a
     layer it does not have, before anything is computed."""
-    from transformer_lens import HookedTransformer
-
-    if not isinstance(model, HookedTransformer):
-        raise UnsupportedModelError(f"expected a HookedTransformer, got {type(model).__name__}")
+    if not (is_hooked_transformer(model) or is_bridge(model)):
+        raise UnsupportedModelError(f"expected a TransformerLens model (HookedTransformer, or TransformerBridge under "
+                                    f"TransformerLens 4), got {type(model).__name__}")
     if model.cfg.attn_only or model.cfg.d_mlp is None:
         raise UnsupportedModelError(f"model {model.cfg.model_name!r} has no MLP layers to edit")
     if model.cfg.dtype not in (torch.float32, torch.float64):
@@ -174,6 +173,7 @@ def check_editable(model: Model, layer: int) -> None:
                         "(load it with dtype='float32'); the model was not changed")
     if not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
         raise EditError(f"layer {layer!r} is out of range: the model has layers 0..{model.cfg.n_layers - 1}")
+    check_interface(model)
 
 
 def request_of(record: dict) -> EditRequest:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 from torch import Tensor
@@ -16,7 +15,7 @@ from relation_lens.editing.prefixes import generate_prefixes, key_position
 from relation_lens.editing.requests import UNCHANGED, EditConfig, EditRequest
 from relation_lens.errors import EditError, shorten
 from relation_lens.guards import frozen_parameters
-from relation_lens.model_interface import Model
+from relation_lens.model_interface import Model, final_logits, hooked_activations, run_blocks
 from relation_lens.spans import (
     check_fits_context,
     object_tokens,
@@ -78,8 +77,7 @@ def optimise_value(model: Model, request: EditRequest, layer: int, key: str, con
     seqs = [torch.cat([c, new_ids[:-1].cpu()]) for c in contexts] + [kl_toks]
     batch = right_pad(model, seqs).to(input_dev)
     with torch.no_grad():
-        out, cache = model.run_with_cache(batch, names_filter=[hook_post, hook_out], stop_at_layer=layer + 1)
-        resid_base = cast(Tensor, out)
+        resid_base, cache = hooked_activations(model, batch, [hook_post, hook_out], layer)
 
     # 1. the key k*: average of hook_post at the key token over the prefixed prompts
     n_rw = len(contexts)
@@ -112,9 +110,9 @@ def optimise_value(model: Model, request: EditRequest, layer: int, key: str, con
         resid = resid_base.index_put((rows, lookup), delta.to(resid_base.dtype).expand(len(rows), -1),
                                      accumulate=True)
         if layer + 1 < L:
-            resid = model(resid, start_at_layer=layer + 1, stop_at_layer=L)
+            resid = run_blocks(model, resid, layer + 1, L)
         picked = resid[read_rows, read_pos][:, None]  # [reads, 1, d_model]
-        logits = model(picked, start_at_layer=L)[:, 0]  # final norm, unembed, soft cap
+        logits = final_logits(model, picked)[:, 0]  # final norm, unembed (and soft cap)
         return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # float64 stays float64
 
     kl_init = None

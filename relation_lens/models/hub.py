@@ -10,6 +10,7 @@ import socket
 import torch
 
 from relation_lens.errors import HubUnreachableError, ModelLoadError
+from relation_lens.models.bridge import bridge_from_hf, transformer_lens_major
 from relation_lens.models.devices import place
 
 
@@ -23,6 +24,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 def load_hub(name: str, device: torch.device, dtype: torch.dtype, center: bool = True, n_devices: int = 1):
+    if transformer_lens_major() >= 4:
+        return _load_hub_bridge(name, device, dtype, center, n_devices)
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
 
@@ -51,3 +54,26 @@ def is_cached(official: str) -> bool:
         return False
     hit = try_to_load_from_cache(official, "config.json")
     return isinstance(hit, str)
+
+
+def _load_hub_bridge(name: str, device: torch.device, dtype: torch.dtype, center: bool, n_devices: int):
+    """Under TransformerLens 4: a Hugging Face repository id, read with transformers from the cache
+    (or the hub), wrapped in a compatibility-mode bridge as local folders are."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if n_devices > 1:
+        raise ModelLoadError(f"n_devices={n_devices} is not supported under TransformerLens 4 yet (load on one device)")
+    if not is_cached(name) and not hub_reachable():
+        raise HubUnreachableError(
+            f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached (no network, or "
+            "HF_HUB_OFFLINE=1). Download it on a machine with a network, or pass a local folder.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {name!r} from the Hugging Face hub or cache "
+                             f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    model = bridge_from_hf(hf_model, tokenizer, name, name, device, center)
+    if dtype != torch.float32:
+        model.to(dtype)
+    return model

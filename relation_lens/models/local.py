@@ -12,6 +12,7 @@ import torch
 
 from relation_lens.errors import ModelLoadError
 from relation_lens.models import parity
+from relation_lens.models.bridge import bridge_from_hf, transformer_lens_major
 from relation_lens.models.conversion import (
     check_gpt2_settings,
     hooked_from_state,
@@ -19,7 +20,7 @@ from relation_lens.models.conversion import (
     trim_memory,
 )
 from relation_lens.models.devices import place
-from relation_lens.models.files import ENCODERS, TOKENIZER_FILES, read_hf_model
+from relation_lens.models.files import ENCODERS, TOKENIZER_FILES, hf_from_pretrained, read_hf_model
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,15 @@ def load_local(path: Path, device: torch.device, dtype: torch.dtype, *, model_na
     # converted in float64 when float64 is asked for (so no float32 rounding enters the folded weights),
     # in float32 otherwise (half precisions are cast after the conversion)
     work = torch.float64 if dtype == torch.float64 else torch.float32
+    if transformer_lens_major() >= 4:  # no HookedTransformer: a TransformerBridge around the Hugging Face model
+        if n_devices > 1:
+            raise ModelLoadError(f"n_devices={n_devices} is not supported under TransformerLens 4 yet (load on one "
+                                 "device)")
+        hf_model = hf_from_pretrained(path, weights[0], work)  # the bridge keeps the Hugging Face model itself
+        model = bridge_from_hf(hf_model, tokenizer, path, model_name, device, center)
+        if dtype != work:
+            model.to(dtype)
+        return model
     parity.check_parity(path, weights[0], tokenizer, model_name, work, center)
     hf_model = read_hf_model(path, weights[0], work)
     cfg, state = to_hooked_state(hf_model, tokenizer, path, model_name, work)

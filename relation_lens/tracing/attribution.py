@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from relation_lens.guards import frozen_parameters
-from relation_lens.model_interface import Model
+from relation_lens.model_interface import Model, final_logits, run_blocks
 from relation_lens.tracing.config import HOOKS, window_layers
 from relation_lens.tracing.engine import metric_values
 
@@ -38,15 +38,17 @@ def attribution_grids(model: Model, start: Float[Tensor, "sample pos d_model"], 
     names = [HOOKS[k].format(j) for k in kinds for j in range(L)]
     acts: dict[str, Tensor] = {}
 
-    def keep(act, hook):
-        acts[hook.name] = act
-        return act
+    def keeper(name: str):  # by the name asked for (a bridge's hook.name is its canonical name, not the alias)
+        def keep(act, hook):
+            acts[name] = act
+            return act
+        return keep
 
     n = start.shape[0]
     with frozen_parameters(model), torch.enable_grad():  # gradients for the activations only
         x = start.detach().requires_grad_(True)
-        with model.hooks(fwd_hooks=[(name, keep) for name in names]):
-            logits = model(x, start_at_layer=0)[:, -1]
+        with model.hooks(fwd_hooks=[(name, keeper(name)) for name in names]):
+            logits = final_logits(model, run_blocks(model, x, 0, model.cfg.n_layers))[:, -1]
         targets = torch.full((n,), target)
         contrasts = None if contrast is None else torch.full((n,), contrast)
         value = metric_values(logits, targets, metric, contrasts)

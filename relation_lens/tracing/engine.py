@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from relation_lens.errors import ConfigError
-from relation_lens.model_interface import Model
+from relation_lens.model_interface import Model, block_device, embed, final_logits, run_block_cached
 from relation_lens.spans import Span
 from relation_lens.tracing.config import HOOKS, window_layers
 
@@ -37,9 +37,8 @@ class Runs:
 
 
 def _final_logits(model: Model, resid_last: Float[Tensor, "batch 1 d_model"]) -> Float[Tensor, "batch vocab"]:
-    """The logits at the last position from the residual stream after the last block, through
-    TransformerLens' own forward (``start_at_layer=n_layers``: final norm, unembedding, soft cap)."""
-    return model(resid_last, start_at_layer=model.cfg.n_layers)[:, -1]
+    """The logits at the last position from the residual stream after the last block."""
+    return final_logits(model, resid_last)[:, -1]
 
 
 def _noise_hook(span: Span, noise: Tensor):
@@ -55,23 +54,19 @@ def _noise_hook(span: Span, noise: Tensor):
 def embed_with_noise(model: Model, tokens: Tensor, span: Span, noise: Tensor) -> Tensor:
     """Residual stream entering block 0, with ``noise`` added to ``hook_embed`` on ``span``."""
     with model.hooks(fwd_hooks=[("hook_embed", _noise_hook(span, noise))]):
-        return model(tokens.expand(noise.shape[0], -1), stop_at_layer=0)
+        return embed(model, tokens.expand(noise.shape[0], -1))
 
 
 def corrupted_run(model: Model, resid: Float[Tensor, "sample pos d_model"]):
     """The corrupted run from the residual entering block 0 (noised embeddings, or the embeddings of
     replaced tokens): the residual entering every block, each block's keys/values, the final logits."""
-    from transformer_lens.cache.key_value_cache_entry import (
-        TransformerLensKeyValueCacheEntry as Entry,
-    )
-
     resids, kvs = [resid], []
-    for block in model.blocks:
-        resid = resid.to(next(block.parameters()).device)  # blocks split over devices (n_devices)
-        entry = Entry.init_cache_entry(model.cfg, resid.device, resid.shape[0])
-        resid = block(resid, past_kv_cache_entry=entry)
+    for j in range(model.cfg.n_layers):
+        resid = resid.to(block_device(model, j))  # blocks split over devices (n_devices)
+        resid, kv = run_block_cached(model, j, resid, collect=True)
+        assert kv is not None
         resids.append(resid)
-        kvs.append((entry.past_keys, entry.past_values))
+        kvs.append(kv)
     return resids, kvs, _final_logits(model, resid[:, -1:])
 
 
@@ -195,10 +190,6 @@ def run_jobs(model: Model, jobs: list[Job], n: int, batch_size: int, progress: b
     attention mask over the padding (which also gives rotary models their positions), and each row
     is read out at its own last position. A batch whose rows share one prompt and position runs
     without padding or mask, exactly as unpacked."""
-    from transformer_lens.cache.key_value_cache_entry import (
-        TransformerLensKeyValueCacheEntry as Entry,
-    )
-
     L = model.cfg.n_layers
     plan = _Plan()
     windowed = [k for k in ("mlp", "attn") if any(k in job.runs.clean for job in jobs)]
@@ -247,12 +238,11 @@ def run_jobs(model: Model, jobs: list[Job], n: int, batch_size: int, progress: b
                 hi = torch.tensor([P + s for s in suffix], device=device).repeat_interleave(n)[:, None]
                 attn_mask = ((t >= lo) & (t < hi)).long()  # [rows, P + S]
             for j in range(starts[0], L):
-                block = model.blocks[j]
-                dev = next(block.parameters()).device
+                dev = block_device(model, j)
                 resid = resid.to(dev)
                 active_cells = bisect_right(starts, j)
                 active = n * active_cells
-                entry = None
+                prefix = None
                 if P > 0:
                     if uniform:
                         keys, values = runs[0].corrupt_kv[j]
@@ -262,12 +252,12 @@ def run_jobs(model: Model, jobs: list[Job], n: int, batch_size: int, progress: b
                     else:  # only packed batches mix prompts or positions
                         where = tuple(t[:active].to(stacked[j][0].device) for t in gather)
                         kv = (stacked[j][0][where].to(dev), stacked[j][1][where].to(dev))
-                    entry = Entry(*kv, frozen=True)
+                    prefix = kv
                 plan.masks = {(k, j): masks[k][j, :active].to(dev) for k, m in restore.items() if any(m[j])}
                 plan.values = {(k, j): clean[k][:active_cells, j].to(dev).repeat_interleave(n, dim=0)
                                for k, m in restore.items() if any(m[j])}
-                kw = {} if attn_mask is None else {"attention_mask": attn_mask[:active].to(dev)}
-                y = block(resid[:active], past_kv_cache_entry=entry, **kw)
+                y, _ = run_block_cached(model, j, resid[:active], prefix,
+                                        None if attn_mask is None else attn_mask[:active].to(dev))
                 if active == resid.shape[0]:
                     resid = y
                 else:

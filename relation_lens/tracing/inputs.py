@@ -21,7 +21,7 @@ from relation_lens.errors import (
     UnsupportedModelError,
     shorten,
 )
-from relation_lens.model_interface import Model, decode
+from relation_lens.model_interface import Model, check_interface, decode, is_bridge, is_hooked_transformer
 from relation_lens.spans import PromptSpans, Span, object_tokens, token_offsets
 from relation_lens.tracing.config import KINDS, NOISE_MULTIPLIER
 
@@ -41,12 +41,10 @@ def check_model(model: Model, kinds: Sequence[str] = KINDS, prompt: str | None =
 
 
 def _check_model(model: Model, kinds: Sequence[str]) -> None:
-    from transformer_lens import HookedTransformer
-
-    if not isinstance(model, HookedTransformer):
+    if not (is_hooked_transformer(model) or is_bridge(model)):
         raise UnsupportedModelError(
-            f"expected a transformer_lens.HookedTransformer, got {type(model).__name__}; "
-            "load models with relation_lens.load_model()")
+            f"expected a TransformerLens model (HookedTransformer, or TransformerBridge under TransformerLens 4), "
+            f"got {type(model).__name__}; load models with relation_lens.load_model()")
     cfg = model.cfg
     if cfg.attention_dir != "causal":
         raise UnsupportedModelError(f"model {cfg.model_name!r} has {cfg.attention_dir} attention; tracing needs a causal LM")
@@ -56,6 +54,7 @@ def _check_model(model: Model, kinds: Sequence[str]) -> None:
         raise UnsupportedModelError(f"model {cfg.model_name!r} has no tokenizer; tracing works on text prompts")
     if "mlp" in kinds and cfg.attn_only:
         raise UnsupportedModelError(f"model {cfg.model_name!r} is attention-only: it has no MLP outputs to restore")
+    check_interface(model)
 
 
 def noise_std(model: Model) -> float:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from relation_lens.errors import ConfigError
 from relation_lens.guards import model_lock
-from relation_lens.model_interface import Model
+from relation_lens.model_interface import Model, final_logits, run_blocks
 from relation_lens.results import PatchResult
 from relation_lens.sites import SITE_KINDS, Site, check_site
 from relation_lens.tracing.config import TraceConfig
@@ -78,7 +78,7 @@ def patch(model: Model, prompt: str, *, subject: str, sites, target: str | int |
             hooks: list[tuple[str | Callable, Callable]] = [(name, _restorer(cache[name], masks[name])) for name in names if masks[name].any()]
             start = job.start.repeat(len(chunk), 1, 1)
             with model.hooks(fwd_hooks=hooks):
-                logits = model(start, start_at_layer=0)[:, -1]
+                logits = final_logits(model, run_blocks(model, start, 0, model.cfg.n_layers))[:, -1]
             targets = torch.full((len(chunk) * n,), job.job.target)
             contrasts = None if job.job.contrast is None else torch.full((len(chunk) * n,), job.job.contrast)
             v = metric_values(logits, targets, cfg.metric, contrasts).float().view(len(chunk), n).mean(1)

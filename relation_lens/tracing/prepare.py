@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from relation_lens.errors import ConfigError, TargetError
-from relation_lens.model_interface import Model, decode
+from relation_lens.model_interface import Model, decode, embed, final_logits, run_blocks
 from relation_lens.results import TraceResult
 from relation_lens.spans import check_fits_context, find_spans
 from relation_lens.tracing.attribution import attribution_grids
@@ -122,7 +122,7 @@ def prepare(model: Model, prompt: str, subject: str, target, cfg: TraceConfig, c
         cf = counterfactual(model, spans, subject, mode, span, corrupted_prompt=corrupted_prompt, seed=cfg.seed,
                             prepend_bos=cfg.prepend_bos)
         n, std = 1, None
-        start = model(cf.tokens.to(model.cfg.device)[None], stop_at_layer=0)  # the replaced tokens' embeddings
+        start = embed(model, cf.tokens.to(model.cfg.device)[None])  # the replaced tokens' embeddings
     else:
         noise_t, std = make_noise(model, cfg.n_samples, span[1] - span[0], cfg.noise, cfg.seed, cfg.noise_subjects)
         n = noise_t.shape[0]
@@ -132,7 +132,8 @@ def prepare(model: Model, prompt: str, subject: str, target, cfg: TraceConfig, c
     if engine and cfg.method == "exact":
         resids, kvs, corrupt_logits = corrupted_run(model, start)
     else:
-        resids, kvs, corrupt_logits = [], [], model(start, start_at_layer=0)[:, -1]
+        resids, kvs = [], []
+        corrupt_logits = final_logits(model, run_blocks(model, start, 0, model.cfg.n_layers))[:, -1]
     contrast_t = None
     if cfg.metric == "logit_diff":
         contrast_t = resolve_target(model, prompt, contrast if contrast is not None else int(corrupt_logits[0].argmax()),
