@@ -194,15 +194,50 @@ def _rotary(model: Model) -> Any:
 def _bridge_block(model: Model, layer: int, resid: Tensor, prefix: KV | None, pos: Tensor, keep: Tensor | None,
                   collect: bool = False) -> tuple[Tensor, KV | None]:
     """One bridge block through the Hugging Face layer: a fresh cache holding ``prefix`` (Hugging
-    Face layout ``[batch, kv_heads, P, d_head]``), a 4-D boolean mask (causal from the cached
-    offset, and the padding), the positions and, for rotary models, their cos/sin."""
+    Face layout ``[batch, kv_heads, P, d_head]``) when there is one to hold or keys to collect, a 4-D
+    additive mask (causal from the cached offset, and the padding), the positions and, for rotary
+    models, their cos/sin (both built once per shape, :func:`_bridge_inputs`)."""
     from transformers import DynamicCache
 
-    B, S = resid.shape[0], resid.shape[1]
     P = 0 if prefix is None else prefix[0].shape[1]
-    dev = resid.device
-    causal = torch.ones(S, P + S, dtype=torch.bool, device=dev).tril(diagonal=P)[None, None]
-    attn_mask = causal.expand(B, 1, S, P + S)
+    kw = dict(_bridge_inputs(model, resid, P, pos, keep))
+    cache = None
+    if prefix is not None or collect:
+        cache = DynamicCache()
+        if prefix is not None:
+            cache.update(prefix[0].transpose(1, 2).to(resid.device), prefix[1].transpose(1, 2).to(resid.device), layer)
+        kw[_cache_kwarg(model)] = cache
+        kw["use_cache"] = True
+    out = model.blocks[layer](resid, **kw)
+    y = out[0] if isinstance(out, tuple) else out
+    kv = None
+    if collect:
+        assert cache is not None
+        lay: Any = cache.layers[layer] if len(cache.layers) > layer else None
+        if getattr(lay, "keys", None) is None:
+            raise UnsupportedModelError(f"block {layer} of {model.cfg.model_name!r} did not write its keys/values into "
+                                        "the cache handed to it; relation_lens cannot reuse a cached prefix on it")
+        kv = (lay.keys.transpose(1, 2), lay.values.transpose(1, 2))
+    return y, kv
+
+
+# per model, a handful of recent shapes (the blocks of one batch share one)
+_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _bridge_inputs(model: Model, resid: Tensor, P: int, pos: Tensor, keep: Tensor | None) -> dict[str, Any]:
+    """The mask, positions and rotary cos/sin of a block call; the same for every block of a batch,
+    so built once per (model, shape, positions, padding) and reused."""
+    B, S, dev = resid.shape[0], resid.shape[1], resid.device
+    # positions on the host are keyed by value; a tensor elsewhere (and the padding mask) by identity,
+    # with the tensor itself kept in the entry so that its identity cannot be reused while it is there
+    pos_key = tuple(pos.flatten().tolist()) if pos.device.type == "cpu" else ("tensor", id(pos))
+    keep_key = None if keep is None else ("tensor", id(keep))
+    key = (B, S, P, str(dev), resid.dtype, pos_key, keep_key)
+    memo = _INPUTS.setdefault(model, {})
+    if key in memo:
+        return memo[key][0]
+    attn_mask = torch.ones(S, P + S, dtype=torch.bool, device=dev).tril(diagonal=P)[None, None].expand(B, 1, S, P + S)
     if keep is not None:
         attn_mask = attn_mask & keep.to(dev)[:, None, None, :]
         # a padded query row that sees nothing would give NaN: let it see itself (its output is never read)
@@ -213,24 +248,15 @@ def _bridge_block(model: Model, layer: int, resid: Tensor, prefix: KV | None, po
     # takes as a float mask, and what the attention bridges read as "masked"
     additive = torch.zeros(attn_mask.shape, dtype=resid.dtype, device=dev).masked_fill(
         ~attn_mask, torch.finfo(resid.dtype).min)
-    cache = DynamicCache()
-    if prefix is not None:
-        cache.update(prefix[0].transpose(1, 2).to(dev), prefix[1].transpose(1, 2).to(dev), layer)
-    kw: dict[str, Any] = {_cache_kwarg(model): cache, "attention_mask": additive, "position_ids": pos.expand(B, -1),
-                          "use_cache": True}
+    positions = pos.to(dev).expand(B, -1)
+    kw: dict[str, Any] = {"attention_mask": additive, "position_ids": positions}
     rot = _rotary(model)
     if rot is not None:
-        kw["position_embeddings"] = rot(resid, pos.expand(B, -1))
-    out = model.blocks[layer](resid, **kw)
-    y = out[0] if isinstance(out, tuple) else out
-    kv = None
-    if collect:
-        lay: Any = cache.layers[layer] if len(cache.layers) > layer else None
-        if getattr(lay, "keys", None) is None:
-            raise UnsupportedModelError(f"block {layer} of {model.cfg.model_name!r} did not write its keys/values into "
-                                        "the cache handed to it; relation_lens cannot reuse a cached prefix on it")
-        kv = (lay.keys.transpose(1, 2), lay.values.transpose(1, 2))
-    return y, kv
+        kw["position_embeddings"] = rot(resid, positions)
+    if len(memo) > 16:
+        memo.clear()
+    memo[key] = (kw, pos, keep)
+    return kw
 
 
 # The keyword under which a bridge block's attention reads a cache: TransformerLens 4.3's attention
