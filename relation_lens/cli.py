@@ -363,16 +363,21 @@ def _cmd_world(args) -> None:
 
 def _cmd_info(args) -> None:
     import relation_lens as rl
+    from relation_lens.model_interface import is_bridge
     from relation_lens.models import stored_parameter_count
 
     model = rl.load_model(args.model, device=args.device)
     c = model.cfg
-    n_hooked = sum(p.numel() for p in model.parameters())
     stored = stored_parameter_count(args.model)
-    counts = f"{n_hooked:,} parameters in the HookedTransformer"
-    if stored is not None:
-        counts += (f" ({stored:,} as stored: Hugging Face ties the unembedding to the embedding and counts it once, "
-                   "TransformerLens keeps W_U apart and folds LayerNorm weights into the next layer)")
+    if is_bridge(model):  # the bridge's parameters repeat fused weights as split copies: count storage once
+        n = stored if stored is not None else sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
+        counts = f"{n:,} parameters{' as stored' if stored is not None else ''} (a TransformerLens 4 TransformerBridge)"
+    else:
+        n = sum(p.numel() for p in model.parameters())
+        counts = f"{n:,} parameters in the HookedTransformer"
+        if stored is not None:
+            counts += (f" ({stored:,} as stored: Hugging Face ties the unembedding to the embedding and counts it once, "
+                       "TransformerLens keeps W_U apart and folds LayerNorm weights into the next layer)")
     print(f"{c.model_name}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, d_mlp {c.d_mlp}, "
           f"vocab {c.d_vocab}, context {c.n_ctx}, {counts}, device {c.device}, dtype {c.dtype}")
 
