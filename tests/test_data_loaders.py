@@ -6,6 +6,8 @@ import pytest
 from relation_lens import DataError
 from relation_lens.data.loaders import RELATION_TEMPLATES, fewrel_prompts, load_counterfact, load_fewrel, load_known
 
+pytestmark = pytest.mark.transformer_lens_4  # line-agnostic: CI runs it under TransformerLens 4 too
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SLICE = Path(__file__).resolve().parent / "data" / "shared_slice"  # the first records of the same files
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")

@@ -12,6 +12,8 @@ import relation_lens.evaluation as ev
 from relation_lens.tracing import TraceResult
 from relation_lens.tracing.dataset import average
 
+pytestmark = pytest.mark.transformer_lens_4  # line-agnostic: CI runs it under TransformerLens 4 too
+
 REC = {"prompt": "{} is in", "subject": "S", "target_new": "New", "target_true": "True",
        "paraphrase_prompts": ["P1", "P2"], "neighborhood_prompts": ["N1", "N2", "N3"],
        "neighborhood_targets": ["True", "True", "True"], "relation_prompts": ["R1"], "relation_targets": ["Other"]}
