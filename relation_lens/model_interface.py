@@ -28,7 +28,7 @@ No TransformerLens class is named outside this module and :mod:`relation_lens.mo
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,7 +42,7 @@ else:
     Model = Any
 
 __all__ = ["Model", "tokenizer_of", "decode", "mlp_out", "mlp_out_bias", "is_bridge", "is_hooked_transformer",
-           "embed", "run_blocks", "final_logits", "hooked_activation", "hooked_activations", "run_block_cached", "block_device", "check_interface",
+           "embed", "run_blocks", "final_logits", "hooked_activation", "hooked_activations", "recording_hooks", "run_block_cached", "block_device", "check_interface",
            "parameter_fingerprint_items", "SELF_CHECK_TOL"]
 
 KV = tuple[Tensor, Tensor]
@@ -119,6 +119,16 @@ def hooked_activations(model: Model, tokens: Tensor, names: list[str], upto_laye
     """The residual after block ``upto_layer`` and the activations at hook points ``names`` (in
     blocks ``<= upto_layer``; names as TransformerLens 3 spells them, aliases on a bridge), from
     one run of the blocks up to that layer."""
+    hooks, acts = recording_hooks(names)
+    with model.hooks(fwd_hooks=hooks):
+        resid = run_blocks(model, embed(model, tokens), 0, upto_layer + 1)
+    return resid, acts
+
+
+def recording_hooks(names: list[str]) -> tuple[list[tuple[str | Callable, Callable]], dict[str, Tensor]]:
+    """Forward hooks that keep the activation at each hook point of ``names``, under the name asked
+    for (a bridge's ``hook.name`` is its canonical name, not the alias the hook was added under),
+    and the dict they fill."""
     acts: dict[str, Tensor] = {}
 
     def keeper(name: str):
@@ -127,9 +137,7 @@ def hooked_activations(model: Model, tokens: Tensor, names: list[str], upto_laye
             return act
         return keep
 
-    with model.hooks(fwd_hooks=[(name, keeper(name)) for name in names]):
-        resid = run_blocks(model, embed(model, tokens), 0, upto_layer + 1)
-    return resid, acts
+    return [(name, keeper(name)) for name in names], acts
 
 
 def hooked_activation(model: Model, tokens: Tensor, name: str, upto_layer: int) -> Tensor:

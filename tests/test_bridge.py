@@ -5,8 +5,6 @@ environment (TransformerLens 4.x); under 3.x there is no bridge to test and the 
 
 from __future__ import annotations
 
-from importlib import metadata
-
 import pytest
 import torch
 from cross_line import BRIDGE_ONLY, PROMPT, SUBJECT, make_folder
@@ -14,9 +12,10 @@ from cross_line import BRIDGE_ONLY, PROMPT, SUBJECT, make_folder
 import relation_lens as rl
 from relation_lens import model_interface as mi
 from relation_lens.key_statistics import model_fingerprint
+from relation_lens.models.bridge import transformer_lens_major
 
 pytestmark = [pytest.mark.transformer_lens_4,
-              pytest.mark.skipif(int(metadata.version("transformer-lens").split(".")[0]) < 4,
+              pytest.mark.skipif(transformer_lens_major() < 4,
                                  reason="TransformerLens 3.x has no TransformerBridge (CI runs this file under 4.x)")]
 
 

@@ -8,7 +8,6 @@ recorded numbers; under 4.x it holds the TransformerBridge path to 3.9's (grids 
 from __future__ import annotations
 
 import json
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,9 @@ from cross_line import ARCHS, compute, make_folder
 
 import relation_lens as rl
 from relation_lens.model_interface import is_bridge
+from relation_lens.models.bridge import transformer_lens_major
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "cross_line_reference.json").read_text())
-TL_MAJOR = int(metadata.version("transformer-lens").split(".")[0])
 pytestmark = pytest.mark.transformer_lens_4
 
 
@@ -32,7 +31,7 @@ def folders(tokenizer, tmp_path_factory):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_same_numbers_as_transformer_lens_3(folders, arch):
     model = rl.load_model(folders[arch])
-    assert is_bridge(model) == (TL_MAJOR >= 4)
+    assert is_bridge(model) == (transformer_lens_major() >= 4)
     got, want = compute(model), REFERENCE[arch]
     assert got["target_token"] == want["target_token"]
     assert got["clean_prob"] == pytest.approx(want["clean_prob"], abs=1e-5)

@@ -36,11 +36,15 @@ def check_parity(path: Path, weights_file: str, tokenizer, model_name: str, work
     cfg, state = to_hooked_state(hf_model, tokenizer, path, model_name, work)
     model = hooked_from_state(cfg, tokenizer, state, center)
     ids = model.to_tokens(PARITY_TEXT, prepend_bos=False)[:, : model.cfg.n_ctx]
-    ours = model(ids).float().log_softmax(-1)
-    theirs = hf_model(ids).logits.float().log_softmax(-1)
-    gap = (ours - theirs).abs().max().item()
+    refuse_drift(model(ids), hf_model(ids).logits, path, "converted to TransformerLens",
+                 "; a setting of its config.json is not carried over by the conversion")
+
+
+def refuse_drift(ours: torch.Tensor, theirs: torch.Tensor, path, how: str, why: str = "") -> None:
+    """Refuse a model (``ModelLoadError``) whose logits ``ours`` give log-probs more than ``PARITY_TOL``
+    away from the Hugging Face model's ``theirs`` on the check text."""
+    gap = (ours.float().log_softmax(-1) - theirs.float().log_softmax(-1).to(ours.device)).abs().max().item()
     if not gap <= PARITY_TOL:
         raise ModelLoadError(
-            f"the model in {str(path)!r} converted to TransformerLens gives log-probs up to {gap:.3g} away from the "
-            f"Hugging Face model's on a check text (tolerance {PARITY_TOL}); a setting of its config.json is not "
-            "carried over by the conversion, so it was not loaded")
+            f"the model in {str(path)!r} {how} gives log-probs up to {gap:.3g} away from the Hugging Face model's "
+            f"on a check text (tolerance {PARITY_TOL}){why}, so it was not loaded")

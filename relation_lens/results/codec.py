@@ -120,7 +120,7 @@ def decode_dataclass(cls: type, d: dict) -> Any:
     if not isinstance(d, dict):
         raise DataError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
     types_ = field_types(cls)
-    return cls(**{k: decode(types_[k], v) for k, v in d.items() if k in types_})
+    return cls(**{k: decode(types_[k], v) for k, v in known_fields(cls, d).items()})
 
 
 def values_equal(a, b) -> bool:

@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from relation_lens.guards import frozen_parameters
-from relation_lens.model_interface import Model, final_logits, run_blocks
+from relation_lens.model_interface import Model, final_logits, recording_hooks, run_blocks
 from relation_lens.tracing.config import HOOKS, window_layers
 from relation_lens.tracing.engine import metric_values
 
@@ -36,18 +36,11 @@ def attribution_grids(model: Model, start: Float[Tensor, "sample pos d_model"], 
     (the residual entering block 0) and the clean activations ``clean[kind]`` ``[layer, pos, d]``."""
     L = model.cfg.n_layers
     names = [HOOKS[k].format(j) for k in kinds for j in range(L)]
-    acts: dict[str, Tensor] = {}
-
-    def keeper(name: str):  # by the name asked for (a bridge's hook.name is its canonical name, not the alias)
-        def keep(act, hook):
-            acts[name] = act
-            return act
-        return keep
-
+    hooks, acts = recording_hooks(names)
     n = start.shape[0]
     with frozen_parameters(model), torch.enable_grad():  # gradients for the activations only
         x = start.detach().requires_grad_(True)
-        with model.hooks(fwd_hooks=[(name, keeper(name)) for name in names]):
+        with model.hooks(fwd_hooks=hooks):
             logits = final_logits(model, run_blocks(model, x, 0, model.cfg.n_layers))[:, -1]
         targets = torch.full((n,), target)
         contrasts = None if contrast is None else torch.full((n,), contrast)

@@ -13,6 +13,14 @@ import circuitsvis as cv
 import torch
 
 
+def save_figure(fig, path, savefig_kwargs: dict):
+    """Write ``fig`` to ``path`` if given (format from the suffix; 150 dpi unless ``dpi`` is passed)
+    and return it: what every view's ``plot(path, **savefig_kwargs)`` does."""
+    if path is not None:
+        fig.savefig(path, dpi=savefig_kwargs.pop("dpi", 150), **savefig_kwargs)
+    return fig
+
+
 def png_data_uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

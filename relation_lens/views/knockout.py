@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from relation_lens.errors import shorten
 from relation_lens.results import DatasetKnockoutResult, KnockoutResult, register_view
-from relation_lens.views.html import png_data_uri
+from relation_lens.views.html import png_data_uri, save_figure
 
 
 @register_view(KnockoutResult, "plot")
@@ -60,6 +60,4 @@ def _curves_figure(curves, window: int, ylabel: str, title: str, path, **savefig
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
-    if path is not None:
-        fig.savefig(path, dpi=savefig_kwargs.pop("dpi", 150), **savefig_kwargs)
-    return fig
+    return save_figure(fig, path, savefig_kwargs)

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 
 from relation_lens.results import PatchResult, register_view
 from relation_lens.sites import site_label
+from relation_lens.views.html import save_figure
 
 
 @register_view(PatchResult, "plot")
@@ -23,9 +24,7 @@ def plot_patch(result: PatchResult, path: str | Path | None = None, **savefig_kw
     ax.set_xticks(range(len(labels)), labels, rotation=70, fontsize=6)
     ax.set_ylabel(f"{result.metric} of {result.target.strip()!r}")
     ax.legend(fontsize=7)
-    if path is not None:
-        fig.savefig(path, dpi=savefig_kwargs.pop("dpi", 150), **savefig_kwargs)
-    return fig
+    return save_figure(fig, path, savefig_kwargs)
 
 
 @register_view(PatchResult, "html")

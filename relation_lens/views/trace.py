@@ -10,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 
 from relation_lens.results import DatasetTraceResult, TraceResult, register_view
-from relation_lens.views.html import colored_tokens, page, png_data_uri
+from relation_lens.views.html import colored_tokens, page, png_data_uri, save_figure
 
 CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
 TITLES = {"resid": "single restored layer", "mlp": "restored MLP window", "attn": "restored attention window"}
@@ -64,9 +64,7 @@ def plot_trace(result: TraceResult, path: str | Path | None = None, **savefig_kw
     """Heatmaps of ``result.scores`` (rows: tokens, corrupted ones starred; columns: layers).
     Saves to ``path`` (format from its suffix: .png, .pdf, .svg) and returns the figure."""
     fig = trace_figure(result)
-    if path is not None:
-        fig.savefig(path, dpi=savefig_kwargs.pop("dpi", 150), **savefig_kwargs)
-    return fig
+    return save_figure(fig, path, savefig_kwargs)
 
 
 @register_view(TraceResult, "html")
@@ -95,9 +93,7 @@ def dataset_figure(result: DatasetTraceResult) -> Figure:
 @register_view(DatasetTraceResult, "plot")
 def plot_dataset(result: DatasetTraceResult, path: str | Path | None = None, **savefig_kwargs):
     fig = dataset_figure(result)
-    if path is not None:
-        fig.savefig(path, dpi=savefig_kwargs.pop("dpi", 150), **savefig_kwargs)
-    return fig
+    return save_figure(fig, path, savefig_kwargs)
 
 
 @register_view(DatasetTraceResult, "html")
