@@ -7,8 +7,12 @@ import tempfile as _tempfile
 
 os.environ["RELATION_LENS_CACHE"] = _tempfile.mkdtemp(prefix="relation_lens_test_cache_")
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from relation_lens.models.bridge import transformer_lens_major
 
 # A subprocess a test starts (an experiment's quick run, torchrun) gets CI's own wall-clock limit
 # (25 minutes for the whole run), never a tighter one: a run's time depends on the host's load
@@ -99,6 +103,9 @@ def random_model(tokenizer, name: str, *, n_layers: int = 3, d_model: int = 64, 
     tolerance of 1e-5 is tight, where an unscaled random model's probabilities (~1e-3) would make
     it nearly vacuous.
     """
+    if transformer_lens_major() >= 4:
+        return random_bridge(tokenizer, name, n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp,
+                             sharpen=sharpen, **cfg_kwargs)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_model // n_heads,
@@ -109,6 +116,70 @@ def random_model(tokenizer, name: str, *, n_layers: int = 3, d_model: int = 64, 
         model.W_U.mul_(sharpen)
     model.eval()
     return model
+
+
+_RANDOM_FOLDERS = Path(_tempfile.mkdtemp(prefix="relation_lens_test_models_"))
+
+
+def hf_config_for(vocab: int, *, n_layers: int, d_model: int, n_heads: int, d_mlp: int, act_fn: str = "relu",
+                  normalization_type: str | None = "LN", positional_embedding_type: str = "standard",
+                  rotary_dim: int | None = None, parallel_attn_mlp: bool = False, gated_mlp: bool = False,
+                  n_key_value_heads: int | None = None, n_ctx: int = 64):
+    """The Hugging Face family and config that describe the same architecture as these
+    ``HookedTransformerConfig`` settings (what a TransformerBridge wraps): GPT-2 (learned positions,
+    LayerNorm), GPT-J (parallel, rotary on ``rotary_dim``, gelu_new), GPT-NeoX (parallel, rotary share,
+    gelu), LLaMA (RMSNorm, gated MLP, grouped-query attention). ``None`` where no Hugging Face family has
+    it (a model without normalisation)."""
+    import transformers as T
+
+    if normalization_type is None:
+        return None
+    d_head = d_model // n_heads
+    if gated_mlp and normalization_type == "RMS" and positional_embedding_type == "rotary":
+        assert rotary_dim in (None, d_head), "LLaMA rotates the whole head"
+        return T.LlamaConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                             num_key_value_heads=n_key_value_heads or n_heads, intermediate_size=d_mlp,
+                             hidden_act=act_fn, max_position_embeddings=n_ctx, tie_word_embeddings=False)
+    assert normalization_type == "LN" and not gated_mlp and n_key_value_heads is None
+    if positional_embedding_type == "rotary" and parallel_attn_mlp and act_fn == "gelu_new":
+        return T.GPTJConfig(vocab_size=vocab, n_embd=d_model, n_layer=n_layers, n_head=n_heads, rotary_dim=rotary_dim,
+                            n_inner=d_mlp, activation_function=act_fn, n_positions=n_ctx, tie_word_embeddings=False)
+    if positional_embedding_type == "rotary" and parallel_attn_mlp:
+        return T.GPTNeoXConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers,
+                               num_attention_heads=n_heads, intermediate_size=d_mlp, hidden_act=act_fn,
+                               rotary_pct=rotary_dim / d_head, use_parallel_residual=True,
+                               max_position_embeddings=n_ctx, tie_word_embeddings=False)
+    assert positional_embedding_type == "standard" and not parallel_attn_mlp
+    return T.GPT2Config(vocab_size=vocab, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=d_mlp,
+                        activation_function=act_fn, n_positions=n_ctx, tie_word_embeddings=False)
+
+
+def random_bridge(tokenizer, name: str, *, n_layers: int, d_model: int, n_heads: int, d_mlp: int, sharpen: float,
+                  dtype: torch.dtype = torch.float32, seed: int = 0, **cfg_kwargs):
+    """``random_model`` under TransformerLens 4 (no ``HookedTransformer``): the same architecture as a
+    seeded random Hugging Face model, saved to a folder and loaded by ``rl.load_model`` as a
+    TransformerBridge. Its weights are not the 3.x fixture's (another initialisation): tests that hold
+    numbers across lines use tests/cross_line.py's folders instead."""
+    import transformers as T
+
+    import relation_lens as rl
+
+    cfg = hf_config_for(len(tokenizer), n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp, **cfg_kwargs)
+    if cfg is None:
+        pytest.skip("no Hugging Face architecture runs without normalisation, so TransformerLens 4 (which wraps "
+                    "Hugging Face models only) has no such model; it runs on TransformerLens 3")
+    # TransformerLens' own random initialisation (init_mode "gpt2"): std 0.8 / sqrt(d_model), not Hugging
+    # Face's 0.02, so that the sharpened head is as confident as the 3.x fixture's
+    cfg.initializer_range = 0.8 / d_model ** 0.5
+    folder = _RANDOM_FOLDERS / f"{name}-{abs(hash(cfg.to_json_string())) % 10**8}-{str(dtype)[6:]}"
+    if not folder.exists():
+        torch.manual_seed(seed)
+        hf = T.AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():
+            hf.get_output_embeddings().weight.mul_(sharpen)
+        hf.to(dtype).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return rl.load_model(folder, dtype=dtype)
 
 
 @pytest.fixture(scope="session")

@@ -149,11 +149,8 @@ def test_bad_edits_leave_model_unchanged(tiny_model, tiny_stats):
 
 
 def test_half_precision_is_refused(tokenizer):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=32,
-                                  d_vocab=len(tokenizer), act_fn="gelu", seed=1, dtype=torch.float16)
-    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    model = random_model(tokenizer, "half", n_layers=2, d_model=32, n_heads=2, d_mlp=64, act_fn="gelu",
+                         dtype=torch.float16)
     saved = checksum(model)
     with pytest.raises(rl.EditError, match="float16"):
         compute_edit(model, EditRequest("{} is in", "Paris", "Japan"), layer=1)
