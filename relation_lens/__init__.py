@@ -21,6 +21,7 @@ from relation_lens.editing import (
     apply_edit,
     compute_edit,
     edit,
+    load_update,
     register_method,
     save_edited,
 )
@@ -58,7 +59,7 @@ from relation_lens.version import __version__
 
 __all__ = [
     "load_model", "trace", "knockout", "KnockoutResult", "knockout_dataset", "DatasetKnockoutResult", "patch", "Site", "PatchResult", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
-    "edit", "evaluate", "evaluate_batch", "BatchUpdate", "Preserve", "AlphaEditConfig", "ValueCache", "Update",
+    "edit", "evaluate", "evaluate_batch", "BatchUpdate", "Preserve", "AlphaEditConfig", "ValueCache", "Update", "load_update",
     "EditMethod", "METHODS", "register_method", "save_edited", "EvaluationResult", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
     "views", "__version__", "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",
     "PromptError", "TargetError", "NoiseError", "EditError", "DataError", "TargetWarning",

@@ -42,7 +42,7 @@ from relation_lens.editing.requests import (
     request_of,
 )
 from relation_lens.editing.rome import compute_rank_one, default_layer
-from relation_lens.editing.updates import BatchUpdate, RankOneUpdate, Update
+from relation_lens.editing.updates import BatchUpdate, RankOneUpdate, Update, load_update, read_update_header
 from relation_lens.editing.value import Value, optimise_value
 
 __all__ = [
@@ -50,6 +50,6 @@ __all__ = [
     "batch_defaults", "compute_batch_edit", "default_layers", "memit_config", "statistics_for", "EditMethod",
     "generate_prefixes", "key_position", "key_rows", "prefix_counts", "METHODS", "batch_methods", "compute_edit",
     "edit", "get_method", "register_method", "single_methods", "EditConfig", "EditRequest", "check_editable",
-    "request_of", "compute_rank_one", "default_layer", "BatchUpdate", "RankOneUpdate", "Update", "Value",
+    "request_of", "compute_rank_one", "default_layer", "BatchUpdate", "RankOneUpdate", "Update", "load_update", "read_update_header", "Value",
     "optimise_value",
 ]

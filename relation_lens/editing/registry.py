@@ -15,7 +15,9 @@ from relation_lens.editing.requests import EditConfig
 from relation_lens.editing.rome import RelationRome, Rome
 from relation_lens.editing.updates import Update
 from relation_lens.errors import EditError
+from relation_lens.key_statistics import model_fingerprint
 from relation_lens.model_interface import Model
+from relation_lens.results import encode
 
 METHODS: dict[str, EditMethod] = {m.name: m for m in (RelationRome(), Rome(), Memit(), RelationMemit())}
 
@@ -91,7 +93,12 @@ def compute_edit(model: Model, request, *, method: str = "relation_rome", layer:
     if prefixes is not None:
         config = dataclasses.replace(config, prefixes=tuple(prefixes))
     m.check_config(config)
-    return m.compute(model, request, config=config, stats=stats, preserve=preserve, progress=progress, **options)
+    update = m.compute(model, request, config=config, stats=stats, preserve=preserve, progress=progress, **options)
+    info = getattr(update, "info", None)
+    if isinstance(info, dict):  # what Update.save writes beside the tensors (the model is as it was: compute is pure)
+        info.setdefault("model_fingerprint", model_fingerprint(model))
+        info.setdefault("config", encode(config))
+    return update
 
 
 def edit(model: Model, request, **kwargs) -> Edit:

@@ -1,18 +1,35 @@
 """What an edit computes: an update of MLP output matrices, as a value. :class:`Update` is what
 applying, saving and AlphaEdit's memory read; :class:`RankOneUpdate` (ROME, relation-ROME) and
-:class:`BatchUpdate` (MEMIT, relation-MEMIT) are the library's two shapes of it."""
+:class:`BatchUpdate` (MEMIT, relation-MEMIT) are the library's two shapes of it.
+
+Edits as files: ``update.save(path)`` writes one safetensors file (the update's tensors, exactly, in
+their own dtypes) whose header holds the JSON metadata (method, layers, requests, the
+:class:`EditConfig`, the fingerprint of the model it was computed on, the update's ``info``);
+:func:`load_update` reads it back equal to the saved value, and refuses to load it for a model whose
+weights are not the ones it was computed on."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
 from relation_lens.editing.requests import EditRequest
-from relation_lens.results import ValueEquality
+from relation_lens.errors import EditError
+from relation_lens.key_statistics import model_fingerprint
+from relation_lens.model_interface import Model
+from relation_lens.results import ValueEquality, decode, encode, json_safe
+from relation_lens.version import __version__
+
+UPDATE_FORMAT = "relation_lens.update/1"
 
 
 @runtime_checkable
@@ -35,8 +52,36 @@ class Update(Protocol):
     def layer_keys(self) -> dict[int, Tensor]: ...
 
 
+class SavesToFile:
+    """``save(path)`` for an update dataclass: its tensor fields (dicts by layer flattened to
+    ``name.layer``) into safetensors, everything else as JSON in the file's header."""
+
+    tensor_fields: ClassVar[tuple[str, ...]] = ()
+    plain_fields: ClassVar[dict[str, Any]] = {}  # the other fields and their types, for reading back
+    info: dict[str, Any]
+
+    def save(self, path: str | Path) -> Path:
+        """Write this update to ``path`` (one ``.safetensors`` file; see :func:`load_update`)."""
+        tensors: dict[str, Tensor] = {}
+        for name in self.tensor_fields:
+            value = getattr(self, name)
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for layer, t in items:
+                tensors[name if layer is None else f"{name}.{layer}"] = t.detach().cpu().contiguous()
+        rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                if f.name not in self.tensor_fields and f.name != "info"}
+        info = dict(self.info)
+        header = {"format": UPDATE_FORMAT, "type": type(self).__name__, "relation_lens_version": __version__,
+                  "model_fingerprint": info.pop("model_fingerprint", None), "config": info.pop("config", None),
+                  "fields": json_safe(encode(rest)), "info": json_safe(encode(info))}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"relation_lens": json.dumps(header)})
+        return path
+
+
 @dataclass(frozen=True, repr=False, eq=False)
-class RankOneUpdate(ValueEquality):
+class RankOneUpdate(SavesToFile, ValueEquality):
     """``W_out' = W_out + outer(left, right)`` at ``layer``; a value, applying it is separate."""
 
     layer: int
@@ -48,6 +93,9 @@ class RankOneUpdate(ValueEquality):
     request: EditRequest
     key_positions: tuple[int, ...]  # key token in each prefixed prompt
     info: dict[str, Any] = field(default_factory=dict)
+    tensor_fields: ClassVar[tuple[str, ...]] = ("left", "right", "key", "value")
+    plain_fields: ClassVar[dict[str, Any]] = {"layer": int, "method": str, "request": EditRequest,
+                                              "key_positions": tuple[int, ...]}
 
     def delta(self) -> Float[Tensor, "d_mlp d_model"]:
         return torch.outer(self.left, self.right)
@@ -74,7 +122,7 @@ class RankOneUpdate(ValueEquality):
 
 
 @dataclass(frozen=True, repr=False, eq=False)
-class BatchUpdate(ValueEquality):
+class BatchUpdate(SavesToFile, ValueEquality):
     """One MEMIT-style update: ``W_out[l] += deltas[l]`` for each layer ``l``; a value, applying it is
     separate (:func:`relation_lens.apply_edit`)."""
 
@@ -86,6 +134,9 @@ class BatchUpdate(ValueEquality):
     targets: Float[Tensor, "request d_model"]  # z
     requests: tuple[EditRequest, ...]
     info: dict[str, Any] = field(default_factory=dict)
+    tensor_fields: ClassVar[tuple[str, ...]] = ("deltas", "keys", "residuals", "targets")
+    plain_fields: ClassVar[dict[str, Any]] = {"method": str, "layers": tuple[int, ...],
+                                              "requests": tuple[EditRequest, ...]}
 
     def layer_deltas(self) -> dict[int, Tensor]:
         return dict(self.deltas)
@@ -96,3 +147,67 @@ class BatchUpdate(ValueEquality):
     def __repr__(self) -> str:
         norms = ", ".join(f"L{l} {self.deltas[l].norm():.3g}" for l in self.layers)
         return f"BatchUpdate({self.method}, {len(self.requests)} request(s); ||delta||_F {norms})"
+
+
+UPDATE_TYPES: dict[str, type] = {"RankOneUpdate": RankOneUpdate, "BatchUpdate": BatchUpdate}
+
+
+def read_update_header(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of an update file (what :meth:`SavesToFile.save` wrote), without its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise EditError(f"update file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise EditError(f"{str(path)!r} is not a safetensors file ({exc})") from None
+    try:
+        header = json.loads(meta["relation_lens"])
+    except (KeyError, json.JSONDecodeError):
+        raise EditError(f"{str(path)!r} is a safetensors file but not a relation_lens update (no relation_lens "
+                        "metadata in its header)") from None
+    if header.get("format") != UPDATE_FORMAT or header.get("type") not in UPDATE_TYPES:
+        raise EditError(f"{str(path)!r} holds update format {header.get('format')!r} / type {header.get('type')!r}; "
+                        f"this relation_lens reads {UPDATE_FORMAT!r} ({', '.join(UPDATE_TYPES)})")
+    return header
+
+
+def load_update(path: str | Path, model: Model | None = None, *, verify: bool = True) -> Update:
+    """The update saved at ``path`` by ``update.save(path)``, equal to it (tensors bit for bit).
+
+    With ``model``, the file's model fingerprint (of the weights the update was computed on) must be
+    ``model``'s: an update is a change to particular weights, and written into other weights it does
+    something nobody measured. A sequence of edits, each computed on the model as the earlier ones left
+    it, therefore loads in order, each after the one before is applied. ``verify=False`` skips the check
+    (e.g. to study what an edit does to another checkpoint).
+
+    Raises:
+        EditError: no such file, not an update file, or (with ``model``) another model's update.
+    """
+    header = read_update_header(path)
+    if model is not None and verify:
+        saved, now = header.get("model_fingerprint"), model_fingerprint(model)
+        if saved is None:
+            raise EditError(f"{str(path)!r} records no model fingerprint (the update was not made by compute_edit), "
+                            "so it cannot be checked against this model; pass verify=False to load it anyway")
+        if saved != now:
+            raise EditError(f"{str(path)!r} was computed on other weights (model fingerprint {saved}) than this "
+                            f"model's ({now}, {model.cfg.model_name!r}); an update only means something on the weights "
+                            "it was computed for (pass verify=False to load it anyway)")
+    cls = UPDATE_TYPES[header["type"]]
+    tensors = load_file(str(path))
+    values: dict[str, Any] = dict(header["fields"])
+    for name in cls.tensor_fields:  # type: ignore[attr-defined]
+        if name in tensors:
+            values[name] = tensors[name]
+        else:
+            values[name] = {int(k.split(".")[1]): t for k, t in tensors.items() if k.split(".")[0] == name}
+    info = dict(header["info"])
+    for key in ("model_fingerprint", "config"):
+        if header.get(key) is not None:
+            info[key] = header[key]
+    types_ = cls.plain_fields  # type: ignore[attr-defined]
+    kwargs = {k: decode(types_[k], v) for k, v in values.items() if k in types_}
+    kwargs.update({k: values[k] for k in cls.tensor_fields})  # type: ignore[attr-defined]
+    return cls(**kwargs, info=info)
