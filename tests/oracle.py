@@ -16,8 +16,8 @@ def window(layer, w, n_layers):
 def naive_trace(model, tokens, span, noise, target, kinds=("resid", "mlp", "attn"), w=10, metric="prob",
                 contrast=None, corrupted_tokens=None):
     """``corrupted_tokens``: token replacement instead of noise (row 1 runs those tokens; ``noise``
-    is then ignored). ``metric``: "prob", "logprob" or "logit_diff" (against ``contrast``), averaged
-    over the corrupted rows."""
+    is then ignored). ``metric``: "prob", "logprob", "logit_diff" (against ``contrast``) or a function
+    of the last position's logits (``[rows, d_vocab] -> [rows]``), averaged over the corrupted rows."""
     L, T = model.cfg.n_layers, tokens.shape[0]
     if corrupted_tokens is not None:
         batch, noise_hooks = torch.stack([tokens, corrupted_tokens.to(tokens.device)]), []
@@ -33,6 +33,8 @@ def naive_trace(model, tokens, span, noise, target, kinds=("resid", "mlp", "attn
 
     def value(logits):
         last = logits[1:, -1].double()
+        if callable(metric):  # a metric function of the logits, [rows, d_vocab] -> [rows]
+            return metric(last).mean().item()
         if metric == "prob":
             return last.softmax(-1)[:, target].mean().item()
         if metric == "logprob":

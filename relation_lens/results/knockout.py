@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -14,7 +15,9 @@ from relation_lens.spans import Span
 @dataclass(frozen=True, repr=False, eq=False)
 class KnockoutResult(Result):
     """``change[source]``: relative change of P(target) per layer (``Float[Tensor, "layer"]``), or per
-    layer and head (``"layer head"``) when traced per head; ``prob[source]`` the blocked probabilities."""
+    layer and head (``"layer head"``) when traced per head (with another ``metric``: the blocked
+    metric minus the clean one); ``prob[source]`` the blocked probabilities, ``value[source]`` the
+    blocked metric."""
 
     prompt: str
     tokens: tuple[str, ...]
@@ -30,6 +33,9 @@ class KnockoutResult(Result):
     per_head: bool
     model_name: str
     clean_top_token: int | None = None  # the model's own top prediction on the prompt
+    metric: str = "prob"  # what change measures: "prob" relative change, otherwise metric - clean metric
+    value: dict[str, Tensor] | None = None  # the metric with the edges blocked (None: results written before metrics)
+    clean_value: float = math.nan  # the metric on the clean run
 
     def __repr__(self) -> str:
         worst = ", ".join(f"{s} {float(v.min()):+.2f} at L{int(v.flatten().argmin()) // (v.shape[1] if v.dim() > 1 else 1)}"
@@ -57,6 +63,7 @@ class DatasetKnockoutResult(Result):
     results: tuple[KnockoutResult, ...]
     used: tuple[bool, ...]
     skipped: tuple[tuple[int, str], ...] = ()
+    metric: str = "prob"  # what the averaged change measures (KnockoutResult.metric)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{s} {float(self.mean[s].min()):+.2f} at L{int(self.mean[s].flatten().argmin())}"

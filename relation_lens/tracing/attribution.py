@@ -23,14 +23,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from relation_lens.errors import ConfigError
 from relation_lens.guards import frozen_parameters
 from relation_lens.model_interface import Model, final_logits, recording_hooks, run_blocks
-from relation_lens.tracing.config import HOOKS, window_layers
-from relation_lens.tracing.engine import metric_values
+from relation_lens.tracing.config import HOOKS, metric_name, window_layers
+from relation_lens.tracing.engine import Metric, metric_values
 
 
 def attribution_grids(model: Model, start: Float[Tensor, "sample pos d_model"], clean: dict[str, Tensor],
-                      kinds: Sequence[str], window: int, target: int, metric: str = "prob",
+                      kinds: Sequence[str], window: int, target: int, metric: Metric = "prob",
                       contrast: int | None = None) -> dict[str, Float[Tensor, "layer pos"]]:
     """``[n_layers, n_pos]`` grids of approximate scores from the corrupted run starting at ``start``
     (the residual entering block 0) and the clean activations ``clean[kind]`` ``[layer, pos, d]``."""
@@ -45,6 +46,10 @@ def attribution_grids(model: Model, start: Float[Tensor, "sample pos d_model"], 
         targets = torch.full((n,), target)
         contrasts = None if contrast is None else torch.full((n,), contrast)
         value = metric_values(logits, targets, metric, contrasts)
+        if not value.requires_grad:
+            raise ConfigError(f"metric {metric_name(metric)} is not differentiable (its values carry no gradient): "
+                              "attribution patching needs the gradient of the metric; build it from torch operations "
+                              "on the logits (no .item(), .argmax() or torch.no_grad()), or use method='exact'")
         grads = torch.autograd.grad(value.mean(), [acts[name] for name in names])
     corrupted = value.detach().float().mean().item()
     out = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -75,7 +75,12 @@ class TraceConfig(ValueEquality):
         metric: what a site's score measures at the last position: ``"prob"`` (P(target), ROME),
             ``"logprob"`` (log P(target)) or ``"logit_diff"`` (logit of the target minus that of a
             contrast token: the counterfactual's answer under ``"replace"``, or one given to
-            :func:`trace`).
+            :func:`trace`); or a function of the final-position logits: ``metric(logits)`` or
+            ``metric(logits, targets)``, ``logits`` ``[rows, d_vocab]`` (float32 or wider, one row per
+            patched run), ``targets`` ``[rows]`` (each row's target token), returning ``[rows]`` floats
+            (e.g. the probability mass on a set of tokens). Attribution patching differentiates it, so
+            there it must be made of differentiable torch operations (checked). Results record a
+            function by its ``module.qualname``.
         method: ``"exact"`` (the patching engine) or ``"attribution"`` (attribution patching: the
             first-order approximation of every score from one corrupted forward and one backward
             pass; :mod:`relation_lens.tracing.attribution`).
@@ -92,7 +97,7 @@ class TraceConfig(ValueEquality):
     batch_size: int = 512
     prepend_bos: bool | None = None
     corrupt_with: str = "noise"
-    metric: str = "prob"
+    metric: str | Callable[..., Any] = "prob"
     method: str = "exact"
 
     def __post_init__(self):
@@ -114,8 +119,9 @@ class TraceConfig(ValueEquality):
             raise ConfigError(f"seed must be an int, got {self.seed!r}")
         if self.corrupt_with not in CORRUPTIONS:
             raise ConfigError(f"corrupt_with={self.corrupt_with!r} is not one of {list(CORRUPTIONS)}")
-        if self.metric not in METRICS:
-            raise ConfigError(f"metric={self.metric!r} is not one of {list(METRICS)}")
+        if not callable(self.metric) and self.metric not in METRICS:
+            raise ConfigError(f"metric={self.metric!r} is not one of {list(METRICS)} or a function of the "
+                              "final-position logits ([rows, d_vocab] -> [rows])")
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not one of {list(METHODS)}")
         if isinstance(self.noise, str) and self.noise not in NOISE_RULES:
@@ -167,6 +173,7 @@ class TraceConfig(ValueEquality):
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (a noise tensor is recorded by its shape only)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["metric"] = metric_name(self.metric)
         if isinstance(self.noise, Tensor):
             d["noise"] = f"tensor{list(self.noise.shape)}"
         d["kinds"] = list(self.kinds)
@@ -175,6 +182,14 @@ class TraceConfig(ValueEquality):
         if self.noise_subjects is not None:
             d["noise_subjects"] = list(self.noise_subjects)
         return d
+
+
+def metric_name(metric: str | Callable[..., Any]) -> str:
+    """How results and checkpoints record a metric: its name, or a function's ``module.qualname``
+    (stable across runs, so that a resumed run with the same function matches)."""
+    if isinstance(metric, str):
+        return metric
+    return f"{getattr(metric, '__module__', None) or '?'}.{getattr(metric, '__qualname__', type(metric).__name__)}"
 
 
 def _is_int(x) -> bool:

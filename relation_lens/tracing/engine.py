@@ -12,6 +12,7 @@ layer loop at its own start layer. Only the last position is unembedded.
 
 from __future__ import annotations
 
+import inspect
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from relation_lens.errors import ConfigError
 from relation_lens.model_interface import Model, block_device, embed, final_logits, run_block_cached
 from relation_lens.spans import Span
-from relation_lens.tracing.config import HOOKS, window_layers
+from relation_lens.tracing.config import HOOKS, metric_name, window_layers
 
 
 @dataclass
@@ -145,10 +146,37 @@ class Job:
     contrast: int | None = None
 
 
-def metric_values(logits: Float[Tensor, "row vocab"], targets: Tensor, metric: str = "prob",
+Metric = str | Callable[..., Tensor]  # a named metric, or a function of the final-position logits
+
+
+def takes_targets(fn: Callable) -> bool:
+    """Whether a metric function is called ``fn(logits, targets)`` (two or more positional
+    parameters) rather than ``fn(logits)``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return True
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 2
+
+
+def metric_values(logits: Float[Tensor, "row vocab"], targets: Tensor, metric: Metric = "prob",
                   contrasts: Tensor | None = None) -> Float[Tensor, row]:
-    """Per row: P(target), log P(target), or logit(target) - logit(contrast) (float32 or wider)."""
+    """Per row: P(target), log P(target), logit(target) - logit(contrast) (float32 or wider), or a
+    metric function's values: ``metric(logits)`` or ``metric(logits, targets)`` with ``logits`` the
+    final-position logits ``[rows, d_vocab]`` (float32 or wider) and ``targets`` each row's target
+    token ``[rows]``, returning one float per row ``[rows]``."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if callable(metric):
+        t = targets.to(logits.device)
+        out = metric(logits, t) if takes_targets(metric) else metric(logits)
+        if not isinstance(out, Tensor) or tuple(out.shape) != (logits.shape[0],) or not out.is_floating_point():
+            got = f"a {out.dtype} tensor of shape {list(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            raise ConfigError(f"metric {metric_name(metric)} returned {got}; a metric function maps the final-position "
+                              f"logits [rows, d_vocab] = {list(logits.shape)} to one float per row, [rows] = "
+                              f"[{logits.shape[0]}]")
+        return out
     t = targets[:, None].to(logits.device)
     if metric == "prob":
         return logits.softmax(-1).gather(1, t)[:, 0]
@@ -178,7 +206,7 @@ def _chunks(jobs: list[Job], per_batch: int, pack: bool) -> list[list[tuple[int,
 
 @torch.no_grad()
 def run_jobs(model: Model, jobs: list[Job], n: int, batch_size: int, progress: bool = False,
-              pack: bool = False, metric: str = "prob") -> list[dict[Cell, float]]:
+              pack: bool = False, metric: Metric = "prob") -> list[dict[Cell, float]]:
     """Score the cells of every job, ``n`` noise samples per cell, in batches of at most
     ``batch_size`` rows. The layer loop is planned on the host: inside a batch the cells are sorted
     by start layer, so the rows active at a layer are a prefix (a slice, not a gather); the restore

@@ -29,7 +29,7 @@ from relation_lens.guards import model_lock
 from relation_lens.model_interface import Model, final_logits, run_blocks
 from relation_lens.results import PatchResult
 from relation_lens.sites import SITE_KINDS, Site, check_site
-from relation_lens.tracing.config import TraceConfig
+from relation_lens.tracing.config import TraceConfig, metric_name
 from relation_lens.tracing.engine import metric_values, restore_where
 from relation_lens.tracing.inputs import check_model
 from relation_lens.tracing.prepare import prepare
@@ -84,7 +84,7 @@ def patch(model: Model, prompt: str, *, subject: str, sites, target: str | int |
             v = metric_values(logits, targets, cfg.metric, contrasts).float().view(len(chunk), n).mean(1)
             values += v.tolist()
     return PatchResult(
-        prompt=prompt, tokens=job.spans.str_tokens, groups=tuple(groups), values=tuple(values), metric=cfg.metric,
+        prompt=prompt, tokens=job.spans.str_tokens, groups=tuple(groups), values=tuple(values), metric=metric_name(cfg.metric),
         target=job.target.text, target_token=job.target.token, clean_value=job.clean_value,
         corrupted_value=job.corrupted_value, corrupt_span=job.span, corrupt_with=cfg.corrupt_with, n_samples=n,
         model_name=model.cfg.model_name,

@@ -17,7 +17,7 @@ from relation_lens.model_interface import Model, decode, embed, final_logits, ru
 from relation_lens.results import TraceResult
 from relation_lens.spans import check_fits_context, find_spans
 from relation_lens.tracing.attribution import attribution_grids
-from relation_lens.tracing.config import TraceConfig
+from relation_lens.tracing.config import TraceConfig, metric_name
 from relation_lens.tracing.engine import (
     Job,
     Runs,
@@ -86,7 +86,7 @@ class Prepared:
             settings={"include_last": cfg.include_last, "kinds": list(cfg.kinds), "batch_size": cfg.batch_size,
                       "prepend_bos": cfg.prepend_bos,
                       "noise": cfg.noise if isinstance(cfg.noise, str) else None},
-            metric=cfg.metric, clean_value=self.clean_value, corrupted_value=self.corrupted_value,
+            metric=metric_name(cfg.metric), clean_value=self.clean_value, corrupted_value=self.corrupted_value,
             corrupt_with=cfg.corrupt_with, method=cfg.method,
             contrast=None if self.contrast is None else self.contrast.text,
             contrast_token=None if self.contrast is None else self.contrast.token,
