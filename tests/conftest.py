@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cross_line import save_random_folder
 
 from relation_lens.models.bridge import transformer_lens_major
 
@@ -160,8 +161,6 @@ def random_bridge(tokenizer, name: str, *, n_layers: int, d_model: int, n_heads:
     seeded random Hugging Face model, saved to a folder and loaded by ``rl.load_model`` as a
     TransformerBridge. Its weights are not the 3.x fixture's (another initialisation): tests that hold
     numbers across lines use tests/cross_line.py's folders instead."""
-    import transformers as T
-
     import relation_lens as rl
 
     cfg = hf_config_for(len(tokenizer), n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp, **cfg_kwargs)
@@ -173,12 +172,7 @@ def random_bridge(tokenizer, name: str, *, n_layers: int, d_model: int, n_heads:
     cfg.initializer_range = 0.8 / d_model ** 0.5
     folder = _RANDOM_FOLDERS / f"{name}-{abs(hash(cfg.to_json_string())) % 10**8}-{str(dtype)[6:]}"
     if not folder.exists():
-        torch.manual_seed(seed)
-        hf = T.AutoModelForCausalLM.from_config(cfg).eval()
-        with torch.no_grad():
-            hf.get_output_embeddings().weight.mul_(sharpen)
-        hf.to(dtype).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        save_random_folder(cfg, tokenizer, folder, sharpen=sharpen, seed=seed, dtype=dtype)
     return rl.load_model(folder, dtype=dtype)
 
 

@@ -45,12 +45,20 @@ def make_folder(tokenizer, arch: str, root: Path) -> Path:
                                               embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0,
                                               attention_multiplier=0.2, tie_word_embeddings=False),
            }[arch]()
-    torch.manual_seed(0)
+    return save_random_folder(cfg, tokenizer, root / f"random-{arch}")
+
+
+def save_random_folder(cfg, tokenizer, folder: Path, *, sharpen: float = 10.0, seed: int = 0,
+                       dtype: torch.dtype = torch.float32) -> Path:
+    """A seeded random Hugging Face model of ``cfg`` (its output head multiplied by ``sharpen``) and
+    ``tokenizer``, saved to ``folder`` in ``dtype``."""
+    import transformers as T
+
+    torch.manual_seed(seed)
     hf = T.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
-        hf.get_output_embeddings().weight.mul_(10.0)
-    folder = root / f"random-{arch}"
-    hf.save_pretrained(folder)
+        hf.get_output_embeddings().weight.mul_(sharpen)
+    hf.to(dtype).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

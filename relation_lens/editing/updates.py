@@ -10,7 +10,6 @@ weights are not the ones it was computed on."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +56,7 @@ class SavesToFile:
     ``name.layer``) into safetensors, everything else as JSON in the file's header."""
 
     tensor_fields: ClassVar[tuple[str, ...]] = ()
-    plain_fields: ClassVar[dict[str, Any]] = {}  # the other fields and their types, for reading back
+    plain_fields: ClassVar[dict[str, Any]] = {}  # every other field but info, and its type for reading back
     info: dict[str, Any]
 
     def save(self, path: str | Path) -> Path:
@@ -68,8 +67,7 @@ class SavesToFile:
             items = value.items() if isinstance(value, dict) else [(None, value)]
             for layer, t in items:
                 tensors[name if layer is None else f"{name}.{layer}"] = t.detach().cpu().contiguous()
-        rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)  # type: ignore[arg-type]
-                if f.name not in self.tensor_fields and f.name != "info"}
+        rest = {name: getattr(self, name) for name in self.plain_fields}
         info = dict(self.info)
         header = {"format": UPDATE_FORMAT, "type": type(self).__name__, "relation_lens_version": __version__,
                   "model_fingerprint": info.pop("model_fingerprint", None), "config": info.pop("config", None),
@@ -196,18 +194,13 @@ def load_update(path: str | Path, model: Model | None = None, *, verify: bool = 
                             f"model's ({now}, {model.cfg.model_name!r}); an update only means something on the weights "
                             "it was computed for (pass verify=False to load it anyway)")
     cls = UPDATE_TYPES[header["type"]]
+    kwargs: dict[str, Any] = {k: decode(tp, header["fields"][k]) for k, tp in cls.plain_fields.items()}  # type: ignore[attr-defined]
     tensors = load_file(str(path))
-    values: dict[str, Any] = dict(header["fields"])
     for name in cls.tensor_fields:  # type: ignore[attr-defined]
-        if name in tensors:
-            values[name] = tensors[name]
-        else:
-            values[name] = {int(k.split(".")[1]): t for k, t in tensors.items() if k.split(".")[0] == name}
+        kwargs[name] = tensors[name] if name in tensors else \
+            {int(k.split(".")[1]): t for k, t in tensors.items() if k.split(".")[0] == name}
     info = dict(header["info"])
     for key in ("model_fingerprint", "config"):
         if header.get(key) is not None:
             info[key] = header[key]
-    types_ = cls.plain_fields  # type: ignore[attr-defined]
-    kwargs = {k: decode(types_[k], v) for k, v in values.items() if k in types_}
-    kwargs.update({k: values[k] for k in cls.tensor_fields})  # type: ignore[attr-defined]
     return cls(**kwargs, info=info)
