@@ -5,7 +5,7 @@
 >>> result = rl.trace(model, "The capital of France is", subject="France")
 """
 
-from relation_lens import views  # registers the renderers of result.plot() / to_html()
+from relation_lens import interventions, views  # registers the renderers of result.plot() / to_html()
 from relation_lens.editing import (
     METHODS,
     AlphaEditConfig,
@@ -55,10 +55,11 @@ from relation_lens.tracing import (
     trace_dataset,
 )
 from relation_lens.tracing.patch import PatchResult, Site, patch
+from relation_lens.tracing.path_patch import PathPatchResult, path_patch
 from relation_lens.version import __version__
 
 __all__ = [
-    "load_model", "trace", "knockout", "KnockoutResult", "knockout_dataset", "DatasetKnockoutResult", "patch", "Site", "PatchResult", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
+    "load_model", "trace", "knockout", "KnockoutResult", "knockout_dataset", "DatasetKnockoutResult", "patch", "Site", "PatchResult", "path_patch", "PathPatchResult", "interventions", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
     "edit", "evaluate", "evaluate_batch", "BatchUpdate", "Preserve", "AlphaEditConfig", "ValueCache", "Update", "load_update",
     "EditMethod", "METHODS", "register_method", "save_edited", "EvaluationResult", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
     "views", "__version__", "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",

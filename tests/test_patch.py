@@ -98,7 +98,7 @@ def test_one_head_and_some_neurons_equal_a_naive_hooked_run(tiny_model, grid):
 
 @pytest.mark.parametrize("site, match", [
     (Site("head", 0, 1), "needs head"), (Site("mlp", 9, 1), "layer 9"), (Site("mlp", 0, 99), "position 99"),
-    (Site("neurons", 0, 1, neurons=(10_000,)), "needs neurons"), (Site("mlp", 0, 1, head=1), "for kind 'head' only"),
+    (Site("neurons", 0, 1, neurons=(10_000,)), "needs neurons"), (Site("mlp", 0, 1, head=1), "is for kinds"),
     (Site("mixer", 0, 1), "kind 'mixer'"), ("mlp 0 1", "is not a Site"),
 ])
 def test_bad_sites_are_named(tiny_model, site, match):
