@@ -17,13 +17,16 @@ site of a group, the value an intervention gives for it:
   shape]``), ``site`` the :class:`~relation_lens.sites.Site`; it returns ``[rows, *that shape]`` (or
   what broadcasts to it).
 
-Positions index the patched prompt's tokens; a reference prompt shorter than a site's position is
-refused. A pattern row of a reference prompt of another length is cut or zero-padded to the
-patched prompt's length (causal attention puts nothing after the query position).
+Positions index the patched prompt's tokens; :class:`Mean` and :class:`Resample` read a reference
+prompt at the same index (``align="start"``) or the same distance from the last token
+(``align="end"``), and refuse a prompt without that position. A pattern row of a reference prompt of
+another length is cut or zero-padded to the patched prompt's length, keys aligned the same way
+(causal attention puts nothing after the query position).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,13 +41,12 @@ __all__ = ["Intervention", "Clean", "Zero", "Mean", "Resample", "Steer", "Functi
 
 
 class Intervention:
-    """Base class. ``value(site, clean, corrupted, refs)``: what the site receives; ``refs`` maps each
-    reference prompt (:attr:`prompts`) to its clean activations ``{hook: [pos, ...]}``."""
+    """Base class. ``value(site, clean, corrupted, refs, hook)``: what the site receives; ``refs``
+    holds each reference prompt's (:attr:`prompts`) clean activations (:class:`References`)."""
     name = "intervention"
     prompts: Sequence[str] = ()
 
-    def value(self, site: Site, clean: Tensor, corrupted: Tensor, refs: dict[str, dict[str, Tensor]],
-              hook: str) -> Tensor:
+    def value(self, site: Site, clean: Tensor, corrupted: Tensor, refs: References, hook: str) -> Tensor:
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -69,45 +71,72 @@ class Zero(Intervention):
         return torch.zeros_like(corrupted)
 
 
-def _reference_value(refs: dict[str, Tensor], prompt: str, site: Site, like: Tensor) -> Tensor:
-    act = refs[prompt]
-    n_pos = act.shape[1] if site.kind == "pattern" else act.shape[0]
-    if site.position >= n_pos:
-        raise ConfigError(f"reference prompt {shorten(prompt)} has {n_pos} tokens: it has no position {site.position} "
-                          f"for site {site}")
-    v = act[site.index()]
-    if site.kind == "pattern" and v.shape[-1] != like.shape[-1]:  # keys after the query are 0: cut or pad
-        k = like.shape[-1]
-        v = v[..., :k] if v.shape[-1] > k else torch.nn.functional.pad(v, (0, k - v.shape[-1]))
+@dataclass(frozen=True)
+class References:
+    """Reference prompts' clean activations (``acts[prompt][hook]``, ``[pos, ...]``) and the patched
+    prompt's length."""
+    acts: dict[str, dict[str, Tensor]]
+    n_pos: int
+
+
+def _check_align(align: str) -> None:
+    if align not in ("start", "end"):
+        raise ConfigError(f"align={align!r}: 'start' (the same position index) or 'end' (the same distance "
+                          "from the last token)")
+
+
+def _reference_value(refs: References, prompt: str, hook: str, site: Site, align: str) -> Tensor:
+    """``prompt``'s clean value at ``site``: the same position index (``align="start"``) or the same
+    distance from the last token (``"end"``)."""
+    act = refs.acts[prompt][hook]
+    n_ref = act.shape[1] if site.kind == "pattern" else act.shape[0]
+    pos = site.position if align == "start" else site.position - refs.n_pos + n_ref
+    if not 0 <= pos < n_ref:
+        raise ConfigError(f"reference prompt {shorten(prompt)} has {n_ref} tokens: it has no position {pos} for site "
+                          f"{site} (align={align!r})")
+    v = act[dataclasses.replace(site, position=pos).index()]
+    if site.kind == "pattern" and n_ref != refs.n_pos:  # keys after the query are 0: cut or pad to n_pos
+        k = refs.n_pos
+        if align == "end":  # key j of the patched prompt is key j - n_pos + n_ref of the reference
+            v = v[n_ref - k:] if n_ref > k else torch.nn.functional.pad(v, (k - n_ref, 0))
+        else:
+            v = v[:k] if n_ref > k else torch.nn.functional.pad(v, (0, k - n_ref))
     return v
 
 
 @dataclass(frozen=True)
 class Mean(Intervention):
-    """The mean of the site's value over the clean runs of ``prompts`` (same position)."""
+    """The mean of the site's value over the clean runs of ``prompts``, at the same position index
+    (``align="start"``) or the same distance from the last token (``"end"``: prompts whose subjects
+    have other token lengths)."""
     prompts: Sequence[str] = ()  # kept as a tuple
+    align: str = "start"
     name = "mean"
 
     def __post_init__(self):
+        _check_align(self.align)
         ps = (self.prompts,) if isinstance(self.prompts, str) else tuple(self.prompts)
         if not ps or not all(isinstance(p, str) and p.strip() for p in ps):
             raise ConfigError(f"Mean needs a non-empty list of reference prompts, got {self.prompts!r}")
         object.__setattr__(self, "prompts", ps)
 
     def value(self, site, clean, corrupted, refs, hook):
-        return torch.stack([_reference_value({p: refs[p][hook]}, p, site, clean) for p in self.prompts]).mean(0)
+        return torch.stack([_reference_value(refs, p, hook, site, self.align) for p in self.prompts]).mean(0)
 
     def describe(self):
-        return {"name": self.name, "prompts": list(self.prompts)}
+        return {"name": self.name, "prompts": list(self.prompts), "align": self.align}
 
 
 @dataclass(frozen=True)
 class Resample(Intervention):
-    """The site's value in the clean run of another ``prompt`` (same position)."""
+    """The site's value in the clean run of another ``prompt`` (same position: ``align`` as in
+    :class:`Mean`)."""
     prompt: str = ""
+    align: str = "start"
     name = "resample"
 
     def __post_init__(self):
+        _check_align(self.align)
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ConfigError(f"Resample needs the prompt to take values from, got {self.prompt!r}")
 
@@ -116,10 +145,10 @@ class Resample(Intervention):
         return (self.prompt,)
 
     def value(self, site, clean, corrupted, refs, hook):
-        return _reference_value({self.prompt: refs[self.prompt][hook]}, self.prompt, site, clean)
+        return _reference_value(refs, self.prompt, hook, site, self.align)
 
     def describe(self):
-        return {"name": self.name, "prompt": self.prompt}
+        return {"name": self.name, "prompt": self.prompt, "align": self.align}
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def test_doc_examples_run(doc, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("module", ["relation_lens", "relation_lens.editing.requests", "relation_lens.errors",
                                     "relation_lens.intervals", "relation_lens.tracing.config",
-                                    "relation_lens.tracing.patch"])
+                                    "relation_lens.tracing.patch", "relation_lens.tracing.path_patch"])
 def test_docstring_examples(module):
     import importlib
 

@@ -80,3 +80,11 @@ def test_tracing_toolkit_quick(tmp_path):
     assert "3a. Attention knockout" in md and "3b. Noise vs token replacement" in md and "3c. Attribution" in md
     assert (tmp_path / "tracing_toolkit_knockout_quick.png").stat().st_size > 1000
     assert (tmp_path / "tracing_toolkit_replace_quick.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_path_patching_quick(tmp_path):
+    run("path_patching.py", "--limit", "2", "--samples", "2", "--out", str(tmp_path))
+    md = (tmp_path / "path_patching_quick.md").read_text()
+    assert "direct path to the logits" in md and "through MLPs too" in md and md.count("| 5 |") == 2
+    assert (tmp_path / "path_patching_quick.png").stat().st_size > 10_000

@@ -174,6 +174,35 @@ def test_each_intervention_equals_a_naive_hooked_run(tiny_model, kind):
     assert moved > 1e-4
 
 
+def test_reference_prompts_aligned_from_the_end(tiny_model):
+    """align="end": the reference value sits as far from its prompt's last token as the site from the
+    patched prompt's (subjects of other token lengths); a pattern row's keys are aligned the same way."""
+    model = tiny_model
+    grid, _ = _spot(model)
+    T = len(grid.tokens)
+    other = "Big Ben, the clock in London, is located in the city of"
+    T_other = model.to_tokens(other).shape[1]
+    assert T_other > T
+    for site in (Site("resid", 1, T - 2), Site("pattern", 1, T - 1, head=1)):
+        name = _hook_name(model, site)
+        ref = model.run_with_cache(model.to_tokens(other), names_filter=name)[1][name][0]
+
+        def value(s, clean, cur, ref=ref):
+            if s.kind == "pattern":  # query T_other - 1, keys shifted by T_other - T
+                return ref[s.head, T_other - 1, T_other - T:]
+            return ref[s.position - T + T_other]
+
+        res = rl.patch(model, PROMPT, subject=SUBJECT, sites=[site], n_samples=N, metric="logprob",
+                       intervention=Resample(other, align="end"))
+        want = naive(model, PROMPT, grid.corrupt_span, grid.target_token, [site], value)
+        assert res.samples[0] == pytest.approx(want, rel=1e-6, abs=2e-6), site
+        start = rl.patch(model, PROMPT, subject=SUBJECT, sites=[site], n_samples=N, metric="logprob",
+                         intervention=Resample(other))
+        assert abs(start.values[0] - res.values[0]) > 1e-4  # the two alignments read other tokens
+    with pytest.raises(rl.ConfigError, match="align='middle'"):
+        Mean([other], align="middle")
+
+
 def test_samples_and_their_interval(tiny_model):
     res = rl.patch(tiny_model, PROMPT, subject=SUBJECT, sites=[Site("resid", 1, 5), Site("mlp", 0, 6)], n_samples=4)
     assert [len(s) for s in res.samples] == [4, 4]

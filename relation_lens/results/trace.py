@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from relation_lens.intervals import mean_ci95
 from relation_lens.results.codec import Result
 from relation_lens.spans import Span
 
@@ -60,6 +61,9 @@ class TraceResult(Result):
     corrupted_prompt: str | None = None  # the counterfactual prompt under "replace"
     corrupted_tokens: tuple[str, ...] | None = None  # the corrupted run's tokens under "replace"
     method: str = "exact"  # "exact" (patching) or "attribution" (its first-order approximation)
+    # every noise sample's value per cell, [layer, pos, sample] per kind (None: attribution patching,
+    # or results written before samples were kept)
+    samples: dict[str, Float[Tensor, "layer pos sample"]] | None = None
 
     @property
     def correct(self) -> bool:
@@ -87,6 +91,17 @@ class TraceResult(Result):
         if gap == 0 or math.isnan(gap):
             return torch.full_like(self.scores[kind], math.nan)
         return (self.scores[kind] - corrupted) / gap
+
+    def ci95(self, kind: str) -> tuple[Float[Tensor, "layer pos"], Float[Tensor, "layer pos"]]:
+        """Per cell, the mean over noise samples and its 95% half-width (``1.96 x std / sqrt(n)``),
+        from :attr:`samples` (NaN half-widths for one sample)."""
+        if self.samples is None:
+            from relation_lens.errors import ConfigError
+
+            raise ConfigError("this result holds no per-sample values (attribution patching, or written before "
+                              "relation_lens kept them): no interval per cell")
+        mean, half, _ = mean_ci95(self.samples[kind], dim=-1)
+        return mean.float(), half.float()
 
     def peak(self, kind: str) -> tuple[int, int, float]:
         """``(layer, position, score)`` of the site whose restoration brings back the most."""

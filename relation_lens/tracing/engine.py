@@ -206,8 +206,9 @@ def _chunks(jobs: list[Job], per_batch: int, pack: bool) -> list[list[tuple[int,
 
 @torch.no_grad()
 def run_jobs(model: Model, jobs: list[Job], n: int, batch_size: int, progress: bool = False,
-              pack: bool = False, metric: Metric = "prob") -> list[dict[Cell, float]]:
-    """Score the cells of every job, ``n`` noise samples per cell, in batches of at most
+              pack: bool = False, metric: Metric = "prob") -> list[dict[Cell, Tensor]]:
+    """Score the cells of every job, ``n`` noise samples per cell (each cell's ``[n]`` values, one
+    per noise sample), in batches of at most
     ``batch_size`` rows. The layer loop is planned on the host: inside a batch the cells are sorted
     by start layer, so the rows active at a layer are a prefix (a slice, not a gather); the restore
     masks go to the device once per batch; the scores come back once at the end. Nothing inside the
@@ -300,10 +301,10 @@ def run_jobs(model: Model, jobs: list[Job], n: int, batch_size: int, progress: b
             contrasts = torch.tensor([jobs[i].contrast for i, _ in chunk]).repeat_interleave(n) \
                 if metric == "logit_diff" else None
             values = metric_values(logits, targets, metric, contrasts).float()
-            scored.append((chunk, values.view(len(chunk), n).mean(1)))
+            scored.append((chunk, values.view(len(chunk), n)))
             plan.masks, plan.values = {}, {}
-    values = torch.cat([v.cpu() for _, v in scored]).tolist() if scored else []
-    out: list[dict[Cell, float]] = [{} for _ in jobs]
+    values = torch.cat([v.cpu() for _, v in scored]) if scored else torch.zeros(0, n)
+    out: list[dict[Cell, Tensor]] = [{} for _ in jobs]
     for (i, c), v in zip((jc for chunk, _ in scored for jc in chunk), values):
         out[i][c] = v
     return out

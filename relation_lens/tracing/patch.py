@@ -28,7 +28,7 @@ from torch import Tensor
 
 from relation_lens.errors import ConfigError
 from relation_lens.guards import model_lock
-from relation_lens.interventions import Intervention, as_intervention
+from relation_lens.interventions import Intervention, References, as_intervention
 from relation_lens.model_interface import Model, final_logits, run_blocks
 from relation_lens.results import PatchResult
 from relation_lens.sites import SITE_KINDS, Site, check_site, check_site_writes, site_hook, site_hooks_enabled
@@ -69,7 +69,7 @@ def patch(model: Model, prompt: str, *, subject: str, sites, target: str | int |
         job = prepare(model, prompt, subject, target, cfg.replace(kinds=("resid",), method="exact"),
                        corrupted_prompt, contrast, engine=False, clean_hooks=names)
         groups = [tuple(check_site(model, s, job.job.n_tokens) for s in g) for g in groups]
-        refs = reference_activations(model, how, names, cfg.prepend_bos)
+        refs = reference_activations(model, how, names, cfg.prepend_bos, job.job.n_tokens)
         n = job.n
         samples: list[tuple[float, ...]] = []
         per_batch = max(1, cfg.batch_size // n)
@@ -100,18 +100,19 @@ def patch(model: Model, prompt: str, *, subject: str, sites, target: str | int |
         samples=tuple(samples))
 
 
-def reference_activations(model: Model, how: Intervention, names: list[str],
-                          prepend_bos: bool | None) -> dict[str, dict[str, Tensor]]:
-    """Each reference prompt's clean activations at ``names`` (``{prompt: {hook: [pos, ...]}}``)."""
+def reference_activations(model: Model, how: Intervention, names: list[str], prepend_bos: bool | None,
+                          n_pos: int) -> References:
+    """Each reference prompt's clean activations at ``names`` (``{prompt: {hook: [pos, ...]}}``), for a
+    patched prompt of ``n_pos`` tokens."""
     bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
     out = {}
     for p in how.prompts:
         _, cache = model.run_with_cache(model.to_tokens(p, prepend_bos=bos), names_filter=lambda n: n in names)
         out[p] = {name: cache[name][0] for name in names}
-    return out
+    return References(out, n_pos)
 
 
-def patcher(how: Intervention, clean: Tensor, entries: list[tuple[slice, Site]], refs: dict, name: str):
+def patcher(how: Intervention, clean: Tensor, entries: list[tuple[slice, Site]], refs: References, name: str):
     """A hook writing, for each ``(rows, site)`` of ``entries``, what ``how`` gives the site
     (``clean``: the hook's clean activation of the prompt, ``[pos, ...]``)."""
     def hook(act, hook):

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from relation_lens.errors import ConfigError
 from relation_lens.guards import model_lock
-from relation_lens.interventions import Intervention, as_intervention
+from relation_lens.interventions import Intervention, References, as_intervention
 from relation_lens.model_interface import Model, final_logits, recording_hooks, run_blocks
 from relation_lens.results import PatchResult
 from relation_lens.sites import Site, check_site, check_site_writes, site_hook, site_hooks_enabled
@@ -149,7 +149,7 @@ def path_patch(model: Model, prompt: str, *, subject: str, senders: Any, receive
             T = job.job.n_tokens
             groups = [tuple(check_site(model, s, T) for s in g) for g in groups]
             recv = tuple(check_site(model, s, T) for s in recv)
-            refs = reference_activations(model, how, sender_names, cfg.prepend_bos)
+            refs = reference_activations(model, how, sender_names, cfg.prepend_bos, T)
             # the corrupted run: the frozen values, and the residual entering each block
             pre = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
             hooks, corrupt = recording_hooks(sorted(set(frozen) | set(pre)))
@@ -169,7 +169,7 @@ def path_patch(model: Model, prompt: str, *, subject: str, senders: Any, receive
 
 
 def _run(model: Model, job: Any, cfg: TraceConfig, how: Intervention, groups: list[tuple[Site, ...]],
-         recv: tuple[Site, ...], frozen: list[str], corrupt: dict[str, Tensor], refs: dict) -> list[tuple[float, ...]]:
+         recv: tuple[Site, ...], frozen: list[str], corrupt: dict[str, Tensor], refs: References) -> list[tuple[float, ...]]:
     L, n = model.cfg.n_layers, job.n
     per_batch = max(1, cfg.batch_size // n)
     samples: list[tuple[float, ...]] = []
@@ -211,7 +211,7 @@ def _run(model: Model, job: Any, cfg: TraceConfig, how: Intervention, groups: li
     return samples
 
 
-def _freezer(how: Intervention, frozen: Tensor, clean: Tensor | None, entries: list[tuple[slice, Site]], refs: dict,
+def _freezer(how: Intervention, frozen: Tensor, clean: Tensor | None, entries: list[tuple[slice, Site]], refs: References,
              name: str):
     """A hook replacing the activation by the corrupted run's (``frozen``, ``[rows, ...]``), then
     writing the intervention at the senders of ``entries``."""

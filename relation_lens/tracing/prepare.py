@@ -67,12 +67,24 @@ class Prepared:
     counterfactual: Any  # Counterfactual or None
     start: Any  # the corrupted run's residual entering block 0 (for attribution patching)
     extra_clean: dict  # the clean run's activations at the hooks asked for by name (rl.patch)
+    corrupted_samples: Tensor  # [n]: the metric on each corrupted run (one per noise sample)
 
     def finish(self, model: Model, scores: dict) -> TraceResult:
         cfg, spans, tgt, T = self.cfg, self.spans, self.target, self.job.n_tokens
         grids = {k: torch.zeros(model.cfg.n_layers, T) for k in cfg.kinds}
-        for c, v in {**self.fixed, **scores}.items():
-            grids[c.kind][c.layer, c.pos] = v
+        per_sample = all(isinstance(v, Tensor) for v in scores.values())  # the engine's; attribution gives floats
+        samples = {k: torch.zeros(model.cfg.n_layers, T, self.n) for k in cfg.kinds} if per_sample else None
+        for c in self.fixed:
+            grids[c.kind][c.layer, c.pos] = self.corrupted_value
+            if samples is not None:
+                samples[c.kind][c.layer, c.pos] = self.corrupted_samples
+        for c, v in scores.items():
+            if isinstance(v, Tensor):
+                grids[c.kind][c.layer, c.pos] = v.mean()
+                assert samples is not None
+                samples[c.kind][c.layer, c.pos] = v
+            else:
+                grids[c.kind][c.layer, c.pos] = v
         top = int(self.clean_logits.argmax())
         return TraceResult(
             prompt=self.prompt, tokens=spans.str_tokens, subject=self.subject, subject_span=spans.subject_span,
@@ -81,7 +93,7 @@ class Prepared:
             clean_top=decode(model, [top]), clean_top_token=top,
             clean_prob=self.clean_logits.float().softmax(-1)[tgt.token].item(),
             corrupted_prob=self.corrupted_prob,
-            scores=grids, window=self.window, n_samples=self.n, noise_std=self.std, seed=cfg.seed,
+            scores=grids, samples=samples, window=self.window, n_samples=self.n, noise_std=self.std, seed=cfg.seed,
             model_name=model.cfg.model_name,
             settings={"include_last": cfg.include_last, "kinds": list(cfg.kinds), "batch_size": cfg.batch_size,
                       "prepend_bos": cfg.prepend_bos,
@@ -145,8 +157,9 @@ def prepare(model: Model, prompt: str, subject: str, target, cfg: TraceConfig, c
     targets = torch.tensor([tgt.token])
     contrasts = None if contrast_t is None else torch.tensor([contrast_t.token])
     corrupted_prob = corrupt_logits.float().softmax(-1)[:, tgt.token].mean().item()
-    corrupted_value = metric_values(corrupt_logits, targets.repeat(n), cfg.metric,
-                                    None if contrasts is None else contrasts.repeat(n)).float().mean().item()
+    corrupted_samples = metric_values(corrupt_logits, targets.repeat(n), cfg.metric,
+                                      None if contrasts is None else contrasts.repeat(n)).float().cpu()
+    corrupted_value = corrupted_samples.mean().item()
     clean_value = metric_values(clean_logits[None], targets, cfg.metric, contrasts).item()
     # Before the corrupted span the clean and corrupted runs are the same (causal attention, noise
     # only on the span), so restoring a site there changes nothing: its score is the corrupted one.
@@ -155,4 +168,4 @@ def prepare(model: Model, prompt: str, subject: str, target, cfg: TraceConfig, c
     job = Job(Runs(clean, resids, kvs), [c for c in cells if c.pos >= span[0]], tgt.token, T,
                None if contrast_t is None else contrast_t.token)
     return Prepared(job, prompt, subject, cfg, spans, mode, span, tgt, clean_logits, corrupted_prob, std, window,
-                     fixed, n, clean_value, corrupted_value, contrast_t, cf, start, extra_clean)
+                     fixed, n, clean_value, corrupted_value, contrast_t, cf, start, extra_clean, corrupted_samples)
