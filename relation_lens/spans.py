@@ -17,6 +17,7 @@ Conventions (positions index ``model.to_tokens(prompt)[0]``, half-open ``(start,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -26,6 +27,7 @@ from relation_lens.errors import PromptError, SpanError, shorten
 from relation_lens.model_interface import Model, tokenizer_of
 
 Span = tuple[int, int]
+Prompt = str | Sequence[int] | torch.Tensor  # text, or token ids used as given
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,58 @@ def find_spans(model: Model, prompt: str, subject: str, *, include_last: bool = 
                         f"(include_last={include_last}); relation tracing needs relation words after the subject")
     return PromptSpans(prompt=prompt, tokens=tokens, str_tokens=tuple(cast(list[str], model.to_str_tokens(tokens))),
                        subject=subject, subject_span=subj, relation_span=rel)
+
+
+def is_token_input(prompt: object) -> bool:
+    """Whether ``prompt`` is given as token ids (a 1-D integer tensor, or a list / tuple of ints)
+    rather than text."""
+    if isinstance(prompt, torch.Tensor):
+        return not prompt.is_floating_point() and not prompt.is_complex()
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                     for t in prompt)
+
+
+def token_ids(model: Model, prompt: object, what: str = "prompt") -> torch.Tensor:
+    """``prompt``'s token ids as an ``int64`` tensor ``[pos]``, checked: one dimension (or ``[1, pos]``),
+    not empty, every id in the vocabulary."""
+    t = torch.as_tensor(prompt).cpu()
+    if t.dim() == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 1 or t.numel() == 0:
+        raise PromptError(f"{what} given as token ids must be one non-empty sequence [pos], got shape {list(t.shape)}")
+    t = t.long()
+    bad = (t < 0) | (t >= model.cfg.d_vocab)
+    if bad.any():
+        raise PromptError(f"{what} holds token ids outside the vocabulary [0, {model.cfg.d_vocab}): "
+                          f"{t[bad].tolist()[:5]} at positions {bad.nonzero()[:, 0].tolist()[:5]}")
+    return t
+
+
+def spans_from_tokens(model: Model, prompt: object, subject: object, *, include_last: bool = True,
+                      require_relation: bool = True) -> PromptSpans:
+    """:func:`find_spans` for a prompt given as token ids: ``subject`` is the subject's half-open
+    token span ``(start, end)``; the relation span follows it to the end (as for text). The tokens
+    are used as given (no BOS is added); ``prompt`` and ``subject`` of the result are their decoded
+    text."""
+    tokens = token_ids(model, prompt)
+    T = len(tokens)
+    try:
+        a, b = (int(v) for v in subject)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise SpanError(f"a prompt given as token ids takes subject=(start, end), the subject's token span; got "
+                        f"{subject!r}") from None
+    str_tokens = tuple(cast(list[str], model.to_str_tokens(tokens)))
+    if not 0 <= a < b <= T:
+        raise SpanError(f"subject span {(a, b)} is not a non-empty range inside the prompt's {T} tokens {list(str_tokens)}")
+    text = str(tokenizer_of(model).decode(tokens.tolist()))
+    rel_end = T if include_last else T - 1
+    rel = (b, max(b, rel_end))
+    if rel[1] <= rel[0] and require_relation:
+        raise SpanError(f"relation span is empty in prompt {shorten(text)}: the subject span {(a, b)} leaves no relation "
+                        f"tokens after it (include_last={include_last})")
+    return PromptSpans(prompt=text, tokens=tokens, str_tokens=str_tokens,
+                       subject=str(tokenizer_of(model).decode(tokens[a:b].tolist())), subject_span=(a, b),
+                       relation_span=rel)
 
 
 def right_pad(model: Model, seqs: list[torch.Tensor]) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from relation_lens.errors import ConfigError
 from relation_lens.intervals import mean_ci95
 from relation_lens.results.codec import Result
 from relation_lens.spans import Span
@@ -96,8 +97,6 @@ class TraceResult(Result):
         """Per cell, the mean over noise samples and its 95% half-width (``1.96 x std / sqrt(n)``),
         from :attr:`samples` (NaN half-widths for one sample)."""
         if self.samples is None:
-            from relation_lens.errors import ConfigError
-
             raise ConfigError("this result holds no per-sample values (attribution patching, or written before "
                               "relation_lens kept them): no interval per cell")
         mean, half, _ = mean_ci95(self.samples[kind], dim=-1)

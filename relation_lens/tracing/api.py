@@ -10,14 +10,15 @@ from relation_lens.errors import ConfigError, RelationLensError
 from relation_lens.guards import model_lock
 from relation_lens.model_interface import Model
 from relation_lens.results import TraceResult
+from relation_lens.spans import Prompt, Span
 from relation_lens.tracing.config import TraceConfig
 from relation_lens.tracing.engine import run_jobs
 from relation_lens.tracing.inputs import check_model
 from relation_lens.tracing.prepare import Prepared, attribution_scores, prepare
 
 
-def trace(model: Model, prompt: str, *, subject: str, target: str | int | None = None, config: TraceConfig | None = None,
-          corrupted_prompt: str | None = None, contrast: str | int | None = None, progress: bool = False,
+def trace(model: Model, prompt: Prompt, *, subject: str | Span, target: str | int | None = None, config: TraceConfig | None = None,
+          corrupted_prompt: Prompt | None = None, contrast: str | int | None = None, progress: bool = False,
           **settings: Any) -> TraceResult:
     """Trace where ``model`` carries the relation (or subject) of ``prompt``.
 

@@ -6,6 +6,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -22,7 +23,7 @@ from relation_lens.errors import (
     shorten,
 )
 from relation_lens.model_interface import Model, check_interface, decode, is_bridge, is_hooked_transformer
-from relation_lens.spans import PromptSpans, Span, object_tokens, token_offsets
+from relation_lens.spans import PromptSpans, Span, is_token_input, object_tokens, token_ids, token_offsets
 from relation_lens.tracing.config import KINDS, NOISE_MULTIPLIER
 
 
@@ -30,7 +31,7 @@ class TargetWarning(UserWarning):
     """A target string is several tokens long; only its first token is scored."""
 
 
-def check_model(model: Model, kinds: Sequence[str] = KINDS, prompt: str | None = None) -> None:
+def check_model(model: Model, kinds: Sequence[str] = KINDS, prompt: Any = None) -> None:
     """Raise :class:`UnsupportedModelError` unless tracing can run on ``model``."""
     try:
         _check_model(model, kinds)
@@ -176,12 +177,14 @@ class Counterfactual:
     source: str  # "given", or how it was built
 
 
-def _tokens(model: Model, text: str, prepend_bos: bool | None) -> Tensor:
+def _tokens(model: Model, text: Any, prepend_bos: bool | None) -> Tensor:
+    if is_token_input(text):  # token ids are used as given
+        return token_ids(model, text, "corrupted_prompt")
     return token_offsets(model, text, prepend_bos)[0]
 
 
 def counterfactual(model: Model, spans: PromptSpans, subject: str, mode: str, span: Span, *,
-                   corrupted_prompt: str | None, seed: int, prepend_bos: bool | None) -> Counterfactual:
+                   corrupted_prompt: Any, seed: int, prepend_bos: bool | None) -> Counterfactual:
     """The corrupted tokens for ``corrupt_with="replace"``.
 
     Given ``corrupted_prompt``: it must have as many tokens as the prompt and other tokens on the
@@ -202,7 +205,8 @@ def counterfactual(model: Model, spans: PromptSpans, subject: str, mode: str, sp
                               f"corrupted span {list(spans.str_tokens[a:b])}: nothing would be corrupted")
         out = clean.clone()
         out[a:b] = other[a:b]
-        return Counterfactual(corrupted_prompt, out, "given")
+        text = decode(model, other.tolist()) if is_token_input(corrupted_prompt) else corrupted_prompt
+        return Counterfactual(text, out, "given")
     if mode not in ("relation", "subject"):
         raise PromptError(f"corrupt_with='replace' on an explicit span needs corrupted_prompt= (prompt "
                           f"{shorten(spans.prompt)})")

@@ -32,6 +32,7 @@ from relation_lens.interventions import Intervention, References, as_interventio
 from relation_lens.model_interface import Model, final_logits, run_blocks
 from relation_lens.results import PatchResult
 from relation_lens.sites import SITE_KINDS, Site, check_site, check_site_writes, site_hook, site_hooks_enabled
+from relation_lens.spans import Prompt, Span
 from relation_lens.tracing.config import TraceConfig, metric_name
 from relation_lens.tracing.engine import metric_values
 from relation_lens.tracing.inputs import check_model
@@ -39,8 +40,8 @@ from relation_lens.tracing.prepare import prepare
 
 __all__ = ["patch", "Site", "PatchResult", "SITE_KINDS"]
 
-def patch(model: Model, prompt: str, *, subject: str, sites, target: str | int | None = None,
-          config: TraceConfig | None = None, corrupted_prompt: str | None = None, contrast: str | int | None = None,
+def patch(model: Model, prompt: Prompt, *, subject: str | Span, sites, target: str | int | None = None,
+          config: TraceConfig | None = None, corrupted_prompt: Prompt | None = None, contrast: str | int | None = None,
           intervention: Any = "clean", **settings: Any) -> PatchResult:
     """Patch each group of ``sites`` (a :class:`Site`, or a list of them patched together) in the
     corrupted run of ``prompt`` and measure the metric at the last position.
@@ -89,7 +90,7 @@ def patch(model: Model, prompt: str, *, subject: str, sites, target: str | int |
             v = metric_values(logits, targets, cfg.metric, contrasts).float().view(len(chunk), n)
             samples += [tuple(row) for row in v.tolist()]
     return PatchResult(
-        prompt=prompt, tokens=job.spans.str_tokens, groups=tuple(groups), values=tuple(sum(r) / len(r) for r in samples),
+        prompt=job.prompt, tokens=job.spans.str_tokens, groups=tuple(groups), values=tuple(sum(r) / len(r) for r in samples),
         metric=metric_name(cfg.metric),
         target=job.target.text, target_token=job.target.token, clean_value=job.clean_value,
         corrupted_value=job.corrupted_value, corrupt_span=job.span, corrupt_with=cfg.corrupt_with, n_samples=n,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -41,6 +41,7 @@ from relation_lens.interventions import Intervention, References, as_interventio
 from relation_lens.model_interface import Model, final_logits, recording_hooks, run_blocks
 from relation_lens.results import PatchResult
 from relation_lens.sites import Site, check_site, check_site_writes, site_hook, site_hooks_enabled
+from relation_lens.spans import Prompt, Span, is_token_input, token_ids
 from relation_lens.tracing.config import TraceConfig, metric_name
 from relation_lens.tracing.engine import metric_values
 from relation_lens.tracing.inputs import check_model
@@ -92,9 +93,9 @@ def _sender_groups(model: Model, senders: Any, n_pos: int) -> list[tuple[Site, .
     return groups
 
 
-def path_patch(model: Model, prompt: str, *, subject: str, senders: Any, receivers: Any = "logits",
+def path_patch(model: Model, prompt: Prompt, *, subject: str | Span, senders: Any, receivers: Any = "logits",
                target: str | int | None = None, config: TraceConfig | None = None,
-               corrupted_prompt: str | None = None, contrast: str | int | None = None,
+               corrupted_prompt: Prompt | None = None, contrast: str | int | None = None,
                intervention: Any = "clean", through_mlps: bool = False, **settings: Any) -> PathPatchResult:
     """The metric with each sender group patched along its paths to ``receivers`` only.
 
@@ -127,8 +128,8 @@ def path_patch(model: Model, prompt: str, *, subject: str, senders: Any, receive
     frozen = [f"blocks.{l}.attn.hook_z" for l in range(L)]
     frozen += [f"blocks.{l}.hook_mlp_out" for l in range(L)] if mlps and not through_mlps else []
     with model_lock(model), torch.no_grad():
-        spans_T = len(model.to_tokens(prompt, prepend_bos=model.cfg.default_prepend_bos if cfg.prepend_bos is None
-                                      else cfg.prepend_bos)[0])
+        spans_T = len(token_ids(model, prompt)) if is_token_input(prompt) else len(model.to_tokens(
+            cast(str, prompt), prepend_bos=model.cfg.default_prepend_bos if cfg.prepend_bos is None else cfg.prepend_bos)[0])
         groups = _sender_groups(model, senders, spans_T)
         for g in groups:
             for s in g:
@@ -157,7 +158,7 @@ def path_patch(model: Model, prompt: str, *, subject: str, senders: Any, receive
                 run_blocks(model, job.start, 0, L)
             samples = _run(model, job, cfg, how, groups, recv, frozen, corrupt, refs)
     return PathPatchResult(
-        prompt=prompt, tokens=job.spans.str_tokens, groups=tuple(groups),
+        prompt=job.prompt, tokens=job.spans.str_tokens, groups=tuple(groups),
         values=tuple(sum(r) / len(r) for r in samples), metric=metric_name(cfg.metric),
         target=job.target.text, target_token=job.target.token, clean_value=job.clean_value,
         corrupted_value=job.corrupted_value, corrupt_span=job.span, corrupt_with=cfg.corrupt_with, n_samples=job.n,

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from relation_lens.errors import ConfigError, TargetError
+from relation_lens.errors import ConfigError, PromptError, TargetError, shorten
 from relation_lens.model_interface import Model, decode, embed, final_logits, run_blocks
 from relation_lens.results import TraceResult
-from relation_lens.spans import check_fits_context, find_spans
+from relation_lens.spans import Prompt, check_fits_context, find_spans, is_token_input, spans_from_tokens
 from relation_lens.tracing.attribution import attribution_grids
 from relation_lens.tracing.config import TraceConfig, metric_name
 from relation_lens.tracing.engine import (
@@ -108,7 +108,8 @@ class Prepared:
         )
 
 
-def prepare(model: Model, prompt: str, subject: str, target, cfg: TraceConfig, corrupted_prompt: str | None = None,
+def prepare(model: Model, prompt: Prompt, subject: str | Sequence[int], target, cfg: TraceConfig,
+            corrupted_prompt: Prompt | None = None,
              contrast: str | int | None = None, engine: bool = True, clean_hooks: Sequence[str] = ()) -> Prepared:
     """Check the inputs, run the clean and corrupted passes, list the cells (call under the model's
     lock and ``no_grad``). The corrupted run keeps every block's residual and keys/values only when
@@ -116,8 +117,16 @@ def prepare(model: Model, prompt: str, subject: str, target, cfg: TraceConfig, c
     forward pass for the corrupted value. ``clean_hooks``: more hooks the clean pass keeps
     (``extra_clean``)."""
     window = cfg.window_for(model.cfg.n_layers)
-    spans = find_spans(model, prompt, subject, include_last=cfg.include_last,
-                       require_relation=cfg.corrupt == "relation", prepend_bos=cfg.prepend_bos)
+    if is_token_input(prompt):  # token ids and the subject's token span
+        spans = spans_from_tokens(model, prompt, subject, include_last=cfg.include_last,
+                                  require_relation=cfg.corrupt == "relation")
+    elif not isinstance(prompt, str):
+        raise PromptError(f"prompt must be text or token ids (a 1-D integer tensor or a list of ints), got "
+                          f"{type(prompt).__name__} {shorten(prompt)}")
+    else:
+        spans = find_spans(model, prompt, cast(str, subject), include_last=cfg.include_last,
+                           require_relation=cfg.corrupt == "relation", prepend_bos=cfg.prepend_bos)
+    prompt, subject = spans.prompt, spans.subject  # text from here on (decoded, for token ids)
     T = len(spans.tokens)
     check_fits_context(model, prompt, T)
     mode, span = corrupt_span_for(spans, cfg.corrupt, T)
