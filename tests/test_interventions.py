@@ -232,3 +232,47 @@ def test_bad_new_sites_are_named(tiny_model, arch_model):
     if getattr(arch_model.cfg, "n_key_value_heads", None):  # grouped-query attention: fewer key heads
         with pytest.raises(rl.ConfigError, match="key/value heads"):
             rl.patch(arch_model, PROMPT, subject=SUBJECT, sites=[Site("k", 0, 1, head=3)], n_samples=2)
+
+
+def _mix(clean, corrupted, site):  # a user function: depends on both values and on the site
+    return corrupted + (0.25 + 0.1 * site.layer) * (clean - corrupted)
+
+
+@pytest.mark.parametrize("window, which", [(1, "all"), (3, "steer and function")])
+def test_the_engine_grids_take_every_intervention_as_patch_does(tiny_model64, window, which):
+    """trace(intervention=X) equals rl.patch(intervention=X) on every cell (a residual site; an MLP or
+    attention output at each layer of the window), positions before the corrupted span included (an
+    intervention other than the clean value changes them)."""
+    from relation_lens.tracing.config import window_layers
+
+    model = tiny_model64
+    L = model.cfg.n_layers
+    long = [PROMPT + " Seattle, which is in Washington", "The Eiffel Tower is located in the city of Paris in France"]
+    vec = torch.linspace(-1, 1, model.cfg.d_model, dtype=torch.float64)
+    hows = [Zero(), Mean(long), Mean(long, align="end"), Resample(long[1]), Steer(vec, scale=0.5), _mix]
+    for how in hows if which == "all" else hows[-2:]:
+        kinds = ("resid", "mlp") if window == 1 else ("attn",)  # every kind, between the two cases
+        res = rl.trace(model, PROMPT, subject=SUBJECT, n_samples=2, window=window, intervention=how, metric="logprob",
+                       kinds=kinds)
+        T = len(res.tokens)
+        groups = [[Site(k, j, p) for j in (range(l, l + 1) if k == "resid" else window_layers(l, window, L))]
+                  for k in res.kinds for l in range(L) for p in range(T)]
+        want = rl.patch(model, PROMPT, subject=SUBJECT, sites=groups, n_samples=2, intervention=how, metric="logprob")
+        got = torch.cat([res.scores[k].flatten() for k in res.kinds])
+        assert (got - torch.tensor(want.values)).abs().max().item() <= 1e-8, how
+        samples = torch.cat([res.samples[k].flatten(0, 1) for k in res.kinds])
+        assert (samples - torch.tensor(want.samples)).abs().max().item() <= 1e-8
+        a = res.corrupt_span[0]
+        if how is not _mix and "resid" in kinds:  # before the span the intervention moves the metric (the clean value, or _mix, would not)
+            assert (res.scores["resid"][:, :a] - res.corrupted_value).abs().max().item() > 1e-3, how
+        assert res.settings["intervention"]["name"] == ("function" if how is _mix else how.name)
+
+
+def test_engine_interventions_refuse_what_does_not_fit(tiny_model):
+    with pytest.raises(rl.ConfigError, match="needs at least"):
+        rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2, intervention=Resample("Short one"))
+    with pytest.raises(rl.ConfigError, match="hold \\[64\\]"):
+        rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2, intervention=Steer(torch.ones(3)))
+    with pytest.raises(rl.ConfigError, match="needs method='exact'"):
+        rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2, intervention="zero", method="attribution")
+    assert all_hooks(tiny_model) == 0

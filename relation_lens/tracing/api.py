@@ -8,6 +8,7 @@ import torch
 
 from relation_lens.errors import ConfigError, RelationLensError
 from relation_lens.guards import model_lock
+from relation_lens.interventions import Clean, as_intervention
 from relation_lens.model_interface import Model
 from relation_lens.results import TraceResult
 from relation_lens.spans import Prompt, Span
@@ -19,7 +20,7 @@ from relation_lens.tracing.prepare import Prepared, attribution_scores, prepare
 
 def trace(model: Model, prompt: Prompt, *, subject: str | Span, target: str | int | None = None, config: TraceConfig | None = None,
           corrupted_prompt: Prompt | None = None, contrast: str | int | None = None, progress: bool = False,
-          **settings: Any) -> TraceResult:
+          intervention: Any = "clean", **settings: Any) -> TraceResult:
     """Trace where ``model`` carries the relation (or subject) of ``prompt``.
 
     Args:
@@ -35,6 +36,11 @@ def trace(model: Model, prompt: Prompt, *, subject: str | Span, target: str | in
         contrast: with ``metric="logit_diff"``, the contrast answer (string or token id); ``None``
             takes the counterfactual's top answer under ``"replace"`` (required under noise).
         progress: show a progress bar.
+        intervention: what each restored site receives (:mod:`relation_lens.interventions`): the clean
+            value (``"clean"``, causal tracing), ``"zero"``, ``Mean(prompts)`` / ``Resample(prompt)``
+            (each reference prompt at least as long as ``prompt``), ``Steer(vector)`` (``[d_model]``) or
+            a function ``f(clean, corrupted, site)``, called per cell and, for MLP and attention
+            windows, per layer of the window. Exact with ``method="exact"`` only.
         **settings: any :class:`TraceConfig` field, overriding ``config``'s (``corrupt="subject"``,
             ``kinds="mlp"``, ``window=10``, ``n_samples``, ``noise``, ``seed``, ``include_last``,
             ``batch_size``, ``prepend_bos``...).
@@ -49,11 +55,18 @@ def trace(model: Model, prompt: Prompt, *, subject: str | Span, target: str | in
     """
     cfg = TraceConfig.of(config, settings)
     check_model(model, cfg.kinds, prompt)
+    how = as_intervention(intervention)
+    if not isinstance(how, Clean) and cfg.method != "exact":
+        raise ConfigError(f"intervention {how.name!r} needs method='exact': attribution patching approximates "
+                          "restoring the clean value only")
     with model_lock(model), torch.no_grad():
-        job = prepare(model, prompt, subject, target, cfg, corrupted_prompt, contrast)
+        job = prepare(model, prompt, subject, target, cfg, corrupted_prompt, contrast, intervention=how)
         scores = attribution_scores(model, job) if cfg.method == "attribution" else \
             run_jobs(model, [job.job], job.n, cfg.batch_size, progress, metric=cfg.metric)[0]
-    return job.finish(model, scores)
+    result = job.finish(model, scores)
+    if not isinstance(how, Clean):
+        result.settings["intervention"] = how.describe()
+    return result
 
 
 def trace_packed(model: Model, items: list[tuple[str, str, Any, TraceConfig]], *, batch_size: int,

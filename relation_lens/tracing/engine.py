@@ -17,7 +17,7 @@ from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from relation_lens.errors import ConfigError
 from relation_lens.model_interface import Model, block_device, embed, final_logits, run_block_cached
+from relation_lens.sites import Site
 from relation_lens.spans import Span
 from relation_lens.tracing.config import HOOKS, metric_name, window_layers
 
@@ -122,6 +123,10 @@ class _Plan:
     def __init__(self):
         self.masks: dict[tuple[str, int], Tensor] = {}
         self.values: dict[tuple[str, int], Tensor] = {}
+        self.mode = "replace"
+        self.offset: Tensor | None = None
+        self.function: Any = None
+        self.cells: list[tuple[slice, Site]] = []  # "function": each cell's rows and its site at a layer
 
     def hook(self, kind: str, layer: int):
         def restore(act, hook):
@@ -129,7 +134,17 @@ class _Plan:
             if mask is None:
                 return act
             act = act.clone()  # the block's first position is the one being restored
-            act[:, 0] = restore_where(act[:, 0], mask, self.values[(kind, layer)])
+            now = act[:, 0]
+            if self.mode == "replace":
+                act[:, 0] = restore_where(now, mask, self.values[(kind, layer)])
+            elif self.mode == "add":
+                assert self.offset is not None
+                act[:, 0] = restore_where(now, mask, now + self.offset.to(now.device, now.dtype))
+            else:
+                values = self.values[(kind, layer)]
+                for rows, site in self.cells:
+                    if site.kind == kind and bool(mask[rows.start]):  # site: this layer's, in the cell's window
+                        act[rows, 0] = self.function.value(site, values[rows.start], now[rows], None, hook.name).to(act.dtype)
             return act
 
         return restore
@@ -144,6 +159,12 @@ class Job:
     target: int
     n_tokens: int
     contrast: int | None = None
+    # what a restored site receives (relation_lens.interventions): "replace" writes runs.clean (the
+    # clean values, or zeros / means / another prompt's values put there by prepare); "add" adds
+    # ``offset`` to the value the run has (Steer); "function" calls ``function.value`` per cell
+    mode: str = "replace"
+    offset: Tensor | None = None
+    function: Any = None
 
 
 Metric = str | Callable[..., Tensor]  # a named metric, or a function of the final-position logits
@@ -238,12 +259,13 @@ def run_jobs(model: Model, jobs: list[Job], n: int, batch_size: int, progress: b
             uniform = len({(i, c.pos) for i, c in chunk}) == 1
             device = runs[0].corrupt_resid[chunk[0][1].start].device
             inputs = []
+            job0 = jobs[chunk[0][0]]
             for (_, c), r, s in zip(chunk, runs, suffix):
                 x = r.corrupt_resid[c.start][:, c.pos:].to(device)
                 if c.kind == "resid" or s < S:
                     x = torch.nn.functional.pad(x, (0, 0, 0, S - s)) if s < S else x.clone()
                     if c.kind == "resid":
-                        x[:, 0] = r.clean["resid"][c.layer, c.pos].to(device)
+                        x[:, 0] = _resid_value(job0, r, c, x[:, 0])
                 inputs.append(x)
             resid = torch.cat(inputs)  # [rows, S, d_model], row = cell * n + sample
             starts = [c.start for _, c in chunk]  # ascending
@@ -282,6 +304,9 @@ def run_jobs(model: Model, jobs: list[Job], n: int, batch_size: int, progress: b
                         where = tuple(t[:active].to(stacked[j][0].device) for t in gather)
                         kv = (stacked[j][0][where].to(dev), stacked[j][1][where].to(dev))
                     prefix = kv
+                plan.mode, plan.offset, plan.function = job0.mode, job0.offset, job0.function
+                if job0.mode == "function":
+                    plan.cells = [(slice(i * n, (i + 1) * n), Site(c.kind, j, c.pos)) for i, (_, c) in enumerate(chunk[:active_cells])]
                 plan.masks = {(k, j): masks[k][j, :active].to(dev) for k, m in restore.items() if any(m[j])}
                 plan.values = {(k, j): clean[k][:active_cells, j].to(dev).repeat_interleave(n, dim=0)
                                for k, m in restore.items() if any(m[j])}
@@ -308,6 +333,17 @@ def run_jobs(model: Model, jobs: list[Job], n: int, batch_size: int, progress: b
     for (i, c), v in zip((jc for chunk, _ in scored for jc in chunk), values):
         out[i][c] = v
     return out
+
+
+def _resid_value(job: Job, r: Runs, c: Cell, now: Tensor) -> Tensor:
+    """What a residual cell receives: ``now`` is the corrupted run's residual there ``[n, d_model]``."""
+    clean = r.clean["resid"][c.layer, c.pos].to(now.device)
+    if job.mode == "replace":
+        return clean.expand_as(now)
+    if job.mode == "add":
+        assert job.offset is not None
+        return now + job.offset.to(now.device, now.dtype)
+    return job.function.value(Site("resid", c.layer, c.pos), clean, now, None, HOOKS["resid"].format(c.layer)).to(now.dtype)
 
 
 def _stack_kv(jobs: list[Job]) -> list[tuple[Tensor, Tensor]]:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from relation_lens.errors import ConfigError, PromptError, TargetError, shorten
+from relation_lens.interventions import Clean, Intervention, Mean, Resample, Steer, Zero
 from relation_lens.model_interface import Model, decode, embed, final_logits, run_blocks
 from relation_lens.results import TraceResult
 from relation_lens.spans import Prompt, check_fits_context, find_spans, is_token_input, spans_from_tokens
@@ -108,9 +109,38 @@ class Prepared:
         )
 
 
+def _set_intervention(model: Model, job: Job, how: Intervention, cfg: TraceConfig) -> None:
+    """Make the engine write ``how``'s values instead of the clean ones: zeros, a mean over
+    reference prompts or another prompt's values go in place of the clean grids; a steering vector is
+    added (mode "add"); a function is called per cell (mode "function")."""
+    clean, T = job.runs.clean, job.n_tokens
+    if isinstance(how, Zero):
+        job.runs.clean = {k: torch.zeros_like(v) for k, v in clean.items()}
+    elif isinstance(how, (Mean, Resample)):
+        bos = model.cfg.default_prepend_bos if cfg.prepend_bos is None else cfg.prepend_bos
+        grids = []
+        for p in how.prompts:
+            ref = clean_run(model, model.to_tokens(p, prepend_bos=bos)[0], list(clean))[0]
+            n_ref = next(iter(ref.values())).shape[1]
+            if n_ref < T:
+                raise ConfigError(f"reference prompt {shorten(p)} has {n_ref} tokens; a trace patches every position "
+                                  f"of the prompt's {T}, so each reference prompt needs at least {T} (align={how.align!r})")
+            lo = 0 if how.align == "start" else n_ref - T
+            grids.append({k: v[:, lo:lo + T] for k, v in ref.items()})
+        job.runs.clean = {k: torch.stack([g[k] for g in grids]).mean(0) for k in clean}
+    elif isinstance(how, Steer):
+        if tuple(how.vector.shape) != (model.cfg.d_model,):
+            raise ConfigError(f"Steer's vector has shape {list(how.vector.shape)}; the trace's sites (residual, MLP "
+                              f"and attention outputs) hold [{model.cfg.d_model}]")
+        job.mode, job.offset = "add", how.scale * how.vector.to(model.cfg.device, model.cfg.dtype)
+    else:
+        job.mode, job.function = "function", how
+
+
 def prepare(model: Model, prompt: Prompt, subject: str | Sequence[int], target, cfg: TraceConfig,
             corrupted_prompt: Prompt | None = None,
-             contrast: str | int | None = None, engine: bool = True, clean_hooks: Sequence[str] = ()) -> Prepared:
+             contrast: str | int | None = None, engine: bool = True, clean_hooks: Sequence[str] = (),
+            intervention: Intervention | None = None) -> Prepared:
     """Check the inputs, run the clean and corrupted passes, list the cells (call under the model's
     lock and ``no_grad``). The corrupted run keeps every block's residual and keys/values only when
     the patching engine will use them (``engine`` and ``method="exact"``); otherwise it is one plain
@@ -172,9 +202,14 @@ def prepare(model: Model, prompt: Prompt, subject: str | Sequence[int], target, 
     clean_value = metric_values(clean_logits[None], targets, cfg.metric, contrasts).item()
     # Before the corrupted span the clean and corrupted runs are the same (causal attention, noise
     # only on the span), so restoring a site there changes nothing: its score is the corrupted one.
+    # (Any other intervention changes the run there too: every cell is run.)
     cells = grid_cells(cfg.kinds, model.cfg.n_layers, T, window)
-    fixed = dict.fromkeys([c for c in cells if c.pos < span[0]], corrupted_value)
-    job = Job(Runs(clean, resids, kvs), [c for c in cells if c.pos >= span[0]], tgt.token, T,
+    restoring = intervention is None or isinstance(intervention, Clean)
+    fixed = dict.fromkeys([c for c in cells if c.pos < span[0]], corrupted_value) if restoring else {}
+    job = Job(Runs(clean, resids, kvs), [c for c in cells if c.pos >= span[0] or not restoring], tgt.token, T,
                None if contrast_t is None else contrast_t.token)
+    if not restoring:
+        assert intervention is not None
+        _set_intervention(model, job, intervention, cfg)
     return Prepared(job, prompt, subject, cfg, spans, mode, span, tgt, clean_logits, corrupted_prob, std, window,
                      fixed, n, clean_value, corrupted_value, contrast_t, cf, start, extra_clean, corrupted_samples)
