@@ -40,6 +40,7 @@ from relation_lens.errors import (
 )
 from relation_lens.evaluation import EvaluationResult, evaluate, evaluate_batch
 from relation_lens.key_statistics import KeyStatistics
+from relation_lens.locate import LocateResult, locate
 from relation_lens.models import load_model
 from relation_lens.spans import find_spans
 from relation_lens.tracing import (
@@ -59,7 +60,7 @@ from relation_lens.tracing.path_patch import PathPatchResult, path_patch
 from relation_lens.version import __version__
 
 __all__ = [
-    "load_model", "trace", "knockout", "KnockoutResult", "knockout_dataset", "DatasetKnockoutResult", "patch", "Site", "PatchResult", "path_patch", "PathPatchResult", "interventions", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
+    "load_model", "trace", "knockout", "KnockoutResult", "knockout_dataset", "DatasetKnockoutResult", "patch", "Site", "PatchResult", "path_patch", "PathPatchResult", "locate", "LocateResult", "interventions", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
     "edit", "evaluate", "evaluate_batch", "BatchUpdate", "Preserve", "AlphaEditConfig", "ValueCache", "Update", "load_update",
     "EditMethod", "METHODS", "register_method", "save_edited", "EvaluationResult", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
     "views", "__version__", "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Float
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -62,17 +65,39 @@ def default_corpus() -> list[str]:
     return [f"{t.format(f.subject)} {f.object}." for f in load_world() for t in f.train_templates]
 
 
+def _read_text_file(path: Path) -> list[str]:
+    """One text per non-empty line; a ``.jsonl`` file's lines are JSON objects with a ``text`` field."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line)["text"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"line {i + 1} of {path} is not a JSON object with a 'text' field") from None
+    return out
+
+
 def _texts(corpus, n_texts: int | None) -> list[str]:
     if corpus is None:
         texts = default_corpus()
-    elif hasattr(corpus, "column_names"):  # datasets.Dataset
+    elif isinstance(corpus, (str, Path)):
+        if not Path(corpus).is_file():
+            raise DataError(f"corpus {str(corpus)[:80]!r} is not a file; give a text file (one text per line, or "
+                            ".jsonl with a 'text' field), a list of strings or a datasets.Dataset")
+        texts = _read_text_file(Path(corpus))
+    elif getattr(corpus, "column_names", None) is not None and hasattr(corpus, "__len__"):  # datasets.Dataset
         if "text" not in corpus.column_names:
             raise DataError(f"corpus dataset has columns {corpus.column_names}; it needs a 'text' column")
         texts = list(corpus["text"])
-    elif isinstance(corpus, str):
-        raise DataError("corpus must be a list of strings or a datasets.Dataset, not a single string")
+    elif not hasattr(corpus, "__len__"):  # a stream (datasets.IterableDataset, a generator): its first n_texts
+        if n_texts is None:
+            raise DataError("a streamed corpus needs n_texts= (how many texts to read from it)")
+        texts = [t["text"] if isinstance(t, dict) else t for t in itertools.islice(corpus, n_texts)]
+        n_texts = None
     else:
-        texts = list(corpus)
+        texts = [t["text"] if isinstance(t, dict) and "text" in t else t for t in corpus]
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise DataError("the corpus for key statistics holds no non-empty text")
@@ -118,7 +143,7 @@ class KeyStatistics(ValueEquality):
                 f"from {self.count} keys of {self.n_texts} texts, model {self.model_fingerprint[:12]})")
 
     @classmethod
-    def compute(cls, model: Model, layer: int, corpus: Iterable[str] | None = None, *, n_texts: int | None = 10_000,
+    def compute(cls, model: Model, layer: int, corpus: Any = None, *, n_texts: int | None = 10_000,
                 batch_size: int = 64, cache: bool = True, progress: bool = True,
                 directory: str | Path | None = None, prepend_bos: bool | None = None,
                 precision: str = "mixed") -> KeyStatistics:
@@ -128,9 +153,11 @@ class KeyStatistics(ValueEquality):
         the float64 sums are all-reduced: every rank gets the one-process moment (to float64 rounding).
 
         Args:
-            corpus: texts (list of strings or a ``datasets.Dataset`` with a ``text`` column); default:
-                the default model's training text.
-            n_texts: use at most this many texts (a seeded sample); ``None`` for all.
+            corpus: texts: a list of strings (or of dicts with ``text``), a ``datasets.Dataset`` with a
+                ``text`` column, a text file (one text per line; ``.jsonl``: a ``text`` field per line), or
+                a stream (``datasets.load_dataset(..., streaming=True)``, a generator), of which the
+                first ``n_texts`` are read; default: the default model's training text.
+            n_texts: use at most this many texts (a seeded sample; a stream's first); ``None`` for all.
             cache: read and write the disk cache (``directory`` or :func:`cache_dir`; only rank 0 writes).
             prepend_bos: ``None`` follows the model; ``False`` tokenises as ROME's ``layer_stats`` does on
                 GPT-2 (no BOS, every token counted). A prepended BOS's key is never counted (it is the
@@ -170,12 +197,59 @@ class KeyStatistics(ValueEquality):
             _atomic_save({"moment": moment.contiguous(), "count": torch.tensor([count])}, file)
         return stats
 
+    def save(self, path: str | Path, *, corpus: str = "") -> Path:
+        """Write these statistics to one safetensors file to share (the moment in float64 and, in its
+        header as JSON, the format, layer, key count, model fingerprint, corpus hash, number of
+        texts and ``corpus``, a description of the corpus). :meth:`load` reads it back equal."""
+        meta = {"format": STATS_FORMAT, "layer": self.layer, "count": self.count, "model_fingerprint": self.model_fingerprint,
+                "corpus_hash": self.corpus_hash, "n_texts": self.n_texts, "corpus": corpus,
+                "d_mlp": int(self.moment.shape[0])}
+        file = Path(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"moment": self.moment.contiguous()}, str(file), metadata={"relation_lens": json.dumps(meta)})
+        return file
+
+    @classmethod
+    def load(cls, path: str | Path, model: Model | None = None) -> KeyStatistics:
+        """Statistics written by :meth:`save`. With ``model``, they are refused (:class:`EditError`)
+        unless they were computed on its weights (the fingerprint of the weights up to their layer)."""
+        meta = read_statistics_header(path)
+        stats = cls(int(meta["layer"]), load_file(str(path))["moment"], int(meta["count"]), meta["model_fingerprint"],
+                    meta["corpus_hash"], int(meta["n_texts"]))
+        if model is not None:
+            if not 0 <= stats.layer < model.cfg.n_layers:
+                raise EditError(f"{path}: key statistics of layer {stats.layer}; the model has {model.cfg.n_layers}")
+            fp = model_fingerprint(model, stats.layer)
+            if fp != stats.model_fingerprint:
+                raise EditError(f"{path}: key statistics computed on other weights (fingerprint "
+                                f"{stats.model_fingerprint}, this model's {fp} up to layer {stats.layer})")
+        return stats
+
     def inverse_times(self, k: Float[Tensor, d_mlp], ridge: float = 0.0) -> Float[Tensor, d_mlp]:
         """``C^-1 k`` (float64 solve), with ``ridge x mean(diag C)`` added to the diagonal."""
         C = self.moment
         if ridge:
             C = C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
         return torch.linalg.solve(C, k.to(C.dtype).cpu())
+
+
+STATS_FORMAT = "relation_lens.key_statistics/1"
+
+
+def read_statistics_header(path: str | Path) -> dict:
+    """The metadata of a key-statistics file (:meth:`KeyStatistics.save`), without the matrix."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"no key-statistics file at {file}")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            raw = (f.metadata() or {}).get("relation_lens")
+    except Exception as exc:  # not a safetensors file
+        raise DataError(f"{file} is not a safetensors file ({type(exc).__name__})") from None
+    meta = json.loads(raw) if raw else {}
+    if meta.get("format") != STATS_FORMAT:
+        raise DataError(f"{file} is not a relation_lens key-statistics file (format {meta.get('format')!r})")
+    return meta
 
 
 def _atomic_save(tensors: dict[str, Tensor], file: Path) -> None:

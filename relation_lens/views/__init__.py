@@ -10,6 +10,7 @@ from relation_lens.views.knockout import (
            plot_knockout,
            plot_knockout_dataset,
 )
+from relation_lens.views.locate import locate_html, plot_locate
 from relation_lens.views.patch import patch_html, plot_patch
 from relation_lens.views.trace import (
            dataset_figure,
@@ -21,5 +22,5 @@ from relation_lens.views.trace import (
 )
 
 __all__ = ["colored_tokens", "page", "png_data_uri", "knockout_html", "knockout_dataset_html", "plot_knockout",
-           "plot_knockout_dataset", "patch_html", "plot_patch", "dataset_figure", "dataset_html", "plot_dataset",
+           "plot_knockout_dataset", "locate_html", "plot_locate", "patch_html", "plot_patch", "dataset_figure", "dataset_html", "plot_dataset",
            "plot_trace", "trace_figure", "trace_html"]
