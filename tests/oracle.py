@@ -76,15 +76,15 @@ def patched_probability(model, tokens, corrupt_span, noise, target, restore=()):
         act[:, a:b] += noise.to(act.device)
         return act
 
-    def restorer(positions):
+    def restorer(name, positions):  # by the name asked for: a bridge's hook.name is the canonical one
         pos = list(positions)
 
         def fn(act, hook):
             act = act.clone()
-            act[:, pos] = cache[hook.name][0, pos]
+            act[:, pos] = cache[name][0, pos]
             return act
         return fn
 
-    hooks = [("hook_embed", add_noise)] + [(name, restorer(pos)) for name, pos in restore]
+    hooks = [("hook_embed", add_noise)] + [(name, restorer(name, pos)) for name, pos in restore]
     logits = model.run_with_hooks(tokens.expand(noise.shape[0], -1), fwd_hooks=hooks)
     return logits[:, -1].float().softmax(-1)[:, target].mean().item()

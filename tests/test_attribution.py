@@ -43,12 +43,14 @@ def _finite_difference_grids(model, result, noise, metric, contrast, w, eps=1e-5
 
     cache = {}
 
-    def record(act, hook):
-        cache[hook.name] = act.clone()
-        return act
+    def recorder(name):  # under the name asked for: a bridge's hook.name is the canonical one
+        def record(act, hook):
+            cache[name] = act.clone()
+            return act
+        return record
 
     names = [NAMES[k].format(j) for k in NAMES for j in range(L)]
-    model.run_with_hooks(batch, fwd_hooks=[("hook_embed", add_noise)] + [(nm, record) for nm in names])
+    model.run_with_hooks(batch, fwd_hooks=[("hook_embed", add_noise)] + [(nm, recorder(nm)) for nm in names])
 
     def step(name, p, scale):
         def fn(act, hook):

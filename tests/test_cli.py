@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 from relation_lens.cli import build_parser, main
+from relation_lens.models.bridge import transformer_lens_major
 
 
 def test_help_explains_every_subcommand():
@@ -35,7 +36,8 @@ def test_trace_bad_subject_is_a_clear_error(tmp_path, capsys):
 
 def test_unknown_model_is_a_clear_error(capsys):
     assert main(["info", "--model", "gpt2-xxl"]) == 2
-    assert "unknown model name" in capsys.readouterr().err
+    err = capsys.readouterr().err  # TransformerLens 3 knows its names; a bridge takes any hub id (offline here)
+    assert "unknown model name" in err if transformer_lens_major() < 4 else "'gpt2-xxl' is not in the local" in err
 
 
 def test_world_and_info(capsys):

@@ -7,6 +7,16 @@ from conftest import ARCHITECTURES, all_hooks, checksum, random_model, same_weig
 import relation_lens as rl
 from relation_lens.editing import EditConfig, EditRequest, RankOneUpdate, apply_edit, compute_edit
 from relation_lens.key_statistics import KeyStatistics
+from relation_lens.model_interface import mlp_out, mlp_out_bias
+
+pytestmark = pytest.mark.transformer_lens_4  # line-agnostic: CI runs it under TransformerLens 4 too
+
+
+def _w_out_key(model, layer):
+    """The state_dict name of block ``layer``'s MLP output matrix (``blocks.l.mlp.W_out`` on
+    TransformerLens 3; the wrapped module's weight on a bridge, ``W_out`` itself or its transpose)."""
+    ptr = mlp_out(model, layer).data_ptr()
+    return next(k for k, v in model.state_dict().items() if v.data_ptr() == ptr)
 
 # r-ROME keys and the scale-free lr (the tests of exactness use k* in every term); 4 generated tokens
 FAST = EditConfig(v_steps=12, prefix_lengths=((5, 3),), key_mode="symmetric", v_lr_scale="rms")
@@ -69,7 +79,7 @@ def test_compute_edit_is_pure_and_update_is_exact(tiny_model, tiny_stats):
     text = repr(tiny_stats[2])
     assert text.startswith("KeyStatistics(layer 2, [128 x 128] from ") and "tensor(" not in text
     W = tiny_model.blocks[2].mlp.W_out.detach().double()
-    b = tiny_model.blocks[2].mlp.b_out.detach().double()
+    b = mlp_out_bias(tiny_model, 2).detach().double()
     assert torch.allclose(upd.key @ (W + upd.delta()) + b, upd.value, atol=1e-6)
     # the key is at the prompt's last token for relation-ROME
     for pos, pre in zip(upd.key_positions, upd.info["prefixes"]):
@@ -94,7 +104,7 @@ def test_apply_and_undo_bit_exact_and_sequential(tiny_model, tiny_stats):
         before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
         edits.append(apply_edit(tiny_model, upd))
         changed = [k for k, v in tiny_model.state_dict().items() if not torch.equal(v, before[k])]
-        assert changed == ["blocks.2.mlp.W_out"]
+        assert changed == [_w_out_key(tiny_model, 2)]
     with pytest.raises(rl.EditError, match="changed since"):
         edits[0].undo()  # out of order
     for e in reversed(edits):
@@ -173,13 +183,13 @@ def test_edit_on_other_architectures(tokenizer, tmp_path, arch, method):
     config = EditConfig.default_model_preset(prefix_lengths=(), v_weight_decay=0.5, clamp_norm_factor=4.0, v_steps=20)
     upd = compute_edit(model, req, method=method, layer=1, stats=stats, config=config)
     W = model.blocks[1].mlp.W_out.detach().double()
-    b = model.blocks[1].mlp.b_out.detach().double()
+    b = mlp_out_bias(model, 1).detach().double()
     assert torch.allclose(upd.key @ (W + upd.delta()) + b, upd.value, atol=1e-6)
     assert torch.linalg.matrix_rank(upd.delta()) == 1
     before = checksum(model)
     with apply_edit(model, upd):
         changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-        assert changed == ["blocks.1.mlp.W_out"]
+        assert changed == [_w_out_key(model, 1)]
         p_after = model(req.text)[0, -1].softmax(-1)[new].item()
     assert same_weights(model, before)
     assert p_after > p_before
@@ -253,5 +263,5 @@ def test_ridge_is_relative_to_the_mean_diagonal_of_c(tiny_model):
     unscaled = torch.linalg.solve(C + 0.5 * torch.eye(d, dtype=torch.float64), upd.key)
     assert (upd.left - unscaled).norm() > 1e-2 * upd.left.norm()
     W = tiny_model.blocks[2].mlp.W_out.detach().double()
-    b = tiny_model.blocks[2].mlp.b_out.detach().double()
+    b = mlp_out_bias(tiny_model, 2).detach().double()
     assert torch.allclose(upd.key @ (W + upd.delta()) + b, upd.value, atol=1e-6)

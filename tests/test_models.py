@@ -7,6 +7,11 @@ import torch
 
 import relation_lens as rl
 from relation_lens.models import default_model_path
+from relation_lens.models.bridge import transformer_lens_major
+
+TL3_ONLY = pytest.mark.skipif(transformer_lens_major() >= 4, reason=(
+    "TransformerLens 3's own weight conversion and processing: a TransformerLens 4 bridge wraps the Hugging Face "
+    "model instead (its load is checked against the Hugging Face log-probs in test_bridge.py)"))
 
 
 def test_default_model_loads_offline(default_model):
@@ -50,7 +55,11 @@ def test_local_gpt2_folder_converts_offline(tmp_path, tokenizer):
 
 
 def test_unknown_name():
-    with pytest.raises(rl.ModelLoadError, match="unknown model name 'gpt2-xxl'.*Did you mean"):
+    """TransformerLens 3 knows its model names and suggests one; a TransformerLens 4 bridge takes any hub
+    id, so offline an unknown one is a hub id it cannot reach, said at once."""
+    want = "unknown model name 'gpt2-xxl'.*Did you mean" if transformer_lens_major() < 4 else \
+        "model 'gpt2-xxl' is not in the local Hugging Face cache and the hub cannot be reached"
+    with pytest.raises(rl.ModelLoadError, match=want):
         rl.load_model("gpt2-xxl")
 
 
@@ -203,6 +212,7 @@ def _transformer_lens_reference(hf, folder, tokenizer, center=True):
     return ref
 
 
+@TL3_ONLY
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
 @pytest.mark.parametrize("center", [True, False])
 def test_tensor_by_tensor_load_equals_transformer_lens_whole_dict_processing(tmp_path, tokenizer, arch, center):
@@ -281,6 +291,9 @@ def test_uncentred_load_keeps_huggingface_mlp_outputs():
     assert (ref.mean(-1).abs() > 1e-5).any()  # the two loads really differ
 
 
+@pytest.mark.skipif(transformer_lens_major() >= 4, reason=(
+    "on TransformerLens 4.3 the bridge leaves a 1.3e-6 log-prob gap on a float64 folder (docs/models.md): float64 "
+    "through and through holds on TransformerLens 3 only"))
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
 @pytest.mark.parametrize("center", [True, False])
 def test_float64_loads_are_float64_through_and_through(tmp_path, tokenizer, arch, center):

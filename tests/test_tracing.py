@@ -7,6 +7,7 @@ from conftest import ARCHITECTURES, all_hooks, checksum, float32_sum_tolerance, 
 from oracle import naive_trace, patched_probability
 
 import relation_lens as rl
+from relation_lens.models.bridge import transformer_lens_major
 from relation_lens.tracing import TargetWarning, make_noise, window_layers
 
 PROMPT, SUBJECT = "The Space Needle is located in the city of", "The Space Needle"
@@ -34,7 +35,8 @@ def test_the_first_corrupted_position_is_restored_not_fixed(tiny_model):
     cells, filling them as it does before the span, fails here)."""
     res = _oracle_check(tiny_model, PROMPT, SUBJECT, None, (2, 3), n=3, window=1)
     first = res.corrupt_span[0]
-    assert abs(res.scores["resid"][0, first] - res.corrupted_prob) > 0.1 * abs(res.clean_prob - res.corrupted_prob)
+    # a skipped cell would hold the corrupted value exactly; the oracle's tolerance is 1e-5
+    assert abs(res.scores["resid"][0, first] - res.corrupted_prob) > 1e-3
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
@@ -117,15 +119,21 @@ def test_model_left_untouched(tiny_model):
 
 def test_no_hook_left_when_engine_raises(tiny_model, monkeypatch):
     import relation_lens.tracing as tr
+    import relation_lens.tracing.engine as engine
 
-    def boom(*a, **k):
-        raise RuntimeError("boom")
+    real = engine.run_block_cached
 
-    monkeypatch.setattr(tiny_model.blocks[2], "forward", boom)
+    def boom(model, layer, *a, **k):  # block 2 fails in the middle of the engine's patched runs
+        if layer == 2 and a and a[0] is not None and len(a) > 1:
+            raise RuntimeError("boom")
+        return real(model, layer, *a, **k)
+
+    monkeypatch.setattr(engine, "run_block_cached", boom)
     with pytest.raises(RuntimeError, match="boom"):
         tr.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2)
     monkeypatch.undo()
     assert all_hooks(tiny_model) == 0
+    rl.trace(tiny_model, PROMPT, subject=SUBJECT, n_samples=2)  # and the model traces as before
 
 
 def test_json_round_trip(tiny_model, tmp_path):
@@ -227,6 +235,9 @@ def test_default_window_is_depth_scaled_for_every_caller(tiny_model, default_mod
 
 
 def test_attention_only_model_has_no_mlp(tokenizer):
+    if transformer_lens_major() >= 4:
+        pytest.skip("no Hugging Face architecture is attention-only, so TransformerLens 4 (which wraps Hugging Face "
+                    "models only) has no such model; it runs on TransformerLens 3")
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, n_ctx=32, d_vocab=len(tokenizer),
@@ -294,14 +305,16 @@ def test_trace_dataset_gives_prompt_i_the_seed_plus_i(tiny_model, pack):
     result is the single trace with that seed, and not the one with the dataset's seed."""
     facts = [(PROMPT, SUBJECT), ("The capital of France is", "France"),
              ("Germany is located in the continent of", "Germany")]
-    res = rl.trace_dataset(tiny_model, facts, n_samples=2, window=2, seed=5, pack=pack, exclude_incorrect=False)
+    res = rl.trace_dataset(tiny_model, facts, n_samples=2, window=2, seed=5, pack=pack, exclude_incorrect=False,
+                           metric="logprob")
     for i, ((prompt, subject), got) in enumerate(zip(facts, res.results)):
         alone = rl.trace(tiny_model, prompt, subject=subject, n_samples=2, window=2, seed=5 + i,
-                         noise=res.results[0].noise_std)
+                         noise=res.results[0].noise_std, metric="logprob")
         assert got.seed == 5 + i
-        for kind in alone.scores:  # packed runs pad, so float rounding differs (the packing tests: 5e-6)
-            assert (got.scores[kind] - alone.scores[kind]).abs().max() <= 5e-6, (i, kind)
+        for kind in alone.scores:  # packed runs pad, so float rounding differs (5e-6 relative to |log P|)
+            scale = max(1.0, alone.scores[kind].abs().max().item())
+            assert (got.scores[kind] - alone.scores[kind]).abs().max() <= 5e-6 * scale, (i, kind)
         if i:
             other = rl.trace(tiny_model, prompt, subject=subject, n_samples=2, window=2, seed=5,
-                             noise=res.results[0].noise_std)
+                             noise=res.results[0].noise_std, metric="logprob")
             assert (got.scores["resid"] - other.scores["resid"]).abs().max() > 1e-3  # the seed shows
