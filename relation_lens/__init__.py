@@ -38,7 +38,7 @@ from relation_lens.errors import (
     TargetError,
     UnsupportedModelError,
 )
-from relation_lens.evaluation import EvaluationResult, evaluate, evaluate_batch
+from relation_lens.evaluation import EvaluationResult, SequenceResult, evaluate, evaluate_batch, evaluate_sequence
 from relation_lens.key_statistics import KeyStatistics
 from relation_lens.locate import LocateResult, locate
 from relation_lens.models import load_model
@@ -57,11 +57,12 @@ from relation_lens.tracing import (
 )
 from relation_lens.tracing.patch import PatchResult, Site, patch
 from relation_lens.tracing.path_patch import PathPatchResult, path_patch
+from relation_lens.tune import TuneResult, tune
 from relation_lens.version import __version__
 
 __all__ = [
-    "load_model", "trace", "knockout", "KnockoutResult", "knockout_dataset", "DatasetKnockoutResult", "patch", "Site", "PatchResult", "path_patch", "PathPatchResult", "locate", "LocateResult", "interventions", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
-    "edit", "evaluate", "evaluate_batch", "BatchUpdate", "Preserve", "AlphaEditConfig", "ValueCache", "Update", "load_update",
+    "load_model", "trace", "knockout", "KnockoutResult", "knockout_dataset", "DatasetKnockoutResult", "patch", "Site", "PatchResult", "path_patch", "PathPatchResult", "locate", "LocateResult", "tune", "TuneResult", "interventions", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
+    "edit", "evaluate", "evaluate_batch", "evaluate_sequence", "SequenceResult", "BatchUpdate", "Preserve", "AlphaEditConfig", "ValueCache", "Update", "load_update",
     "EditMethod", "METHODS", "register_method", "save_edited", "EvaluationResult", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
     "views", "__version__", "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",
     "PromptError", "TargetError", "NoiseError", "EditError", "DataError", "TargetWarning",

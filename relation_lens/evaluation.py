@@ -25,27 +25,30 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from relation_lens.distributed import gather, ranks
 from relation_lens.editing import (
     EditConfig,
+    Preserve,
     apply_edit,
     batch_defaults,
     batch_methods,
     compute_edit,
     default_layer,
+    generate_prefixes,
     get_method,
     request_of,
     single_methods,
     statistics_for,
 )
-from relation_lens.errors import EditError, SpanError
+from relation_lens.errors import DataError, EditError, SpanError
 from relation_lens.intervals import mean_ci95_list
 from relation_lens.key_statistics import KeyStatistics
-from relation_lens.model_interface import Model
-from relation_lens.probes import greedy_generate, target_probs
-from relation_lens.results import EvaluationResult
+from relation_lens.model_interface import Model, mlp_out
+from relation_lens.probes import greedy_generate, known_mask, target_probs
+from relation_lens.results import EvaluationResult, SequenceResult
 
 METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "RS", "RM", "fluency")
 
@@ -136,7 +139,7 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
 
 def evaluate(model: Model, records, *, method: str = "relation_rome", layer: int | None = None,
              config: EditConfig | None = None, stats=None, fluency: bool = True,
-             progress: bool = False) -> EvaluationResult:
+             progress: bool = False, preserve=None) -> EvaluationResult:
     """Edit ``model`` for each record, measure, undo; summarise.
 
     Args:
@@ -146,6 +149,8 @@ def evaluate(model: Model, records, *, method: str = "relation_rome", layer: int
             :func:`relation_lens.register_method`), or ``"none"`` (no edit: the unedited baseline).
         layer: the edited layer (``None``: the method's default, fixed from the first record for ROME).
         stats: key statistics of that layer (computed or loaded from the disk cache when ``None``).
+        preserve: AlphaEdit's projection (:class:`~relation_lens.editing.alphaedit.Preserve`) for each
+            edit (each record is edited alone, so only its preserved-knowledge null space acts).
 
     Records whose edit cannot be computed (e.g. the model already predicts ``target_new``) are kept
     with an ``error`` field and counted in ``n_failed``, not averaged.
@@ -177,7 +182,8 @@ def evaluate(model: Model, records, *, method: str = "relation_rome", layer: int
             row.update(record_metrics(model, rec, fluency))
         else:
             try:
-                update = compute_edit(model, request_of(rec), method=method, stats=stats, config=config, **options)
+                update = compute_edit(model, request_of(rec), method=method, stats=stats, config=config,
+                                      preserve=preserve, **options)
             except (EditError, SpanError) as exc:
                 row["error"] = str(exc)
                 mine[i] = row
@@ -190,7 +196,8 @@ def evaluate(model: Model, records, *, method: str = "relation_rome", layer: int
     failed = sum("error" in row for row in out)
     summary = summarise(out)
     return EvaluationResult(method=method, layer=layer, records=tuple(out), summary=summary, n_failed=failed,
-                            settings={"key_mode": config.key_mode, "n_records": len(records), "fluency": fluency})
+                            settings={"key_mode": config.key_mode, "n_records": len(records), "fluency": fluency,
+                                      "alphaedit": preserve is not None})
 
 
 def evaluate_batch(model: Model, records, *, method: str = "relation_memit", batch_size: int = 10,
@@ -203,7 +210,10 @@ def evaluate_batch(model: Model, records, *, method: str = "relation_memit", bat
     whose update cannot be computed marks its records with an ``error``. The metrics are
     :func:`evaluate`'s (:func:`record_metrics`). ``values``: a
     :class:`~relation_lens.editing.memit.ValueCache`, to evaluate the same records at several batch
-    sizes while optimising each record's ``z`` once."""
+    sizes while optimising each record's ``z`` once.
+
+    Under torch.distributed each rank edits and measures batches ``g`` with ``g % world_size == rank``
+    (a batch is the same requests on any rank) and every rank returns the whole result."""
     if method not in batch_methods():
         raise EditError(f"method {method!r} is not one of {batch_methods()}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -211,8 +221,11 @@ def evaluate_batch(model: Model, records, *, method: str = "relation_memit", bat
     records = [dict(r) for r in records]
     layers, config, mom2_update_weight = batch_defaults(model, method, layers, config, mom2_update_weight)
     stats = statistics_for(model, layers, stats, config)
-    out = []
-    for start in tqdm(range(0, len(records), batch_size), desc=f"evaluating {method}", disable=not progress):
+    r = ranks()
+    starts = list(range(0, len(records), batch_size))
+    mine: dict[int, list[dict[str, Any]]] = {}
+    for g in tqdm(r.share(len(starts)), desc=f"evaluating {method}", disable=not (progress and r.is_main)):
+        start = starts[g]
         batch = records[start:start + batch_size]
         rows = [_row(rec) for rec in batch]
         try:
@@ -220,17 +233,142 @@ def evaluate_batch(model: Model, records, *, method: str = "relation_memit", bat
                                   stats=stats, config=config, mom2_update_weight=mom2_update_weight,
                                   preserve=preserve, values=values)
         except (EditError, SpanError) as exc:
-            out += [{**row, "error": str(exc)} for row in rows]
+            mine[g] = [{**row, "error": str(exc)} for row in rows]
             continue
         with apply_edit(model, update):
             for row, rec, m in zip(rows, batch, records_metrics(model, batch)):
                 row.update(m)
                 if fluency:
                     row["fluency"] = _fluency(model, rec)
-        out += rows
+        mine[g] = rows
+    done = {g: rows for part in gather(mine, r) for g, rows in part.items()}
+    out = [row for g in range(len(starts)) for row in done[g]]
     failed = sum("error" in row for row in out)
     return EvaluationResult(method=method, layer=layers[-1], records=tuple(out), summary=summarise(out),
                             n_failed=failed,
                             settings={"layers": list(layers), "batch_size": batch_size, "n_records": len(records),
                                       "mom2_update_weight": mom2_update_weight, "alphaedit": preserve is not None,
                                       "fluency": fluency})
+
+
+def untouched_pairs(facts) -> list[tuple[str, str]]:
+    """``(prompt, answer)`` pairs from ``(prompt, answer)`` tuples or dicts with ``prompt`` (``{}`` filled
+    with ``subject`` where it has one) and ``target`` (or ``target_true`` / ``object``)."""
+    out = []
+    for i, f in enumerate(facts or ()):
+        if isinstance(f, (tuple, list)) and len(f) == 2:
+            prompt, answer = f
+        elif isinstance(f, dict):
+            prompt = f.get("prompt")
+            if isinstance(prompt, str) and "{}" in prompt and isinstance(f.get("subject"), str):
+                prompt = prompt.format(f["subject"])
+            answer = f.get("target", f.get("target_true", f.get("object")))
+        else:
+            prompt = answer = None
+        if not isinstance(prompt, str) or not isinstance(answer, str):
+            raise DataError(f"untouched fact {i} ({f!r:.80}) needs a prompt and an answer string: a (prompt, answer) "
+                            "pair or a dict with 'prompt' (and 'subject' for a template) and 'target'")
+        out.append((prompt, answer))
+    return out
+
+
+def _accuracy(model: Model, pairs: list[tuple[str, str]]) -> float:
+    if not pairs:
+        return float("nan")
+    return sum(known_mask(model, [p for p, _ in pairs], [a for _, a in pairs])) / len(pairs)
+
+
+def _rates(model: Model, done: list[dict]) -> dict[str, float]:
+    per = records_metrics(model, done) if done else []
+    out = {}
+    for k in ("ES", "PS", "NS", "RS"):
+        vals = [x[k] for x in per if k in x]
+        out[k] = sum(vals) / len(vals) if vals else float("nan")
+    out["Score"] = _harmonic([out[k] for k in ("ES", "PS", "NS", "RS")])
+    return out
+
+
+def evaluate_sequence(model: Model, records, *, method: str = "relation_rome", layer: int | None = None,
+                      layers: Sequence[int] | None = None, config: EditConfig | None = None, stats=None,
+                      mom2_update_weight: float | None = None, preserve: Preserve | None = None,
+                      untouched=None, checkpoints: Sequence[int] | None = None,
+                      progress: bool = False) -> SequenceResult:
+    """Sequential editing: the records' edits written one after another without undoing in between
+    (one request per step, for the batch methods too), measured at ``checkpoints`` (numbers of edits;
+    default: the end) over the records edited so far, then every edit undone in reverse order.
+
+    As ROME's and MEMIT's code (their ``CONTEXT_TEMPLATES_CACHE``), the self-generated context prefixes
+    are generated once, on the unedited model. With ``preserve`` (AlphaEdit), each applied edit's keys
+    are remembered (in a copy: the ``Preserve`` given is left as it was), so later edits are solved in
+    the null space of earlier ones too. A request whose
+    edit cannot be computed (e.g. the model already gives its new object after earlier edits) is
+    skipped and counted (``edits`` vs ``applied``).
+
+    Args:
+        untouched: facts of subjects the sequence never edits, as ``(prompt, answer)`` pairs or dicts
+            (:func:`untouched_pairs`); those the unedited model gets right (top-1) are measured.
+
+    Not data-parallel (each edit depends on the ones before); :func:`relation_lens.tune` spreads
+    whole sequences over ranks instead. The model is as it was afterwards, also when an error is raised.
+    """
+    records = [dict(r) for r in records]
+    if not records:
+        raise DataError("evaluate_sequence got no records")
+    m = get_method(method)
+    batch = method in batch_methods()
+    config = config or m.default_config(model)
+    if batch:
+        layers, config, mom2_update_weight = batch_defaults(model, method, layers, config, mom2_update_weight)
+        stats = statistics_for(model, layers, stats, config)
+        options: dict[str, Any] = {"layers": layers, "mom2_update_weight": mom2_update_weight}
+    else:
+        if layers is not None:
+            raise EditError(f"{method} edits one layer: give layer=, not layers=")
+        if layer is None:
+            layer = default_layer(model, "rome" if m.key == "subject" else "relation_rome", request_of(records[0]))
+        layers = (layer,)
+        if stats is None:
+            stats = KeyStatistics.compute(model, layer, n_texts=config.stats_n_texts, progress=progress,
+                                          prepend_bos=config.prepend_bos)
+        options = {"layer": layer}
+    marks = sorted(set(checkpoints or (len(records),)))
+    if marks[0] < 1 or marks[-1] > len(records):
+        raise DataError(f"checkpoints {marks} must lie in 1..{len(records)} (the number of records)")
+    pairs = untouched_pairs(untouched)
+    known = [pq for pq, k in zip(pairs, known_mask(model, [p for p, _ in pairs], [a for _, a in pairs]))
+             if k] if pairs else []
+    if preserve is not None:  # the caller's Preserve is left as it was: the sequence remembers into a copy
+        own = Preserve(config=preserve.config)
+        own.projectors, own.edited = dict(preserve.projectors), dict(preserve.edited)
+        preserve = own
+    prefixes = generate_prefixes(model, config)
+    W0 = {l: mlp_out(model, l).detach().clone() for l in layers}
+    rows = [{"edits": 0, "applied": 0, **_rates(model, records), "untouched": _accuracy(model, known),
+             "w_change": 0.0}]
+    edits, done = [], []
+    try:
+        for i, rec in enumerate(tqdm(records, desc=f"sequence of {method}", disable=not progress), 1):
+            req = request_of(rec)
+            try:
+                upd = compute_edit(model, [req] if batch else req, method=method, stats=stats, config=config,
+                                   preserve=preserve, prefixes=prefixes, **options)
+            except (EditError, SpanError):
+                upd = None
+            if upd is not None:
+                edits.append(apply_edit(model, upd))
+                done.append(rec)
+                if preserve is not None:
+                    preserve.remember(upd)
+            if i in marks:
+                change = (sum((mlp_out(model, l).detach() - W0[l]).norm() ** 2 for l in layers) ** 0.5
+                          / sum(W0[l].norm() ** 2 for l in layers) ** 0.5).item()
+                rows.append({"edits": i, "applied": len(edits), **_rates(model, done),
+                             "untouched": _accuracy(model, known), "w_change": change})
+    finally:
+        for e in reversed(edits):
+            e.undo()
+    restored = all(torch.equal(mlp_out(model, l).detach(), W0[l]) for l in layers)
+    return SequenceResult(method=method, layers=tuple(layers), rows=tuple(rows), restored=restored,
+                          n_untouched=len(known),
+                          settings={"n_records": len(records), "mom2_update_weight": mom2_update_weight,
+                                    "alphaedit": preserve is not None, "checkpoints": marks})

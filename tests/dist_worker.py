@@ -29,3 +29,38 @@ def workloads() -> dict:
     config = rl.EditConfig.default_model_preset(v_steps=8, prefix_lengths=((4, 2),))
     result = rl.evaluate(model, records, method="relation_rome", layer=4, stats=stats, config=config, fluency=False)
     return {"moment": stats.moment, "count": stats.count, "evaluation": result.to_dict()}
+
+
+def run_tune(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.save(tune_workloads(), f"{out}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def tune_workloads() -> dict:
+    """rl.tune on the default model: single edits (each trial's records shared over the ranks) and
+    sequences (a round's trials shared), small enough for CI; trials without their timings."""
+    import relation_lens as rl
+    from relation_lens.batch_editing import memit_config
+    from relation_lens.data.counterfact import load_counterfactual
+    from relation_lens.key_statistics import default_corpus
+
+    model = rl.load_model()
+    stats = {l: rl.KeyStatistics.compute(model, l, default_corpus()[:100], n_texts=None, cache=False, progress=False)
+             for l in (0, 3, 4)}
+    records = list(load_counterfactual())[400:403]
+    cfg = rl.EditConfig.default_model_preset(v_steps=4, prefix_lengths=((4, 2),))
+    single = rl.tune(model, records[:2], method="relation_rome", config=cfg, stats=stats, budget=2,
+                     space={"layer": [4, 0], "v_weight_decay": (), "clamp_norm_factor": (), "v_steps": ()})
+    batch = rl.tune(model, records[:2], method="relation_memit", config=memit_config(v_steps=4, prefix_lengths=((4, 2),)),
+                    stats=stats, budget=2, batch_size=1,
+                    space={"layers": [[3, 4]], "mom2_update_weight": [30.0, 3.0], "clamp_norm_factor": ()})
+    seq = rl.tune(model, records, method="relation_rome", config=cfg, stats=stats, budget=3, sequence=1,
+                  space={"layer": [4, 0, 3], "v_weight_decay": (), "clamp_norm_factor": (), "v_steps": ()})
+    return {name: [{k: v for k, v in t.items() if k != "seconds"} for t in r.trials] + [r.params]
+            for name, r in (("single", single), ("batch", batch), ("sequence", seq))}

@@ -107,3 +107,21 @@ def test_killed_dataset_trace_resumes_without_loss_or_duplicates(tiny_model, tmp
     assert again == whole and len(shard.read_text().splitlines()) == len(rows)
     with pytest.raises(rl.ConfigError, match=r"other arguments \(differing: \['config'\]\)"):
         rl.trace_dataset(tiny_model, facts, checkpoint=tmp_path, **{**settings, "n_samples": 3})
+
+
+def test_tuning_on_two_processes_equals_one(tmp_path):
+    import torch.multiprocessing as mp
+    from dist_worker import run_tune, tune_workloads
+
+    out = str(tmp_path / "tune")
+    mp.spawn(run_tune, args=(2, _free_port(), out), nprocs=2, join=True)
+    single = tune_workloads()
+    for rank in (0, 1):
+        got = torch.load(f"{out}.rank{rank}", weights_only=False)
+        for name in ("single", "batch", "sequence"):
+            assert len(got[name]) == len(single[name]) and got[name][-1] == single[name][-1], name
+            for a, b in zip(got[name][:-1], single[name][:-1]):
+                assert a["params"] == b["params"] and a["trial"] == b["trial"]
+                for k in ("objective", "ES", "PS", "NS", "RS", "Score"):
+                    assert a[k] == pytest.approx(b[k], abs=1e-9, nan_ok=True), (name, k, a, b)
+    assert len(single["sequence"]) == 4  # three trials (shared over the ranks), and the chosen settings

@@ -8,6 +8,14 @@ from typing import Any
 
 from relation_lens.results.codec import Result
 
+_METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "RS", "RM", "fluency", "Score", "untouched", "w_change", "objective")
+
+
+def nan_for_null(rows: Any, keys: tuple[str, ...] = _METRICS) -> tuple[dict[str, Any], ...]:
+    """Rows read back from JSON with the NaN of their numbers (``keys``) back: strict JSON writes NaN
+    as ``null``, and none of these numbers is ever ``None`` otherwise."""
+    return tuple({k: (float("nan") if v is None and k in keys else v) for k, v in row.items()} for row in rows)
+
 
 @dataclass(frozen=True, repr=False, eq=False)
 class EvaluationResult(Result):
@@ -19,6 +27,10 @@ class EvaluationResult(Result):
     summary: dict[str, tuple[float, float]]
     n_failed: int
     settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        return super().from_dict({**d, "records": nan_for_null(d["records"])})
 
     @property
     def score(self) -> float:
@@ -45,3 +57,42 @@ class EvaluationResult(Result):
     def header() -> str:
         return ("| method | layer | Score | Score (ES,PS,NS) | ES | PS | NS | RS | fluency |\n"
                 "|---|---|---|---|---|---|---|---|---|")
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class SequenceResult(Result):
+    """:func:`relation_lens.evaluate_sequence`: one row per checkpoint of a sequence of edits (the first
+    at 0 edits, the unedited model), each with ``edits`` (requests tried), ``applied`` (edits written),
+    the rates ES / PS / NS / RS (0-1) over the records edited so far, ``untouched`` (top-1 accuracy on
+    facts never edited that the unedited model gets right), ``w_change`` (||ΔW|| / ||W|| of the edited
+    MLP output matrices) and ``Score`` (harmonic mean of ES, PS, NS and RS, 0-1); ``restored``: every
+    edit undone in reverse order left the edited matrices bit for bit as they were."""
+
+    method: str
+    layers: tuple[int, ...]
+    rows: tuple[dict[str, Any], ...]
+    restored: bool
+    n_untouched: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        return super().from_dict({**d, "rows": nan_for_null(d["rows"])})
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last checkpoint's row."""
+        return self.rows[-1]
+
+    def at(self, edits: int) -> dict[str, Any]:
+        """The row after ``edits`` edits (a checkpoint of the run)."""
+        for row in self.rows:
+            if row["edits"] == edits:
+                return row
+        raise KeyError(f"no checkpoint at {edits} edits (checkpoints: {[r['edits'] for r in self.rows]})")
+
+    def __repr__(self) -> str:
+        f = self.final
+        return (f"SequenceResult({self.method} at layers {list(self.layers)}: after {f['edits']} edits "
+                f"({f['applied']} applied) ES {100 * f['ES']:.1f}, PS {100 * f['PS']:.1f}, NS {100 * f['NS']:.1f}, "
+                f"RS {100 * f['RS']:.1f}, untouched {100 * f['untouched']:.1f}; restored {self.restored})")

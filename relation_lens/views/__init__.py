@@ -20,7 +20,8 @@ from relation_lens.views.trace import (
            trace_figure,
            trace_html,
 )
+from relation_lens.views.tune import plot_tune, tune_html
 
 __all__ = ["colored_tokens", "page", "png_data_uri", "knockout_html", "knockout_dataset_html", "plot_knockout",
-           "plot_knockout_dataset", "locate_html", "plot_locate", "patch_html", "plot_patch", "dataset_figure", "dataset_html", "plot_dataset",
+           "plot_knockout_dataset", "locate_html", "plot_locate", "plot_tune", "tune_html", "patch_html", "plot_patch", "dataset_figure", "dataset_html", "plot_dataset",
            "plot_trace", "trace_figure", "trace_html"]
