@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_PROMPT = "Germany is located in the continent of"
 DEFAULT_SUBJECT = "Germany"
@@ -104,6 +105,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=50, help="records to evaluate (default 50)")
     p.add_argument("--no-fluency", action="store_true", help="skip the generation fluency metric")
     p.add_argument("--key-mode", default="symmetric", choices=["symmetric", "asymmetric"])
+    p.add_argument("--out", type=Path, default=Path("out"))
+
+    p = sub.add_parser("tune", help="choose an editing method's layers and hyperparameters on a tuning split",
+                       description="rl.tune: a coordinate search from the method's defaults over the layers rl.locate "
+                                   "reads off the model's traces and the method's hyperparameters, scored on tuning "
+                                   "records; write tune.json (every trial), tune.md (the trial table and the chosen "
+                                   "settings) and tune.png to --out. Resumable with --checkpoint, data-parallel under "
+                                   "torchrun.")
+    _common(p)
+    p.add_argument("--method", default="relation_rome", choices=["relation_rome", "rome", "relation_memit", "memit"])
+    p.add_argument("--alphaedit", action="store_true", help="tune with AlphaEdit's projection (and its threshold, l2)")
+    p.add_argument("--records", type=Path, default=None,
+                   help="CounterFact file of tuning records (ROME or MEND layout, or JSONL); default: the shipped "
+                        "relation dataset's tuning split (records 400-429), disjoint from its evaluation records")
+    p.add_argument("--n", type=int, default=None, help="use the first N tuning records (default: all)")
+    p.add_argument("--budget", type=int, default=24, help="the most trials (default 24, the defaults included)")
+    p.add_argument("--sequence", type=int, default=None,
+                   help="score sequences of N edits (Score and untouched-fact accuracy) instead of single edits")
+    p.add_argument("--batch-size", type=int, default=10, help="requests per MEMIT batch (default 10)")
+    p.add_argument("--config", default=None,
+                   help='JSON of EditConfig fields for what is not searched, e.g. \'{"v_steps": 20}\'')
+    p.add_argument("--space", default=None,
+                   help='JSON of candidate values by setting, e.g. \'{"layer": [0, 4], "v_steps": []}\'')
+    p.add_argument("--checkpoint", type=Path, default=None, help="folder to write each trial to, and resume from")
     p.add_argument("--out", type=Path, default=Path("out"))
 
     p = sub.add_parser("stats", help="compute (and cache) the key statistics an edit needs",
@@ -322,6 +347,64 @@ def _cmd_evaluate(args) -> None:
         print(table + f"{result.n_failed} of {len(records)} records could not be edited; wrote {args.out}/evaluation.json")
 
 
+def _json_arg(text: str | None, flag: str) -> dict:
+    from relation_lens.errors import ConfigError
+
+    if text is None:
+        return {}
+    try:
+        out = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag} is not JSON ({exc}): {text!r}") from None
+    if not isinstance(out, dict):
+        raise ConfigError(f"{flag} must be a JSON object of names to values, not {text!r}")
+    return out
+
+
+def _cmd_tune(args) -> None:
+    import relation_lens as rl
+    from relation_lens.distributed import ranks
+    from relation_lens.editing import get_method
+    from relation_lens.errors import ConfigError
+
+    r = ranks()
+    if r.is_main:
+        _check_out(args.out, "tune")
+    overrides = _json_arg(args.config, "--config")
+    space = _json_arg(args.space, "--space")
+    known = {f.name for f in dataclasses.fields(rl.EditConfig)}
+    if set(overrides) - known:
+        raise ConfigError(f"--config names {sorted(set(overrides) - known)}, which are not EditConfig fields")
+    model = rl.load_model(args.model, device=args.device)
+    if args.records is None:
+        from relation_lens.data.counterfact import TUNING_SPLIT, load_counterfactual
+
+        records = [rec for i, rec in enumerate(load_counterfactual()) if i in TUNING_SPLIT]
+        records = records[: args.n] if args.n is not None else records
+    else:
+        from relation_lens.data.loaders import load_counterfact
+
+        records = list(load_counterfact(args.records, limit=args.n))
+    base = get_method(args.method).default_config(model)
+    tupled: dict[str, Any] = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+              for k, v in overrides.items()}
+    result = rl.tune(model, records, method=args.method, alphaedit=args.alphaedit, budget=args.budget,
+                     sequence=args.sequence, batch_size=args.batch_size, space=space or None,
+                     config=dataclasses.replace(base, **tupled), checkpoint=args.checkpoint,
+                     progress=not args.quiet)
+    if not r.is_main:
+        return
+    result.to_json(args.out / "tune.json")
+    result.plot(args.out / "tune.png")
+    chosen = ", ".join(f"{k}={v}" for k, v in result.params.items())
+    text = (f"# tune {args.method}{' + AlphaEdit' if args.alphaedit else ''} on {model.cfg.model_name}\n\n"
+            f"{len(records)} tuning records; {result.objective} of the chosen settings {result.best:.2f} "
+            f"(the defaults: {result.trials[0]['objective']:.2f})\n\nchosen: {chosen}\n\n{result.table()}\n")
+    (args.out / "tune.md").write_text(text)
+    if not args.quiet:
+        print(text + f"wrote {args.out}/tune.json, tune.md, tune.png")
+
+
 def _cmd_stats(args) -> None:
     import relation_lens as rl
     from relation_lens.distributed import ranks
@@ -382,7 +465,7 @@ def _cmd_info(args) -> None:
           f"vocab {c.d_vocab}, context {c.n_ctx}, {counts}, device {c.device}, dtype {c.dtype}")
 
 
-COMMANDS = {"stats": _cmd_stats, "trace": _cmd_trace, "trace-dataset": _cmd_trace_dataset, "edit": _cmd_edit, "evaluate": _cmd_evaluate, "world": _cmd_world, "info": _cmd_info}
+COMMANDS = {"stats": _cmd_stats, "trace": _cmd_trace, "trace-dataset": _cmd_trace_dataset, "edit": _cmd_edit, "evaluate": _cmd_evaluate, "tune": _cmd_tune, "world": _cmd_world, "info": _cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,10 @@ from relation_lens.models.bridge import transformer_lens_major
 def test_help_explains_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "relation_lens.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for cmd in ("trace", "trace-dataset", "edit", "world", "info"):
+    for cmd in ("trace", "trace-dataset", "edit", "tune", "world", "info"):
         assert cmd in out
     parser = build_parser()
-    for cmd in ("trace", "trace-dataset", "edit", "world", "info"):
+    for cmd in ("trace", "trace-dataset", "edit", "tune", "world", "info"):
         sub = subprocess.run([sys.executable, "-m", "relation_lens.cli", cmd, "--help"], capture_output=True,
                              text=True, check=True).stdout
         assert "usage: relation-lens " + cmd in sub
@@ -106,3 +106,25 @@ def test_edit_that_does_not_take_is_not_saved(tmp_path, capsys, monkeypatch):
     assert main(["edit", "--quiet", "--save", str(tmp_path / "edited"), "--save-anyway"]) == 0
     assert (tmp_path / "edited" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "edited" / "edit.json").read_text())["took"] is False
+
+
+def test_tune_writes_the_trials_and_the_chosen_settings(tmp_path, capsys):
+    import relation_lens as rl
+
+    out = tmp_path / "tune"
+    argv = ["tune", "--quiet", "--n", "2", "--budget", "2", "--out", str(out),
+            "--config", '{"v_steps": 4, "prefix_lengths": [[4, 2]], "stats_n_texts": 100}',
+            "--space", '{"layer": [4, 0], "v_weight_decay": [], "clamp_norm_factor": [], "v_steps": []}']
+    assert main(argv) == 0
+    res = rl.TuneResult.from_json(out / "tune.json")
+    assert [t["params"]["layer"] for t in res.trials] == [4, 0] and res.config.v_steps == 4
+    assert res.config.prefix_lengths == ((4, 2),)
+    assert res.params["layer"] == max(res.trials, key=lambda t: (t["objective"], -t["trial"]))["params"]["layer"]
+    text = (out / "tune.md").read_text()
+    assert f"chosen: layer={res.params['layer']}" in text and "| chosen |" in text
+    assert (out / "tune.png").stat().st_size > 0
+    # bad JSON and unknown fields are named, before any work
+    assert main(["tune", "--quiet", "--out", str(out), "--config", '{"v_stepz": 4}']) == 2
+    assert "v_stepz" in capsys.readouterr().err
+    assert main(["tune", "--quiet", "--out", str(out), "--space", "[1]"]) == 2
+    assert "--space must be a JSON object" in capsys.readouterr().err

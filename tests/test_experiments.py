@@ -88,3 +88,15 @@ def test_path_patching_quick(tmp_path):
     md = (tmp_path / "path_patching_quick.md").read_text()
     assert "direct path to the logits" in md and "through MLPs too" in md and md.count("| 5 |") == 2
     assert (tmp_path / "path_patching_quick.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_tune_presets_quick(tmp_path):
+    import json
+
+    run("tune_presets.py", "--limit", "2", "--out", str(tmp_path))
+    md = (tmp_path / "tune_presets_quick.md").read_text()
+    assert md.count("| relation_rome |") == 2 and "| presets |" in md and "| tuned |" in md
+    r = json.loads((tmp_path / "tune_quick" / "relation_rome.json").read_text())
+    assert len(r["tune"]["trials"]) == 2 and r["n_evaluation"] == 2
+    assert r["tune"]["best"] >= r["tune"]["trials"][0]["objective"]

@@ -1,0 +1,143 @@
+"""rl.tune on the default model against its hand-made presets.
+
+For each variant (ROME, relation-ROME, MEMIT, relation-MEMIT; each with and without AlphaEdit),
+``rl.tune`` searches from the presets on the tuning split (the shipped records 400-429,
+``TUNING_SPLIT``), and then both settings, the presets and tune's, are evaluated on the same
+evaluation records (the first ``--n-eval`` outside the split): single edits with ``rl.evaluate``
+(ROME, relation-ROME) or batches of 10 with ``rl.evaluate_batch`` (MEMIT, relation-MEMIT). Each
+variant's numbers go to ``results/tune/<variant>.json`` (the tune result, trials included, and both
+evaluations); every run rebuilds ``results/tune_presets.md`` from what is there.
+
+    python experiments/tune_presets.py --variants relation_rome rome [--budget 16] [--n-eval 100]
+    python experiments/tune_presets.py --report
+    python experiments/tune_presets.py --limit 2        # quick run of one variant (the test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import relation_lens as rl  # noqa: E402
+from relation_lens.data.counterfact import TUNING_SPLIT, evaluation_records, load_counterfactual  # noqa: E402
+from relation_lens.editing import Preserve, batch_defaults  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results"
+VARIANTS = ["relation_rome", "rome", "relation_memit", "memit", "relation_rome+alphaedit", "rome+alphaedit",
+            "relation_memit+alphaedit", "memit+alphaedit"]
+
+
+def evaluate_with(model, records, method, kwargs, batch_size):
+    if method.endswith("memit"):
+        return rl.evaluate_batch(model, records, method=method, batch_size=batch_size, **kwargs)
+    return rl.evaluate(model, records, method=method, fluency=False, **kwargs)
+
+
+def preset_config(model, method, n_texts):
+    """The presets' EditConfig, with key statistics from ``n_texts`` texts."""
+    if method.endswith("memit"):
+        config = batch_defaults(model, method, None, None, None)[1]
+    else:
+        config = rl.editing.get_method(method).default_config(model)
+    return dataclasses.replace(config, stats_n_texts=n_texts)
+
+
+def preset_kwargs(model, method, alphaedit, first_record, config):
+    """What the presets give compute_edit (the start of tune's search)."""
+    preserve = Preserve.default_for(model) if alphaedit else None
+    if method.endswith("memit"):
+        layers, _, lam = batch_defaults(model, method, None, config, None)
+        return {"layers": layers, "config": config, "mom2_update_weight": lam, "preserve": preserve}
+    m = rl.editing.get_method(method)
+    layer = rl.editing.default_layer(model, "rome" if m.key == "subject" else "relation_rome",
+                                     rl.editing.request_of(first_record))
+    return {"layer": layer, "config": config, "preserve": preserve}
+
+
+def run(model, variant, tuning, evaluation, budget, folder: Path, checkpoint: Path | None, n_texts: int) -> dict:
+    method, _, alpha = variant.partition("+")
+    config = preset_config(model, method, n_texts)
+    t0 = time.time()
+    tuned = rl.tune(model, tuning, method=method, alphaedit=bool(alpha), budget=budget, config=config,
+                    evaluation_records=evaluation, checkpoint=checkpoint, progress=False)
+    tune_s = time.time() - t0
+    print(tuned, f"({tune_s:.0f} s)", flush=True)
+    rows = {}
+    for name, kwargs in (("presets", preset_kwargs(model, method, bool(alpha), tuning[0], config)),
+                         ("tuned", tuned.edit_kwargs())):
+        res = evaluate_with(model, evaluation, method, kwargs, 10)
+        rows[name] = {k: res.summary[k][0] for k in ("Score", "ES", "PS", "NS", "RS")} | {"n_failed": res.n_failed}
+        print(variant, name, rows[name], flush=True)
+    out = {"variant": variant, "tune": json.loads(tuned.to_json()), "evaluation": rows, "tune_seconds": tune_s,
+           "n_tuning": len(tuning), "n_evaluation": len(evaluation), "budget": budget,
+           "stats_n_texts": n_texts}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{variant}.json").write_text(json.dumps(out, indent=1, allow_nan=True))
+    return out
+
+
+def report(folder: Path, out: Path) -> str:
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"  # noqa: E731
+    lines = ["# rl.tune on the default model against its hand-made presets", "",
+             "Tuned on the shipped records 400-429 (the tuning split), evaluated on the first evaluation records "
+             "outside it; single edits (ROME, relation-ROME) or batches of 10 (MEMIT, relation-MEMIT), each edit "
+             "undone before the next. Score: harmonic mean of ES, PS, NS, RS (%). Written by "
+             "`experiments/tune_presets.py`.", "",
+             "| variant | settings | Score | ES | PS | NS | RS | failed | chosen by tune | tuning Score (start → chosen) | trials | tune time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for v in [v for v in VARIANTS if v in runs] + sorted(set(runs) - set(VARIANTS)):
+        r = runs[v]
+        t = r["tune"]
+        chosen = ", ".join(f"{k}={x}" for k, x in t["params"].items())
+        for name in ("presets", "tuned"):
+            e = r["evaluation"][name]
+            extra = (f"{chosen} | {fmt(t['trials'][0]['objective'])} → {fmt(t['best'])} | {len(t['trials'])} | "
+                     f"{r['tune_seconds'] / 60:.0f} min") if name == "tuned" else "| | |"
+            lines.append(f"| {v} | {name} | {fmt(e['Score'])} | {fmt(e['ES'])} | {fmt(e['PS'])} | {fmt(e['NS'])} | "
+                         f"{fmt(e['RS'])} | {e['n_failed']} | {extra} |")
+    n = {r["n_evaluation"] for r in runs.values()}
+    lines += ["", f"Evaluation records: {sorted(n)}; tuning records: {sorted({r['n_tuning'] for r in runs.values()})}."]
+    text = "\n".join(lines) + "\n"
+    out.write_text(text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", nargs="+", default=VARIANTS[:4], choices=VARIANTS)
+    ap.add_argument("--budget", type=int, default=16)
+    ap.add_argument("--n-eval", type=int, default=100)
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--limit", type=int, default=None, help="quick run: this many tuning and evaluation records, "
+                                                            "budget 2, relation-ROME only, written as *_quick")
+    ap.add_argument("--stats-texts", type=int, default=None,
+                    help="texts for key statistics (default 10,000, the presets'; 2,000 with --limit)")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="folder for tune's checkpoints (one per variant)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    folder = args.out / ("tune_quick" if args.limit else "tune")
+    if not args.report:
+        model = rl.load_model()
+        records = list(load_counterfactual())
+        tuning = [records[i] for i in TUNING_SPLIT]
+        evaluation = evaluation_records(records, n=args.n_eval)
+        variants, budget = args.variants, args.budget
+        if args.limit:
+            tuning, evaluation, variants, budget = tuning[:args.limit], evaluation[:args.limit], ["relation_rome"], 2
+        n_texts = args.stats_texts or (2000 if args.limit else 10_000)
+        for v in variants:
+            run(model, v, tuning, evaluation, budget, folder,
+                None if args.checkpoint is None else args.checkpoint / v, n_texts)
+    print(report(folder, args.out / ("tune_presets_quick.md" if args.limit else "tune_presets.md")))
+
+
+if __name__ == "__main__":
+    main()
