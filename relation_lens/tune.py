@@ -29,7 +29,7 @@ The settings searched (``space=`` replaces any candidate list, or leaves a setti
 * MEMIT / relation-MEMIT: ``layers`` (the :func:`locate` critical ranges at fractions 1, 0.75, 0.5 and
   0.25 of the peak, and the current default), ``mom2_update_weight`` (lambda), ``clamp_norm_factor``;
 * with ``alphaedit=True``, also AlphaEdit's ``threshold`` and ``l2``, one value for every edited layer
-  (as AlphaEdit's code and hyperparameter files have them).
+  (as AlphaEdit's code and hyperparameter files have them), searched before the others.
 
 Data parallelism (torch.distributed, as :func:`~relation_lens.evaluate`): the key statistics of every
 candidate layer and the :func:`locate` traces are computed once, by all ranks together; then a
@@ -279,7 +279,9 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
     if alphaedit:
         d = Preserve.default_for(model)
         start.update(threshold=d.threshold, l2=d.l2)
-    names = SEARCHED["batch" if batch else "single"] + (SEARCHED["alphaedit"] if alphaedit else ())
+    # AlphaEdit's own settings first: they decide whether its edits stay stable (its published l2 makes
+    # ROME diverge on the default model), and a small budget should reach them
+    names = (SEARCHED["alphaedit"] if alphaedit else ()) + SEARCHED["batch" if batch else "single"]
     space = dict(space or {})
     unknown = sorted(set(space) - set(names))
     if unknown:
