@@ -28,6 +28,12 @@ against 0.8 s alone); each variant at 1,000 edits takes under 30 minutes:
     python experiments/sequential_edits.py --methods ROME --alpha off [--n 1000]
     python experiments/sequential_edits.py --report          # table and figure from what is there
     python experiments/sequential_edits.py --limit 3         # quick run of all ten (the test)
+    python experiments/sequential_edits.py --methods ROME,r-ROME --alpha on --tuned   # rl.tune's settings
+
+With ``--tuned`` each variant's settings come from ``rl.tune`` run first with the sequence objective
+(the harmonic mean of the Score after ``--tune-sequence`` edits of the tuning split, records 400-429,
+and the accuracy on 100 untouched facts kept apart from the evaluation's); its result is written to
+``results/tune/sequence_<variant>.json`` / ``.md`` and the rows are labelled "(tuned)".
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import torch
 import relation_lens as rl
 from relation_lens.batch_editing import Preserve, batch_defaults, memit_config
 from relation_lens.data import load_world
-from relation_lens.data.counterfact import evaluation_records
+from relation_lens.data.counterfact import TUNING_SPLIT, evaluation_records, load_counterfactual
 from relation_lens.editing import EditConfig, default_layer, generate_prefixes
 from relation_lens.evaluation import records_metrics
 from relation_lens.probes import known_mask
@@ -85,11 +91,15 @@ def measure(model, done, untouched) -> dict:
     return {**mean, "untouched": accuracy(model, [g.prompt(0) for g in untouched], [g.object for g in untouched])}
 
 
-def run(model, reqs, untouched, name, alpha, checkpoints, stats_for):
-    """One variant's sequence; its rows (one per checkpoint, the first at 0 edits)."""
+def run(model, reqs, untouched, name, alpha, checkpoints, stats_for, tuned=None):
+    """One variant's sequence; its rows (one per checkpoint, the first at 0 edits). ``tuned``: a
+    :class:`~relation_lens.TuneResult` whose settings replace the presets (the variant named "(tuned)")."""
     method, key_mode = VARIANTS[name]
     batch = method.endswith("memit")
-    if batch:
+    if tuned is not None:
+        kw = tuned.edit_kwargs()
+        layers, config, lam = tuned.layers, kw["config"], kw.get("mom2_update_weight")
+    elif batch:
         # ROME's template rule, as section 5 of docs/experiments.md was made
         layers, config, lam = batch_defaults(model, method, None, memit_config(prefix_seeds=None), None)
     else:
@@ -99,8 +109,8 @@ def run(model, reqs, untouched, name, alpha, checkpoints, stats_for):
     prefixes = generate_prefixes(model, config)  # once, on the unedited model (ROME's template cache)
     W0 = {l: model.blocks[l].mlp.W_out.detach().clone() for l in layers}
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    preserve = Preserve.default_for(model) if alpha else None
-    variant = name + (" + AlphaEdit" if alpha else "")
+    preserve = (tuned.preserve if tuned is not None else Preserve.default_for(model)) if alpha else None
+    variant = name + (" + AlphaEdit" if alpha else "") + (" (tuned)" if tuned is not None else "")
     # row 0: the unedited model on every request of the sequence (ES/PS: the new objects it already gives)
     rows = [{"variant": variant, "edits": 0, "applied": 0, **measure(model, reqs, untouched), "w_change": 0.0,
              "s_per_edit": float("nan")}]
@@ -136,12 +146,46 @@ def run(model, reqs, untouched, name, alpha, checkpoints, stats_for):
 
 
 def slug(variant: str) -> str:
-    return variant.replace(" + ", "_").replace("-", "_").lower()
+    return variant.replace(" (tuned)", "_tuned").replace(" + ", "_").replace("-", "_").lower()
 
 
 def order(variant: str) -> tuple:
-    name, _, alpha = variant.partition(" + ")
-    return list(VARIANTS).index(name), bool(alpha)
+    tuned = variant.endswith(" (tuned)")
+    name, _, alpha = variant.removesuffix(" (tuned)").partition(" + ")
+    return list(VARIANTS).index(name), bool(alpha), tuned
+
+
+def tuning_untouched(model, world, reqs, tuning, untouched, n: int = 100):
+    """Untouched facts for tuning: known to the unedited model, of subjects neither the evaluation
+    sequence nor the tuning split edits, none of them among the evaluation's ``untouched`` facts."""
+    taken = {(f.subject, f.object) for f in untouched}
+    pool = [f for f in world if (f.subject, f.object) not in taken]
+    extra = [(None, rl.EditRequest(r["prompt"], r["subject"], r["target_new"], r["target_true"])) for r in tuning]
+    return untouched_facts(model, pool, reqs + extra, n, seed=2)
+
+
+def tune_for_sequences(model, name, alpha, reqs, untouched, budget, sequence, out: Path, quick: bool):
+    """rl.tune for ``name`` (with AlphaEdit when ``alpha``) on the tuning split (records 400-429), scoring
+    the harmonic mean of the Score after ``sequence`` sequential edits and the untouched-fact accuracy
+    (on facts apart from the evaluation's); its checkpoint and result are kept under ``out`` (a run
+    started again reuses them)."""
+    method, key_mode = VARIANTS[name]
+    records = load_counterfactual()
+    tuning = [records[i] for i in TUNING_SPLIT][:sequence]
+    facts = tuning_untouched(model, load_world(), reqs, tuning, untouched, 20 if quick else 100)
+    if method.endswith("memit"):
+        config = memit_config(prefix_seeds=None, stats_n_texts=2000 if quick else 10_000)
+    else:
+        config = EditConfig.default_for(model, key_mode=key_mode, stats_n_texts=2000 if quick else 10_000)
+    label = slug(name + (" + AlphaEdit" if alpha else ""))
+    t = rl.tune(model, tuning, method=method, alphaedit=alpha, config=config, budget=budget, sequence=len(tuning),
+                untouched=[(f.prompt(0), f.object) for f in facts], evaluation_records=evaluation_records(),
+                checkpoint=out / "tune_checkpoints" / f"sequence_{label}")
+    (out / "tune").mkdir(parents=True, exist_ok=True)
+    (out / "tune" / f"sequence_{label}.json").write_text(t.to_json())
+    (out / "tune" / f"sequence_{label}.md").write_text(f"{t!r}\n\n{t.table()}\n")
+    print(t, flush=True)
+    return t
 
 
 def report(folder: Path, out: Path, title: str, quick: bool) -> str:
@@ -178,8 +222,9 @@ def report(folder: Path, out: Path, title: str, quick: bool) -> str:
             pts = [(r["edits"], 100 * r[metric]) for r in rows if r["variant"] == variant and r["edits"] > 0]
             # the unedited model (0 edits) drawn at x = 1 of the log axis
             pts = [(1, 100 * r[metric]) for r in rows if r["variant"] == variant and r["edits"] == 0] + pts
-            name, _, alpha = variant.partition(" + ")
-            ax.plot(*zip(*pts), marker="o", ms=3, color=colours[name], ls="--" if alpha else "-", label=variant)
+            name, _, alpha = variant.removesuffix(" (tuned)").partition(" + ")
+            ls = ":" if variant.endswith(" (tuned)") else "--" if alpha else "-"
+            ax.plot(*zip(*pts), marker="o", ms=3, color=colours[name], ls=ls, label=variant)
         ax.set_xscale("log")
         ticks = [1] + [c for c in (10, 100, 500, 1000) if c <= max(r["edits"] for r in rows)]
         ax.set_xticks(ticks, ["0"] + [str(t) for t in ticks[1:]])
@@ -193,7 +238,7 @@ def report(folder: Path, out: Path, title: str, quick: bool) -> str:
     handles, labels = axes[0].get_legend_handles_labels()
     axes[-1].legend(handles, labels, loc="center", fontsize=9)
     axes[0].get_legend().remove()
-    fig.suptitle(f"Sequential editing on {title} (dashed: with AlphaEdit's projection)")
+    fig.suptitle(f"Sequential editing on {title} (dashed: with AlphaEdit's projection; dotted: settings chosen by rl.tune)")
     fig.tight_layout()
     fig.savefig(out / f"sequential_edits{suffix}.png", dpi=130)
     return "\n".join(lines)
@@ -208,6 +253,10 @@ def main() -> None:
     ap.add_argument("--alpha", choices=("both", "off", "on"), default="both", help="without / with AlphaEdit")
     ap.add_argument("--limit", type=int, default=None, help="quick run: this many edits and 5x untouched facts")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 each for two runs side by side)")
+    ap.add_argument("--tuned", action="store_true",
+                    help="settings from rl.tune (sequence objective on the tuning split) instead of the presets")
+    ap.add_argument("--tune-budget", type=int, default=16, help="trials for --tuned")
+    ap.add_argument("--tune-sequence", type=int, default=30, help="edits in each tuning trial's sequence")
     ap.add_argument("--report", action="store_true", help="only rebuild the table and figure")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -235,7 +284,11 @@ def main() -> None:
 
     for name in args.methods.split(","):
         for alpha in {"both": (False, True), "off": (False,), "on": (True,)}[args.alpha]:
-            rows = run(model, reqs, untouched, name, alpha, checkpoints, stats_for)
+            tuned = None
+            if args.tuned:
+                tuned = tune_for_sequences(model, name, alpha, reqs, untouched, 2 if args.limit else args.tune_budget,
+                                           args.limit or args.tune_sequence, args.out, bool(args.limit))
+            rows = run(model, reqs, untouched, name, alpha, checkpoints, stats_for, tuned)
             (folder / f"{slug(rows[0]['variant'])}.json").write_text(json.dumps(
                 {"model": model.cfg.model_name, "n": n, "untouched": n_untouched, "rows": rows}, indent=1))
     print(report(folder, args.out, model.cfg.model_name, bool(args.limit)))

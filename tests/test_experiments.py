@@ -100,3 +100,19 @@ def test_tune_presets_quick(tmp_path):
     r = json.loads((tmp_path / "tune_quick" / "relation_rome.json").read_text())
     assert len(r["tune"]["trials"]) == 2 and r["n_evaluation"] == 2
     assert r["tune"]["best"] >= r["tune"]["trials"][0]["objective"]
+
+
+@pytest.mark.slow
+def test_sequential_edits_with_tuned_settings_quick(tmp_path):
+    import json
+
+    import relation_lens as rl
+
+    run("sequential_edits.py", "--limit", "2", "--methods", "ROME", "--alpha", "on", "--tuned", "--out", str(tmp_path))
+    md = (tmp_path / "sequential_edits_quick.md").read_text()
+    assert "| ROME + AlphaEdit (tuned) | 2 |" in md
+    t = rl.TuneResult.from_json((tmp_path / "tune" / "sequence_rome_alphaedit.json").read_text())
+    assert t.objective == "sequence" and t.alphaedit and len(t.trials) == 2
+    assert list(t.candidates)[:2] == ["threshold", "l2"]  # AlphaEdit's own settings searched first
+    rows = json.loads((tmp_path / "sequential_quick" / "rome_alphaedit_tuned.json").read_text())["rows"]
+    assert rows[-1]["restored"] and rows[-1]["applied"] <= 2
