@@ -162,11 +162,17 @@ def test_trials_on_the_default_model_equal_evaluate_by_hand(small, tmp_path):
     assert res.candidates["layer"] == sorted({4, *[l for l in (loc.peak - 1, loc.peak, loc.peak + 1)
                                                   if l in loc.allowed]})
     assert res.trials[0]["params"]["layer"] == 4
-    for t in res.trials:
+    # the layers spend that budget: a second search at layer 4 alone tries a tight clamp, which edits worse
+    res2 = rl.tune(model, recs, method="relation_rome", config=cfg, stats=stats, budget=2,
+                   space={"layer": [4], "v_weight_decay": (), "clamp_norm_factor": [10.0, 0.75], "v_steps": ()})
+    assert [t["params"]["clamp_norm_factor"] for t in res2.trials] == [10.0, 0.75]
+    assert res2.trials[1]["objective"] != res2.trials[0]["objective"]
+    for t in res.trials + res2.trials:
         p = t["params"]
         by_hand = rl.evaluate(model, recs, method="relation_rome", layer=p["layer"], stats=stats[p["layer"]],
                               config=rl.EditConfig.default_model_preset(v_steps=6, prefix_lengths=((4, 2),),
-                                                                        v_weight_decay=p["v_weight_decay"]),
+                                                                        v_weight_decay=p["v_weight_decay"],
+                                                                        clamp_norm_factor=p["clamp_norm_factor"]),
                               fluency=False)
         for k in ("ES", "PS", "NS", "RS", "Score"):
             assert t[k] == pytest.approx(by_hand.summary[k][0], abs=1e-9), (t, k)
