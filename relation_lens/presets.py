@@ -22,6 +22,7 @@ RELATION_ROME_LAYER = 4  # the 5th MLP layer, as in Li, Chen & Wang (2024)
 # ROME's value optimisation on the default model (EditConfig.default_model_preset): a value vector needs
 # more room than GPT-2 XL's. Tuned with the formulas and conventions the library used then, which the
 # preset keeps (each named). experiments/tune_edit_preset.py, experiments/results/edit_preset_tuning.md.
+# For relation-ROME rl.tune re-derives it (12 trials, nothing better): experiments/results/tune_presets.md.
 DEFAULT_MODEL_PRESET: dict[str, Any] = {
     "v_weight_decay": 0.05, "clamp_norm_factor": 10.0, "v_steps": 40, "v_lr_scale": "rms",
     "weight_decay_form": "squared_ratio", "early_stop_on": "nll", "kl_direction": "forward",
