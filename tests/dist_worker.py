@@ -5,13 +5,15 @@ import os
 import torch
 
 
-def run_workloads(rank: int, world_size: int, port: int, out: str) -> None:
+def run(rank: int, world_size: int, port: int, out: str, workload: str) -> None:
+    """One spawned rank: join the gloo group, run the module's function named ``workload``, save what it
+    returns to ``{out}.rank{rank}``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        torch.save(workloads(), f"{out}.rank{rank}")
+        torch.save(globals()[workload](), f"{out}.rank{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -29,17 +31,6 @@ def workloads() -> dict:
     config = rl.EditConfig.default_model_preset(v_steps=8, prefix_lengths=((4, 2),))
     result = rl.evaluate(model, records, method="relation_rome", layer=4, stats=stats, config=config, fluency=False)
     return {"moment": stats.moment, "count": stats.count, "evaluation": result.to_dict()}
-
-
-def run_tune(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        torch.save(tune_workloads(), f"{out}.rank{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def tune_workloads() -> dict:

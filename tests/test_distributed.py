@@ -53,15 +53,22 @@ def test_trace_dataset_with_torchrun_equals_one_process(tmp_path):
     assert sorted(row["index"] for row in lines) == list(range(5))
 
 
-def test_statistics_and_evaluation_on_two_processes_equal_one(tmp_path):
+def _on_two_ranks(tmp_path, workload: str) -> list:
+    """What dist_worker's ``workload`` returns on each of two spawned ranks."""
     import torch.multiprocessing as mp
-    from dist_worker import run_workloads, workloads
+    from dist_worker import run
 
-    out = str(tmp_path / "result")
-    mp.spawn(run_workloads, args=(2, _free_port(), out), nprocs=2, join=True)
+    out = str(tmp_path / workload)
+    mp.spawn(run, args=(2, _free_port(), out, workload), nprocs=2, join=True)
+    return [torch.load(f"{out}.rank{rank}", weights_only=False) for rank in (0, 1)]
+
+
+def test_statistics_and_evaluation_on_two_processes_equal_one(tmp_path):
+    from dist_worker import workloads
+
+    ranked = _on_two_ranks(tmp_path, "workloads")
     single = workloads()
-    for rank in (0, 1):
-        got = torch.load(f"{out}.rank{rank}", weights_only=False)
+    for got in ranked:
         assert got["count"] == single["count"]
         rel = (got["moment"] - single["moment"]).abs().max() / single["moment"].abs().max()
         assert rel <= 1e-12, rel
@@ -110,14 +117,11 @@ def test_killed_dataset_trace_resumes_without_loss_or_duplicates(tiny_model, tmp
 
 
 def test_tuning_on_two_processes_equals_one(tmp_path):
-    import torch.multiprocessing as mp
-    from dist_worker import run_tune, tune_workloads
+    from dist_worker import tune_workloads
 
-    out = str(tmp_path / "tune")
-    mp.spawn(run_tune, args=(2, _free_port(), out), nprocs=2, join=True)
+    ranked = _on_two_ranks(tmp_path, "tune_workloads")
     single = tune_workloads()
-    for rank in (0, 1):
-        got = torch.load(f"{out}.rank{rank}", weights_only=False)
+    for got in ranked:
         for name in ("single", "batch", "sequence"):
             assert len(got[name]) == len(single[name]) and got[name][-1] == single[name][-1], name
             for a, b in zip(got[name][:-1], single[name][:-1]):
