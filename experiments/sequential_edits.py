@@ -51,7 +51,7 @@ import relation_lens as rl
 from relation_lens.batch_editing import Preserve, batch_defaults, memit_config
 from relation_lens.data import load_world
 from relation_lens.data.counterfact import TUNING_SPLIT, evaluation_records, load_counterfactual
-from relation_lens.editing import EditConfig, default_layer, generate_prefixes
+from relation_lens.editing import EditConfig, default_layer, generate_prefixes, request_of
 from relation_lens.evaluation import records_metrics
 from relation_lens.probes import known_mask
 
@@ -160,7 +160,7 @@ def tuning_untouched(model, world, reqs, tuning, untouched, n: int = 100):
     sequence nor the tuning split edits, none of them among the evaluation's ``untouched`` facts."""
     taken = {(f.subject, f.object) for f in untouched}
     pool = [f for f in world if (f.subject, f.object) not in taken]
-    extra = [(None, rl.EditRequest(r["prompt"], r["subject"], r["target_new"], r["target_true"])) for r in tuning]
+    extra = [(None, request_of(r)) for r in tuning]
     return untouched_facts(model, pool, reqs + extra, n, seed=2)
 
 
