@@ -337,7 +337,8 @@ def _cmd_evaluate(args) -> None:
 
         records = list(load_counterfact(args.records, limit=args.n))
     result = evaluate(model, records, method=args.method, layer=args.layer, fluency=not args.no_fluency,
-                      config=EditConfig.default_for(model, key_mode=args.key_mode), progress=not args.quiet)
+                      config=EditConfig.default_for(model, args.method, key_mode=args.key_mode),
+                      progress=not args.quiet)
     if not r.is_main:
         return
     result.to_json(args.out / "evaluation.json")
@@ -364,7 +365,7 @@ def _json_arg(text: str | None, flag: str) -> dict:
 def _cmd_tune(args) -> None:
     import relation_lens as rl
     from relation_lens.distributed import ranks
-    from relation_lens.editing import get_method
+    from relation_lens.editing import default_config_of, get_method
     from relation_lens.errors import ConfigError
 
     r = ranks()
@@ -385,7 +386,7 @@ def _cmd_tune(args) -> None:
         from relation_lens.data.loaders import load_counterfact
 
         records = list(load_counterfact(args.records, limit=args.n))
-    base = get_method(args.method).default_config(model)
+    base = default_config_of(get_method(args.method), model, args.alphaedit)
     tupled: dict[str, Any] = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
               for k, v in overrides.items()}
     result = rl.tune(model, records, method=args.method, alphaedit=args.alphaedit, budget=args.budget,

@@ -36,6 +36,7 @@ from relation_lens.editing import (
     batch_defaults,
     batch_methods,
     compute_edit,
+    default_config_of,
     default_layer,
     generate_prefixes,
     get_method,
@@ -163,12 +164,14 @@ def evaluate(model: Model, records, *, method: str = "relation_rome", layer: int
         raise EditError(f"method {method!r} is not one of {single_methods() + ['none']}"
                         + (" (a batch method: use evaluate_batch)" if method in batch_methods() else ""))
     edit_method = None if method == "none" else get_method(method)
-    config = config or (EditConfig.default_for(model) if edit_method is None else edit_method.default_config(model))
+    alpha = preserve is not None
+    config = config or (EditConfig.default_for(model) if edit_method is None
+                        else default_config_of(edit_method, model, alpha))
     options: dict[str, Any] = {}
     if edit_method is not None and "layer" in edit_method.options:
         if layer is None:
             layer = default_layer(model, "rome" if edit_method.key == "subject" else "relation_rome",
-                                  request_of(records[0]))
+                                  request_of(records[0]), alpha)
         if stats is None:
             stats = KeyStatistics.compute(model, layer, n_texts=config.stats_n_texts, progress=progress,
                                           prepend_bos=config.prepend_bos)
@@ -219,7 +222,8 @@ def evaluate_batch(model: Model, records, *, method: str = "relation_memit", bat
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EditError(f"batch_size must be a positive int, got {batch_size!r}")
     records = [dict(r) for r in records]
-    layers, config, mom2_update_weight = batch_defaults(model, method, layers, config, mom2_update_weight)
+    layers, config, mom2_update_weight = batch_defaults(model, method, layers, config, mom2_update_weight,
+                                                        preserve is not None)
     stats = statistics_for(model, layers, stats, config)
     r = ranks()
     starts = list(range(0, len(records), batch_size))
@@ -316,16 +320,18 @@ def evaluate_sequence(model: Model, records, *, method: str = "relation_rome", l
         raise DataError("evaluate_sequence got no records")
     m = get_method(method)
     batch = method in batch_methods()
-    config = config or m.default_config(model)
+    alpha = preserve is not None
+    config = config or default_config_of(m, model, alpha)
     if batch:
-        layers, config, mom2_update_weight = batch_defaults(model, method, layers, config, mom2_update_weight)
+        layers, config, mom2_update_weight = batch_defaults(model, method, layers, config, mom2_update_weight, alpha)
         stats = statistics_for(model, layers, stats, config)
         options: dict[str, Any] = {"layers": layers, "mom2_update_weight": mom2_update_weight}
     else:
         if layers is not None:
             raise EditError(f"{method} edits one layer: give layer=, not layers=")
         if layer is None:
-            layer = default_layer(model, "rome" if m.key == "subject" else "relation_rome", request_of(records[0]))
+            layer = default_layer(model, "rome" if m.key == "subject" else "relation_rome", request_of(records[0]),
+                                  alpha)
         layers = (layer,)
         if stats is None:
             stats = KeyStatistics.compute(model, layer, n_texts=config.stats_n_texts, progress=progress,

@@ -10,6 +10,8 @@ themselves. Only plain values live here (no classes of the library), so every mo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +49,19 @@ DEFAULT_MODEL_MEMIT: dict[str, Any] = {"layers": {"memit": (1, 2), "relation_mem
 ALPHAEDIT_GPT2_XL: dict[str, float] = {"threshold": 2e-2, "l2": 10.0}
 DEFAULT_MODEL_ALPHAEDIT: dict[str, float] = {"threshold": 2e-2, "l2": 0.1}
 
+# rl.tune's choices on the default model, by variant ("<method>" or "<method>+alphaedit"), over the
+# hand-made presets above: the settings it searches (``layer`` or ``layers``, ROME's ``v_weight_decay``,
+# ``clamp_norm_factor``, ``v_steps``, MEMIT's ``mom2_update_weight``, AlphaEdit's ``threshold`` and
+# ``l2``). Each entry is the ``params`` of experiments/results/tune/<variant>.json (tuned on records
+# 400-429 by experiments/tune_presets.py; tests/test_presets.py checks they agree), taken where tune's
+# Score on the evaluation records is at least the hand-made presets' (experiments/results/tune_presets.md).
+DEFAULT_MODEL_TUNED: dict[str, dict[str, Any]] = {
+    # 12 trials, nothing better than the hand-made presets: the same settings, now tune's
+    "relation_rome": {"layer": 4, "v_weight_decay": 0.05, "clamp_norm_factor": 10.0, "v_steps": 40},
+}
+
+EDIT_FIELDS = ("v_weight_decay", "clamp_norm_factor", "v_steps")  # the EditConfig fields tune searches
+
 
 @dataclass(frozen=True)
 class ModelPresets:
@@ -59,12 +74,32 @@ class ModelPresets:
     mom2_update_weight: dict[str, float] = field(default_factory=dict)
     alphaedit: dict[str, float] = field(default_factory=lambda: dict(ALPHAEDIT_GPT2_XL))
     world_noise_subjects: bool = False
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def chosen(self, method: str | None, alphaedit: bool = False) -> dict[str, Any]:
+        """:func:`relation_lens.tune`'s settings for ``method`` (``{}`` where there are none): with
+        ``alphaedit``, those of the search with AlphaEdit if there was one, else the method's own."""
+        if method is None:
+            return {}
+        if alphaedit and f"{method}+alphaedit" in self.tuned:
+            return dict(self.tuned[f"{method}+alphaedit"])
+        return dict(self.tuned.get(method, {}))
+
+    def edit_fields(self, method: str | None, alphaedit: bool = False) -> dict[str, Any]:
+        """The :class:`~relation_lens.EditConfig` fields of :meth:`chosen`."""
+        return {k: v for k, v in self.chosen(method, alphaedit).items() if k in EDIT_FIELDS}
+
+    def alphaedit_for(self, method: str | None) -> dict[str, float]:
+        """AlphaEdit's ``threshold`` and ``l2`` for ``method``: tune's with AlphaEdit, else :attr:`alphaedit`."""
+        tuned = self.tuned.get(f"{method}+alphaedit", {})
+        return {**self.alphaedit, **{k: float(tuned[k]) for k in ("threshold", "l2") if k in tuned}}
 
 
 PUBLISHED = ModelPresets(mom2_update_weight={"memit": MOM2_UPDATE_WEIGHT, "relation_memit": MOM2_UPDATE_WEIGHT})
 DEFAULT_MODEL = ModelPresets(edit=DEFAULT_MODEL_PRESET, memit_layers=DEFAULT_MODEL_MEMIT["layers"],
                              mom2_update_weight=DEFAULT_MODEL_MEMIT["mom2_update_weight"],
-                             alphaedit=DEFAULT_MODEL_ALPHAEDIT, world_noise_subjects=True)
+                             alphaedit=DEFAULT_MODEL_ALPHAEDIT, world_noise_subjects=True,
+                             tuned=DEFAULT_MODEL_TUNED)
 _BY_NAME: dict[str, ModelPresets] = {DEFAULT_MODEL_NAME: DEFAULT_MODEL}
 
 
@@ -76,6 +111,20 @@ def is_default_model(model: Model) -> bool:
 def for_model(model: Model) -> ModelPresets:
     """The presets of ``model``: its own where this module has them, the published ones otherwise."""
     return _BY_NAME.get(model.cfg.model_name, PUBLISHED)
+
+
+@contextmanager
+def hand_made() -> Iterator[None]:
+    """Inside the block, the default model's hand-made presets alone, without :func:`relation_lens.tune`'s
+    choices (:data:`DEFAULT_MODEL_TUNED` is empty): what experiments/tune_presets.py starts from and
+    compares with. Not thread-safe."""
+    saved = dict(DEFAULT_MODEL_TUNED)
+    DEFAULT_MODEL_TUNED.clear()
+    try:
+        yield
+    finally:
+        DEFAULT_MODEL_TUNED.clear()
+        DEFAULT_MODEL_TUNED.update(saved)
 
 
 def relation_rome_layer(n_layers: int) -> int:

@@ -49,7 +49,15 @@ from pathlib import Path
 from typing import Any
 
 from relation_lens.distributed import Checkpoint, fingerprint, gather, ranks
-from relation_lens.editing import EditConfig, Preserve, batch_defaults, default_layer, get_method, request_of
+from relation_lens.editing import (
+    EditConfig,
+    Preserve,
+    batch_defaults,
+    default_config_of,
+    default_layer,
+    get_method,
+    request_of,
+)
 from relation_lens.editing.alphaedit import AlphaEditConfig
 from relation_lens.errors import ConfigError, DataError
 from relation_lens.evaluation import evaluate, evaluate_batch, evaluate_sequence, untouched_pairs
@@ -269,15 +277,15 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
     m = get_method(method)
     # the start: the method's current defaults for this model
     if batch:
-        start_layers, base, lam = batch_defaults(model, method, None, config, None)
+        start_layers, base, lam = batch_defaults(model, method, None, config, None, alphaedit)
         start: dict[str, Any] = {"layers": list(start_layers), "mom2_update_weight": lam}
     else:
-        base = config or m.default_config(model)
+        base = config or default_config_of(m, model, alphaedit)
         start = {"layer": default_layer(model, "rome" if m.key == "subject" else "relation_rome",
-                                        request_of(records[0]))}
+                                        request_of(records[0]), alphaedit)}
     start.update({k: getattr(base, k) for k in _CONFIG_FIELDS})
     if alphaedit:
-        d = Preserve.default_for(model)
+        d = Preserve.default_for(model, method)
         start.update(threshold=d.threshold, l2=d.l2)
     # AlphaEdit's own settings first: they decide whether its edits stay stable (its published l2 makes
     # ROME diverge on the default model), and a small budget should reach them

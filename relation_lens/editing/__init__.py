@@ -30,6 +30,7 @@ from relation_lens.editing.registry import (
     METHODS,
     batch_methods,
     compute_edit,
+    default_config_of,
     edit,
     get_method,
     register_method,
@@ -49,7 +50,7 @@ __all__ = [
     "AlphaEditConfig", "Preserve", "Edit", "apply_edit", "save_edited", "BATCH_METHODS", "ValueCache",
     "batch_defaults", "compute_batch_edit", "default_layers", "memit_config", "statistics_for", "EditMethod",
     "generate_prefixes", "key_position", "key_rows", "prefix_counts", "METHODS", "batch_methods", "compute_edit",
-    "edit", "get_method", "register_method", "single_methods", "EditConfig", "EditRequest", "check_editable",
+    "default_config_of", "edit", "get_method", "register_method", "single_methods", "EditConfig", "EditRequest", "check_editable",
     "request_of", "compute_rank_one", "default_layer", "BatchUpdate", "RankOneUpdate", "Update", "load_update", "read_update_header", "Value",
     "optimise_value",
 ]

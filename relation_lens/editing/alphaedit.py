@@ -65,11 +65,13 @@ class Preserve:
         return self.config.l2
 
     @classmethod
-    def default_for(cls, model: Model) -> Preserve:
+    def default_for(cls, model: Model, method: str | None = None) -> Preserve:
         """AlphaEdit's GPT-2 XL settings, except on a model with its own presets (the embedded default
-        model: ``l2=0.1``; its keys are on a smaller scale and 10 stops every edit;
-        experiments/tune_alphaedit.py, experiments/results/alphaedit_tuning.md)."""
-        return cls(config=AlphaEditConfig(**presets.for_model(model).alphaedit))
+        model: ``l2=0.1``, its keys are on a smaller scale and 10 stops every edit,
+        experiments/tune_alphaedit.py, experiments/results/alphaedit_tuning.md; and for ``method``, the
+        threshold and l2 :func:`relation_lens.tune` chose with AlphaEdit,
+        :data:`~relation_lens.presets.DEFAULT_MODEL_TUNED`)."""
+        return cls(config=AlphaEditConfig(**presets.for_model(model).alphaedit_for(method)))
 
     def projector(self, stats) -> Float[Tensor, "d_mlp d_mlp"]:
         """``P`` for these statistics: the projector onto the eigenvectors of ``C`` with eigenvalues under

@@ -62,16 +62,19 @@ def default_layers(model: Model, method: str) -> tuple[int, ...]:
     return tuple(range(lo, max(lo, hi) + 1))
 
 
-def batch_defaults(model: Model, method: str, layers, config, mom2_update_weight):
+def batch_defaults(model: Model, method: str, layers, config, mom2_update_weight, alphaedit: bool = False):
     """``(layers, config, lambda)`` with the method's defaults filled in: MEMIT's GPT-2 XL settings,
     except on a model with its own presets (:func:`relation_lens.presets.for_model`; the default
-    model: :data:`~relation_lens.presets.DEFAULT_MODEL_MEMIT`)."""
+    model: :data:`~relation_lens.presets.DEFAULT_MODEL_MEMIT`, and what :func:`relation_lens.tune`
+    chose for the method, with AlphaEdit when ``alphaedit``: :data:`~relation_lens.presets.DEFAULT_MODEL_TUNED`)."""
     own = presets.for_model(model)
+    chosen = own.chosen(method, alphaedit)
     if layers is None:
-        layers = own.memit_layers.get(method) or default_layers(model, method)
+        layers = chosen.get("layers") or own.memit_layers.get(method) or default_layers(model, method)
     if mom2_update_weight is None:
-        mom2_update_weight = own.mom2_update_weight.get(method, presets.MOM2_UPDATE_WEIGHT)
-    return tuple(layers), config or memit_config(), float(mom2_update_weight)
+        mom2_update_weight = chosen.get("mom2_update_weight",
+                                        own.mom2_update_weight.get(method, presets.MOM2_UPDATE_WEIGHT))
+    return tuple(layers), config or memit_config(**own.edit_fields(method, alphaedit)), float(mom2_update_weight)
 
 
 def statistics_for(model: Model, layers, stats: dict | None, config: EditConfig, progress: bool = False) -> dict:
@@ -112,7 +115,8 @@ def compute_batch_edit(model: Model, requests: EditRequest | Sequence[EditReques
     if not requests or not all(isinstance(r, EditRequest) for r in requests):
         raise EditError("compute_batch_edit needs one or more EditRequests")
     check_editable(model, 0)
-    layers, config, mom2_update_weight = batch_defaults(model, method, layers, config, mom2_update_weight)
+    layers, config, mom2_update_weight = batch_defaults(model, method, layers, config, mom2_update_weight,
+                                                        preserve is not None)
     if not layers or list(layers) != sorted(set(layers)):
         raise EditError(f"layers {layers!r} must be distinct and ascending")
     for layer in layers:
@@ -233,8 +237,8 @@ class BatchMethod(EditMethod):
     options = frozenset({"layers", "mom2_update_weight", "values"})
     unread = frozenset({"ridge", "key_mode"})  # MEMIT's solve has lambda C + K^T K, and no asymmetric key
 
-    def default_config(self, model: Model) -> EditConfig:
-        return memit_config()
+    def default_config(self, model: Model, alphaedit: bool = False) -> EditConfig:
+        return batch_defaults(model, self.name, None, None, None, alphaedit)[1]
 
     def check_options(self, given):
         if "layer" in given:

@@ -34,9 +34,10 @@ class EditMethod:
     options: ClassVar[frozenset[str]] = frozenset()
     unread: ClassVar[frozenset[str]] = frozenset()
 
-    def default_config(self, model: Model) -> EditConfig:
-        """The settings used when ``config=None``."""
-        return EditConfig.default_for(model)
+    def default_config(self, model: Model, alphaedit: bool = False) -> EditConfig:
+        """The settings used when ``config=None`` (``alphaedit``: the edit is solved with AlphaEdit's
+        projection, which may have settings of its own on the model)."""
+        return EditConfig.default_for(model, self.name, alphaedit)
 
     def check_options(self, given: dict[str, Any]) -> None:
         """Refuse keyword options the method does not take (``given``: those that are not ``None``)."""

@@ -39,6 +39,13 @@ def get_method(name: str) -> EditMethod:
     return METHODS[name]
 
 
+def default_config_of(method: EditMethod, model: Model, alphaedit: bool = False) -> EditConfig:
+    """``method``'s settings for ``model`` when ``config=None`` (``alphaedit``: with AlphaEdit's
+    projection). A method's own ``default_config(model)`` need not take ``alphaedit=``: it is only
+    passed when true."""
+    return method.default_config(model, alphaedit=True) if alphaedit else method.default_config(model)
+
+
 def single_methods() -> list[str]:
     """Names of the registered methods that edit one request at a time."""
     return [name for name, m in METHODS.items() if not m.batch]
@@ -89,7 +96,7 @@ def compute_edit(model: Model, request, *, method: str = "relation_rome", layer:
     m.check_options(options)
     if config is not None and not isinstance(config, EditConfig):
         raise EditError(f"config= takes an EditConfig, got {type(config).__name__}")
-    config = config or m.default_config(model)
+    config = config or default_config_of(m, model, preserve is not None)
     if prefixes is not None:
         config = dataclasses.replace(config, prefixes=tuple(prefixes))
     m.check_config(config)

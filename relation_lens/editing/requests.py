@@ -120,11 +120,14 @@ class EditConfig:
         return cls(**{**presets.DEFAULT_MODEL_PRESET, **overrides})
 
     @classmethod
-    def default_for(cls, model: Model, **overrides) -> EditConfig:
+    def default_for(cls, model: Model, method: str | None = None, alphaedit: bool = False, **overrides) -> EditConfig:
         """ROME's settings, except on a model with its own preset (:func:`relation_lens.presets.for_model`:
-        the embedded default model gets :data:`~relation_lens.presets.DEFAULT_MODEL_PRESET`, see
-        docs/editing.md); ``overrides`` replace fields either way."""
-        return cls(**{**presets.for_model(model).edit, **overrides})
+        the embedded default model gets :data:`~relation_lens.presets.DEFAULT_MODEL_PRESET` and, for
+        ``method`` (with AlphaEdit when ``alphaedit``), the fields :func:`relation_lens.tune` chose,
+        :data:`~relation_lens.presets.DEFAULT_MODEL_TUNED`; see docs/editing.md); ``overrides`` replace
+        fields either way."""
+        own = presets.for_model(model)
+        return cls(**{**own.edit, **own.edit_fields(method, alphaedit), **overrides})
 
     def changed(self) -> dict[str, Any]:
         """The fields set to something other than ``EditConfig()``'s (ROME's) value."""

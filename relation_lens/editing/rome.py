@@ -46,10 +46,14 @@ from relation_lens.model_interface import Model, mlp_out, mlp_out_bias
 from relation_lens.tracing import TargetWarning, depth_scaled_window, trace
 
 
-def default_layer(model: Model, method: str, request: EditRequest | None = None) -> int:
+def default_layer(model: Model, method: str, request: EditRequest | None = None, alphaedit: bool = False) -> int:
     """relation-ROME: index 4 (the 5th MLP; the middle layer for models of 4 layers or fewer).
     ROME: the layer where subject tracing of the MLPs (window scaled to depth, 5 noise samples) peaks at the
-    last subject token of the request."""
+    last subject token of the request. A model with a layer :func:`relation_lens.tune` chose for the
+    method (with AlphaEdit when ``alphaedit``; :data:`relation_lens.presets.DEFAULT_MODEL_TUNED`) gets that."""
+    chosen = presets.for_model(model).chosen(method, alphaedit).get("layer")
+    if chosen is not None and method in ("relation_rome", "rome"):
+        return int(chosen)
     if method == "relation_rome":
         return presets.relation_rome_layer(model.cfg.n_layers)
     if method == "rome":
@@ -70,7 +74,7 @@ def compute_rank_one(model: Model, request: EditRequest, *, method: str, key: st
     """ROME's update (module docstring) keyed on ``key`` at ``layer`` (``None``: :func:`default_layer`)."""
     if layer is None:
         check_editable(model, 0)
-        layer = default_layer(model, "rome" if key == "subject" else "relation_rome", request)
+        layer = default_layer(model, "rome" if key == "subject" else "relation_rome", request, preserve is not None)
     check_editable(model, layer)
     if stats is not None and stats.layer != layer:
         raise EditError(f"key statistics are for layer {stats.layer}, but the edit is at layer {layer}")
