@@ -33,7 +33,9 @@ against 0.8 s alone); each variant at 1,000 edits takes under 30 minutes:
 With ``--tuned`` each variant's settings come from ``rl.tune`` run first with the sequence objective
 (the harmonic mean of the Score after ``--tune-sequence`` edits of the tuning split, records 400-429,
 and the accuracy on 100 untouched facts kept apart from the evaluation's); its result is written to
-``results/tune/sequence_<variant>.json`` / ``.md`` and the rows are labelled "(tuned)".
+``results/tune/sequence_<variant>.json`` / ``.md`` and the rows are labelled "(tuned)". That search
+starts from the library's defaults (``relation_lens.presets``, tune's single-edit choices included);
+the untuned variants use the hand-made presets (``presets.hand_made()``), as the table was made.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from pathlib import Path
 import torch
 
 import relation_lens as rl
+from relation_lens import presets
 from relation_lens.batch_editing import Preserve, batch_defaults, memit_config
 from relation_lens.data import load_world
 from relation_lens.data.counterfact import TUNING_SPLIT, evaluation_records, load_counterfactual
@@ -99,17 +102,19 @@ def run(model, reqs, untouched, name, alpha, checkpoints, stats_for, tuned=None)
     if tuned is not None:
         kw = tuned.edit_kwargs()
         layers, config, lam = tuned.layers, kw["config"], kw.get("mom2_update_weight")
-    elif batch:
-        # ROME's template rule, as section 5 of docs/experiments.md was made
-        layers, config, lam = batch_defaults(model, method, None, memit_config(prefix_seeds=None), None)
+    elif batch:  # the hand-made presets, as section 5 of docs/experiments.md was made (ROME's template rule)
+        with presets.hand_made():
+            layers, config, lam = batch_defaults(model, method, None, memit_config(prefix_seeds=None), None)
     else:
-        layers, config, lam = (default_layer(model, method, reqs[0][1]),), \
-            EditConfig.default_for(model, key_mode=key_mode), None
+        with presets.hand_made():
+            layers, config, lam = (default_layer(model, method, reqs[0][1]),), \
+                EditConfig.default_for(model, key_mode=key_mode), None
     stats = {l: stats_for(l) for l in layers}
     prefixes = generate_prefixes(model, config)  # once, on the unedited model (ROME's template cache)
     W0 = {l: model.blocks[l].mlp.W_out.detach().clone() for l in layers}
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    preserve = (tuned.preserve if tuned is not None else Preserve.default_for(model)) if alpha else None
+    with presets.hand_made():
+        preserve = (tuned.preserve if tuned is not None else Preserve.default_for(model)) if alpha else None
     variant = name + (" + AlphaEdit" if alpha else "") + (" (tuned)" if tuned is not None else "")
     # row 0: the unedited model on every request of the sequence (ES/PS: the new objects it already gives)
     rows = [{"variant": variant, "edits": 0, "applied": 0, **measure(model, reqs, untouched), "w_change": 0.0,
@@ -173,10 +178,11 @@ def tune_for_sequences(model, name, alpha, reqs, untouched, budget, sequence, ou
     records = load_counterfactual()
     tuning = [records[i] for i in TUNING_SPLIT][:sequence]
     facts = tuning_untouched(model, load_world(), reqs, tuning, untouched, 20 if quick else 100)
-    if method.endswith("memit"):
-        config = memit_config(prefix_seeds=None, stats_n_texts=2000 if quick else 10_000)
+    if method.endswith("memit"):  # tune starts from the library's defaults (the shipped presets)
+        config = memit_config(prefix_seeds=None, **presets.for_model(model).edit_fields(method, alpha),
+                              stats_n_texts=2000 if quick else 10_000)
     else:
-        config = EditConfig.default_for(model, key_mode=key_mode, stats_n_texts=2000 if quick else 10_000)
+        config = EditConfig.default_for(model, method, alpha, key_mode=key_mode, stats_n_texts=2000 if quick else 10_000)
     label = slug(name + (" + AlphaEdit" if alpha else ""))
     t = rl.tune(model, tuning, method=method, alphaedit=alpha, config=config, budget=budget, sequence=len(tuning),
                 untouched=[(f.prompt(0), f.object) for f in facts], evaluation_records=evaluation_records(),
