@@ -101,7 +101,8 @@ def run_hand_made(model, variant, tuning, evaluation, budget, folder, checkpoint
 
 
 def report(folder: Path, out: Path) -> str:
-    runs = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))
+            if not p.stem.startswith("sequence_")}  # sequential_edits.py --tuned writes its searches here too
     fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"  # noqa: E731
     lines = ["# rl.tune on the default model against its hand-made presets", "",
              "Tuned on the shipped records 400-429 (the tuning split), evaluated on the first evaluation records "
