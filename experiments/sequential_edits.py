@@ -101,20 +101,20 @@ def run(model, reqs, untouched, name, alpha, checkpoints, stats_for, tuned=None)
     batch = method.endswith("memit")
     if tuned is not None:
         kw = tuned.edit_kwargs()
-        layers, config, lam = tuned.layers, kw["config"], kw.get("mom2_update_weight")
-    elif batch:  # the hand-made presets, as section 5 of docs/experiments.md was made (ROME's template rule)
+        layers, config, lam, preserve = tuned.layers, kw["config"], kw.get("mom2_update_weight"), tuned.preserve
+    else:  # the hand-made presets, as section 5 of docs/experiments.md was made
         with presets.hand_made():
-            layers, config, lam = batch_defaults(model, method, None, memit_config(prefix_seeds=None), None)
-    else:
-        with presets.hand_made():
-            layers, config, lam = (default_layer(model, method, reqs[0][1]),), \
-                EditConfig.default_for(model, key_mode=key_mode), None
+            if batch:  # ROME's template rule
+                layers, config, lam = batch_defaults(model, method, None, memit_config(prefix_seeds=None), None)
+            else:
+                layers, config, lam = (default_layer(model, method, reqs[0][1]),), \
+                    EditConfig.default_for(model, key_mode=key_mode), None
+            preserve = Preserve.default_for(model)
+    preserve = preserve if alpha else None
     stats = {l: stats_for(l) for l in layers}
     prefixes = generate_prefixes(model, config)  # once, on the unedited model (ROME's template cache)
     W0 = {l: model.blocks[l].mlp.W_out.detach().clone() for l in layers}
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    with presets.hand_made():
-        preserve = (tuned.preserve if tuned is not None else Preserve.default_for(model)) if alpha else None
     variant = name + (" + AlphaEdit" if alpha else "") + (" (tuned)" if tuned is not None else "")
     # row 0: the unedited model on every request of the sequence (ES/PS: the new objects it already gives)
     rows = [{"variant": variant, "edits": 0, "applied": 0, **measure(model, reqs, untouched), "w_change": 0.0,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relation_lens.model_interface import Model
@@ -139,15 +139,14 @@ def for_model(model: Model) -> ModelPresets:
 @contextmanager
 def hand_made() -> Iterator[None]:
     """Inside the block, the default model's hand-made presets alone, without :func:`relation_lens.tune`'s
-    choices (:data:`DEFAULT_MODEL_TUNED` is empty): what experiments/tune_presets.py starts from and
+    choices (the default model's presets are looked up without :data:`DEFAULT_MODEL_TUNED`): what experiments/tune_presets.py starts from and
     compares with. Not thread-safe."""
-    saved = dict(DEFAULT_MODEL_TUNED)
-    DEFAULT_MODEL_TUNED.clear()
+    saved = _BY_NAME[DEFAULT_MODEL_NAME]
+    _BY_NAME[DEFAULT_MODEL_NAME] = replace(saved, tuned={})
     try:
         yield
     finally:
-        DEFAULT_MODEL_TUNED.clear()
-        DEFAULT_MODEL_TUNED.update(saved)
+        _BY_NAME[DEFAULT_MODEL_NAME] = saved
 
 
 def relation_rome_layer(n_layers: int) -> int:

@@ -64,6 +64,7 @@ from relation_lens.evaluation import evaluate, evaluate_batch, evaluate_sequence
 from relation_lens.key_statistics import KeyStatistics, model_fingerprint
 from relation_lens.locate import LocateResult, critical_range, locate
 from relation_lens.model_interface import Model
+from relation_lens.presets import EDIT_FIELDS
 from relation_lens.results import Result
 from relation_lens.results.evaluation import nan_for_null
 
@@ -87,7 +88,6 @@ SEARCHED: dict[str, tuple[str, ...]] = {
     "batch": ("layers", "mom2_update_weight", "clamp_norm_factor"),
     "alphaedit": ("threshold", "l2"),
 }
-_CONFIG_FIELDS = ("v_weight_decay", "clamp_norm_factor", "v_steps")
 _MEMIT_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 
 
@@ -134,7 +134,7 @@ class TuneResult(Result):
     def config(self) -> EditConfig:
         """The :class:`~relation_lens.EditConfig` with the tuned hyperparameters."""
         fields = {k: _tuples(v) for k, v in self.base_config.items()}
-        fields.update({k: self.params[k] for k in _CONFIG_FIELDS if k in self.params})
+        fields.update({k: self.params[k] for k in EDIT_FIELDS if k in self.params})
         return EditConfig(**fields)
 
     @property
@@ -283,7 +283,7 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
         base = config or default_config_of(m, model, alphaedit)
         start = {"layer": default_layer(model, "rome" if m.key == "subject" else "relation_rome",
                                         request_of(records[0]), alphaedit)}
-    start.update({k: getattr(base, k) for k in _CONFIG_FIELDS})
+    start.update({k: getattr(base, k) for k in EDIT_FIELDS})
     if alphaedit:
         d = Preserve.default_for(model, method)
         start.update(threshold=d.threshold, l2=d.l2)
@@ -348,7 +348,7 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
             cache.setdefault(row["key"], row)
 
     def trial(params: dict[str, Any], index: int) -> dict[str, Any]:
-        cfg = dataclasses.replace(base, **{k: params[k] for k in _CONFIG_FIELDS})
+        cfg = dataclasses.replace(base, **{k: params[k] for k in EDIT_FIELDS})
         preserve = Preserve(config=AlphaEditConfig(float(params["threshold"]), float(params["l2"]))) \
             if alphaedit else None
         t0 = time.perf_counter()

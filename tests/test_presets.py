@@ -38,9 +38,8 @@ def fake_tuned(monkeypatch):
             "relation_rome+alphaedit": {"layer": 3, "v_weight_decay": 0.3, "clamp_norm_factor": 6.0, "v_steps": 2,
                                         "threshold": 0.5, "l2": 0.25},
             "relation_memit": {"layers": [1, 3], "mom2_update_weight": 7.0, "clamp_norm_factor": 3.0}}
-    monkeypatch.setattr(presets, "DEFAULT_MODEL_TUNED", fake)
-    monkeypatch.setattr(presets, "DEFAULT_MODEL", dataclasses.replace(presets.DEFAULT_MODEL, tuned=fake))
-    monkeypatch.setitem(presets._BY_NAME, presets.DEFAULT_MODEL_NAME, presets.DEFAULT_MODEL)
+    monkeypatch.setitem(presets._BY_NAME, presets.DEFAULT_MODEL_NAME,
+                        dataclasses.replace(presets.DEFAULT_MODEL, tuned=fake))
     return fake
 
 
