@@ -165,6 +165,11 @@ def order(variant: str) -> tuple:
     return list(VARIANTS).index(name), bool(alpha), tuned
 
 
+def sequence_label(name: str, alpha: bool) -> str:
+    """A variant's sequence search files' stem: ``results/tune/sequence_<variant>.json`` / ``.md`` and its checkpoint folder."""
+    return "sequence_" + slug(name + (" + AlphaEdit" if alpha else ""))
+
+
 def tuning_untouched(model, world, reqs, tuning, untouched, n: int = 100):
     """Untouched facts for tuning: known to the unedited model, of subjects neither the evaluation
     sequence nor the tuning split edits, none of them among the evaluation's ``untouched`` facts."""
@@ -188,13 +193,13 @@ def tune_for_sequences(model, name, alpha, reqs, untouched, budget, sequence, ou
                               stats_n_texts=2000 if quick else 10_000)
     else:
         config = EditConfig.default_for(model, method, alpha, key_mode=key_mode, stats_n_texts=2000 if quick else 10_000)
-    label = slug(name + (" + AlphaEdit" if alpha else ""))
+    label = sequence_label(name, alpha)
     t = rl.tune(model, tuning, method=method, alphaedit=alpha, config=config, budget=budget, sequence=len(tuning),
                 untouched=[(f.prompt(0), f.object) for f in facts], evaluation_records=evaluation_records(),
-                checkpoint=out / "tune_checkpoints" / f"sequence_{label}")
+                checkpoint=out / "tune_checkpoints" / label)
     (out / "tune").mkdir(parents=True, exist_ok=True)
-    (out / "tune" / f"sequence_{label}.json").write_text(t.to_json())
-    (out / "tune" / f"sequence_{label}.md").write_text(f"{t!r}\n\n{t.table()}\n")
+    (out / "tune" / f"{label}.json").write_text(t.to_json())
+    (out / "tune" / f"{label}.md").write_text(f"{t!r}\n\n{t.table()}\n")
     print(t, flush=True)
     return t
 
@@ -300,7 +305,7 @@ def main() -> None:
         for alpha in {"both": (False, True), "off": (False,), "on": (True,)}[args.alpha]:
             tuned = None
             if args.tuned and args.tuned_from is not None:
-                tuned = rl.TuneResult.from_json(args.tuned_from / f"sequence_{slug(name + (' + AlphaEdit' if alpha else ''))}.json")
+                tuned = rl.TuneResult.from_json(args.tuned_from / f"{sequence_label(name, alpha)}.json")
                 print(f"settings from {args.tuned_from}: {tuned.params}", flush=True)
             elif args.tuned:
                 tuned = tune_for_sequences(model, name, alpha, reqs, untouched, 2 if args.limit else args.tune_budget,
