@@ -38,7 +38,15 @@ from relation_lens.errors import (
     TargetError,
     UnsupportedModelError,
 )
-from relation_lens.evaluation import EvaluationResult, SequenceResult, evaluate, evaluate_batch, evaluate_sequence
+from relation_lens.evaluation import (
+    EvaluationResult,
+    ScoreDifference,
+    SequenceResult,
+    evaluate,
+    evaluate_batch,
+    evaluate_sequence,
+    score_difference,
+)
 from relation_lens.key_statistics import KeyStatistics
 from relation_lens.locate import LocateResult, locate
 from relation_lens.models import load_model
@@ -62,7 +70,7 @@ from relation_lens.version import __version__
 
 __all__ = [
     "load_model", "trace", "knockout", "KnockoutResult", "knockout_dataset", "DatasetKnockoutResult", "patch", "Site", "PatchResult", "path_patch", "PathPatchResult", "locate", "LocateResult", "tune", "TuneResult", "interventions", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
-    "edit", "evaluate", "evaluate_batch", "evaluate_sequence", "SequenceResult", "BatchUpdate", "Preserve", "AlphaEditConfig", "ValueCache", "Update", "load_update",
+    "edit", "evaluate", "evaluate_batch", "evaluate_sequence", "SequenceResult", "score_difference", "ScoreDifference", "BatchUpdate", "Preserve", "AlphaEditConfig", "ValueCache", "Update", "load_update",
     "EditMethod", "METHODS", "register_method", "save_edited", "EvaluationResult", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
     "views", "__version__", "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",
     "PromptError", "TargetError", "NoiseError", "EditError", "DataError", "TargetWarning",

@@ -49,7 +49,7 @@ from relation_lens.intervals import mean_ci95_list
 from relation_lens.key_statistics import KeyStatistics
 from relation_lens.model_interface import Model, mlp_out
 from relation_lens.probes import greedy_generate, known_mask, target_probs
-from relation_lens.results import EvaluationResult, SequenceResult
+from relation_lens.results import EvaluationResult, ScoreDifference, SequenceResult
 
 METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "RS", "RM", "fluency")
 
@@ -136,6 +136,74 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     summary["Score"] = (_harmonic([summary[k][0] for k in ("ES", "PS", "NS", "RS")]), float("nan"))
     summary["ScoreROME"] = (_harmonic([summary[k][0] for k in ("ES", "PS", "NS")]), float("nan"))
     return summary
+
+
+_RATES = ("ES", "PS", "NS", "RS")
+
+
+def _resampled(rows: Sequence[dict[str, Any]], weights: torch.Tensor, metric: str) -> torch.Tensor:
+    """``metric`` (as :func:`summarise` computes it, in percent) of each resample: ``weights[s, i]`` is
+    how often record ``i`` is drawn in resample ``s``; records with an ``error`` and absent metrics are
+    left out, as in the summary."""
+    keys = {"Score": _RATES, "ScoreROME": _RATES[:3]}.get(metric, (metric,))
+    means = []
+    for k in keys:
+        vals = torch.tensor([float(r.get(k, math.nan)) if "error" not in r else math.nan for r in rows],
+                            dtype=torch.float64)
+        present = ~torch.isnan(vals)
+        w = weights * present
+        means.append(100.0 * (w * torch.nan_to_num(vals)).sum(1) / w.sum(1))  # NaN where a resample has none
+    if len(keys) == 1:
+        return means[0]
+    m = torch.stack(means)
+    harmonic = len(keys) / (1.0 / m).sum(0)
+    return torch.where(m.min(0).values <= 0, torch.zeros_like(harmonic), harmonic)  # _harmonic's 0
+
+
+def score_difference(a: EvaluationResult, b: EvaluationResult, *, metric: str = "Score", block: int = 1,
+                     n_resamples: int = 2000, seed: int = 0) -> ScoreDifference:
+    """``a``'s ``metric`` minus ``b``'s, two evaluations of the same records, with a paired bootstrap
+    95% interval: records are drawn with replacement, the same draw for both, in blocks of ``block``
+    consecutive records (``evaluate_batch``'s ``batch_size``: a batch's records share one edit, so
+    they are drawn together); each resample's metric is computed as the summary computes it (rates'
+    means over records without an ``error``, the Scores their harmonic mean).
+
+    Args:
+        metric: ``"Score"``, ``"ScoreROME"`` or one of ``ES``, ``EM``, ``PS``, ``PM``, ``NS``, ``NM``,
+            ``RS``, ``RM``.
+
+    Raises:
+        DataError: the two results are not of the same records in the same order, or an argument is out
+            of range.
+    """
+    if not isinstance(a, EvaluationResult) or not isinstance(b, EvaluationResult):
+        raise DataError(f"score_difference compares two EvaluationResults, got {type(a).__name__} and "
+                        f"{type(b).__name__}")
+    if metric not in ("Score", "ScoreROME") + METRICS[:-1]:
+        raise DataError(f"metric must be Score, ScoreROME or one of {list(METRICS[:-1])}, got {metric!r}")
+    if not isinstance(block, int) or block < 1 or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise DataError(f"block and n_resamples must be positive ints, got {block!r} and {n_resamples!r}")
+    ids = lambda res: [(r.get("case_id"), r.get("prompt"), r.get("target_new")) for r in res.records]  # noqa: E731
+    if ids(a) != ids(b):
+        raise DataError(f"score_difference needs the same records in the same order ({len(a.records)} and "
+                        f"{len(b.records)} records, first difference at "
+                        f"{next((i for i, (x, y) in enumerate(zip(ids(a), ids(b))) if x != y), min(len(ids(a)), len(ids(b))))})")
+    n = len(a.records)
+    if n == 0:
+        raise DataError("score_difference needs at least one record")
+    starts = list(range(0, n, block))
+    draws = torch.randint(len(starts), (n_resamples, len(starts)), generator=torch.Generator().manual_seed(seed))
+    picked = torch.zeros(n_resamples, len(starts), dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(draws.shape, dtype=torch.float64))
+    sizes = torch.tensor([min(block, n - s) for s in starts])
+    weights = picked.repeat_interleave(sizes, dim=1)  # each record weighs as its block was drawn
+    diffs = _resampled(a.records, weights, metric) - _resampled(b.records, weights, metric)
+    diffs = diffs[~torch.isnan(diffs)]
+    low, high = (torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+                 if len(diffs) else (math.nan, math.nan))
+    point = lambda res: summarise(res.records)[metric][0]  # noqa: E731
+    return ScoreDifference(metric=metric, a=point(a), b=point(b), difference=point(a) - point(b), low=low,
+                           high=high, n_records=n, block=block, n_resamples=n_resamples, seed=seed)
 
 
 def evaluate(model: Model, records, *, method: str = "relation_rome", layer: int | None = None,

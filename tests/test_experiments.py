@@ -100,6 +100,11 @@ def test_tune_presets_quick(tmp_path):
     r = json.loads((tmp_path / "tune_quick" / "relation_rome.json").read_text())
     assert len(r["tune"]["trials"]) == 2 and r["n_evaluation"] == 2
     assert r["tune"]["best"] >= r["tune"]["trials"][0]["objective"]
+    # every record's numbers are kept, and the report's difference is the two Scores' difference
+    ev = r["evaluation"]
+    assert [len(ev[k]["records"]) for k in ("presets", "tuned")] == [2, 2]
+    row = next(line for line in md.splitlines() if line.startswith("| relation_rome | tuned |"))
+    assert row.split(" | ")[8].startswith(f"{ev['tuned']['Score'] - ev['presets']['Score']:+.1f} [")
 
 
 @pytest.mark.slow

@@ -15,11 +15,11 @@ from relation_lens.results.codec import (
     register_view,
     values_equal,
 )
-from relation_lens.results.evaluation import EvaluationResult, SequenceResult
+from relation_lens.results.evaluation import EvaluationResult, ScoreDifference, SequenceResult
 from relation_lens.results.knockout import DatasetKnockoutResult, KnockoutResult
 from relation_lens.results.patch import PatchResult
 from relation_lens.results.trace import DatasetTraceResult, TraceResult, argmax_2d
 
 __all__ = ["SCHEMA_VERSION", "Result", "ValueEquality", "decode", "decode_dataclass", "encode", "json_safe",
            "known_fields", "register_view", "values_equal", "TraceResult", "DatasetTraceResult", "KnockoutResult",
-           "DatasetKnockoutResult", "PatchResult", "EvaluationResult", "SequenceResult", "argmax_2d"]
+           "DatasetKnockoutResult", "PatchResult", "EvaluationResult", "ScoreDifference", "SequenceResult", "argmax_2d"]

@@ -96,3 +96,30 @@ class SequenceResult(Result):
         return (f"SequenceResult({self.method} at layers {list(self.layers)}: after {f['edits']} edits "
                 f"({f['applied']} applied) ES {100 * f['ES']:.1f}, PS {100 * f['PS']:.1f}, NS {100 * f['NS']:.1f}, "
                 f"RS {100 * f['RS']:.1f}, untouched {100 * f['untouched']:.1f}; restored {self.restored})")
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class ScoreDifference(Result):
+    """:func:`relation_lens.score_difference`: ``a``'s ``metric`` minus ``b``'s on the same records, with a
+    paired bootstrap 95% interval (``low``, ``high``: the 2.5th and 97.5th percentiles of the difference
+    over ``n_resamples`` resamples of the records, in blocks of ``block`` consecutive records)."""
+
+    metric: str
+    a: float
+    b: float
+    difference: float
+    low: float
+    high: float
+    n_records: int
+    block: int
+    n_resamples: int
+    seed: int
+
+    @property
+    def significant(self) -> bool:
+        """Whether the 95% interval leaves out 0."""
+        return self.low > 0 or self.high < 0
+
+    def __repr__(self) -> str:
+        return (f"ScoreDifference({self.metric} {self.a:.1f} - {self.b:.1f} = {self.difference:+.1f}, 95% bootstrap "
+                f"interval {self.low:+.1f} to {self.high:+.1f}; {self.n_records} records in blocks of {self.block})")
