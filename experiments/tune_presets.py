@@ -44,8 +44,13 @@ VARIANTS = ["relation_rome", "rome", "relation_memit", "memit", "relation_rome+a
             "relation_memit+alphaedit", "memit+alphaedit"]
 
 
+def batched(method: str) -> bool:
+    """MEMIT and relation-MEMIT are evaluated in batches of ``BATCH``; the ROMEs one edit at a time."""
+    return method.endswith("memit")
+
+
 def evaluate_with(model, records, method, kwargs, batch_size):
-    if method.endswith("memit"):
+    if batched(method):
         return rl.evaluate_batch(model, records, method=method, batch_size=batch_size, **kwargs)
     return rl.evaluate(model, records, method=method, fluency=False, **kwargs)
 
@@ -111,10 +116,10 @@ def difference(run: dict) -> str:
     ev = run["evaluation"]
     if not all("records" in ev[k] for k in ("presets", "tuned")):
         return "n/a"
-    a, b = (rl.EvaluationResult(method=run["variant"], layer=None, records=nan_for_null(ev[k]["records"]),
-                                summary=summarise(nan_for_null(ev[k]["records"])), n_failed=ev[k]["n_failed"])
-            for k in ("tuned", "presets"))
-    d = rl.score_difference(a, b, block=BATCH if run["variant"].partition("+")[0].endswith("memit") else 1)
+    rows = {k: nan_for_null(ev[k]["records"]) for k in ("tuned", "presets")}
+    a, b = (rl.EvaluationResult(method=run["variant"], layer=None, records=rows[k], summary=summarise(rows[k]),
+                                n_failed=ev[k]["n_failed"]) for k in ("tuned", "presets"))
+    d = rl.score_difference(a, b, block=BATCH if batched(run["variant"].partition("+")[0]) else 1)
     return f"{d.difference:+.1f} [{d.low:+.1f}, {d.high:+.1f}]"
 
 

@@ -123,6 +123,9 @@ def _harmonic(values: list[float]) -> float:
     return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
 
 
+_SCORES = {"Score": ("ES", "PS", "NS", "RS"), "ScoreROME": ("ES", "PS", "NS")}  # each Score's harmonic-mean rates
+
+
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     """Mean and 95% half-width of each metric over the rows without an ``error`` (rates in percent,
     fluency in bits), and the Scores: harmonic means of ES, PS, NS, RS (``Score``) and of ES, PS,
@@ -133,19 +136,16 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
         mu, ci = mean_ci95_list([r[k] for r in ok if k in r])
         scale = 1.0 if k == "fluency" else 100.0
         summary[k] = (mu * scale, ci * scale)
-    summary["Score"] = (_harmonic([summary[k][0] for k in ("ES", "PS", "NS", "RS")]), float("nan"))
-    summary["ScoreROME"] = (_harmonic([summary[k][0] for k in ("ES", "PS", "NS")]), float("nan"))
+    for score, keys in _SCORES.items():
+        summary[score] = (_harmonic([summary[k][0] for k in keys]), float("nan"))
     return summary
-
-
-_RATES = ("ES", "PS", "NS", "RS")
 
 
 def _resampled(rows: Sequence[dict[str, Any]], weights: torch.Tensor, metric: str) -> torch.Tensor:
     """``metric`` (as :func:`summarise` computes it, in percent) of each resample: ``weights[s, i]`` is
     how often record ``i`` is drawn in resample ``s``; records with an ``error`` and absent metrics are
     left out, as in the summary."""
-    keys = {"Score": _RATES, "ScoreROME": _RATES[:3]}.get(metric, (metric,))
+    keys = _SCORES.get(metric, (metric,))
     means = []
     for k in keys:
         vals = torch.tensor([float(r.get(k, math.nan)) if "error" not in r else math.nan for r in rows],
@@ -179,15 +179,15 @@ def score_difference(a: EvaluationResult, b: EvaluationResult, *, metric: str = 
     if not isinstance(a, EvaluationResult) or not isinstance(b, EvaluationResult):
         raise DataError(f"score_difference compares two EvaluationResults, got {type(a).__name__} and "
                         f"{type(b).__name__}")
-    if metric not in ("Score", "ScoreROME") + METRICS[:-1]:
+    if metric not in (*_SCORES, *METRICS[:-1]):
         raise DataError(f"metric must be Score, ScoreROME or one of {list(METRICS[:-1])}, got {metric!r}")
     if not isinstance(block, int) or block < 1 or not isinstance(n_resamples, int) or n_resamples < 1:
         raise DataError(f"block and n_resamples must be positive ints, got {block!r} and {n_resamples!r}")
-    ids = lambda res: [(r.get("case_id"), r.get("prompt"), r.get("target_new")) for r in res.records]  # noqa: E731
-    if ids(a) != ids(b):
-        raise DataError(f"score_difference needs the same records in the same order ({len(a.records)} and "
-                        f"{len(b.records)} records, first difference at "
-                        f"{next((i for i, (x, y) in enumerate(zip(ids(a), ids(b))) if x != y), min(len(ids(a)), len(ids(b))))})")
+    ids_a, ids_b = ([(r.get("case_id"), r.get("prompt"), r.get("target_new")) for r in res.records] for res in (a, b))
+    if ids_a != ids_b:
+        first = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b)))
+        raise DataError(f"score_difference needs the same records in the same order ({len(ids_a)} and "
+                        f"{len(ids_b)} records, first difference at {first})")
     n = len(a.records)
     if n == 0:
         raise DataError("score_difference needs at least one record")
@@ -201,8 +201,8 @@ def score_difference(a: EvaluationResult, b: EvaluationResult, *, metric: str = 
     diffs = diffs[~torch.isnan(diffs)]
     low, high = (torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
                  if len(diffs) else (math.nan, math.nan))
-    point = lambda res: summarise(res.records)[metric][0]  # noqa: E731
-    return ScoreDifference(metric=metric, a=point(a), b=point(b), difference=point(a) - point(b), low=low,
+    score_a, score_b = a.summary[metric][0], b.summary[metric][0]  # summarise(records), as evaluate builds it
+    return ScoreDifference(metric=metric, a=score_a, b=score_b, difference=score_a - score_b, low=low,
                            high=high, n_records=n, block=block, n_resamples=n_resamples, seed=seed)
 
 
