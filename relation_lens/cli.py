@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON of EditConfig fields for what is not searched, e.g. \'{"v_steps": 20}\'')
     p.add_argument("--space", default=None,
                    help='JSON of candidate values by setting, e.g. \'{"layer": [0, 4], "v_steps": []}\'')
+    p.add_argument("--start", default=None,
+                   help="settings to start from: an earlier run's tune.json (continue its search, e.g. on longer "
+                        'sequences) or JSON by setting, e.g. \'{"threshold": 0.02, "l2": 1}\'')
     p.add_argument("--checkpoint", type=Path, default=None, help="folder to write each trial to, and resume from")
     p.add_argument("--out", type=Path, default=Path("out"))
 
@@ -373,6 +376,8 @@ def _cmd_tune(args) -> None:
         _check_out(args.out, "tune")
     overrides = _json_arg(args.config, "--config")
     space = _json_arg(args.space, "--space")
+    start = rl.TuneResult.from_json(args.start) if args.start and Path(args.start).is_file() else \
+        _json_arg(args.start, "--start") or None
     known = {f.name for f in dataclasses.fields(rl.EditConfig)}
     if set(overrides) - known:
         raise ConfigError(f"--config names {sorted(set(overrides) - known)}, which are not EditConfig fields")
@@ -390,7 +395,7 @@ def _cmd_tune(args) -> None:
     tupled: dict[str, Any] = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
               for k, v in overrides.items()}
     result = rl.tune(model, records, method=args.method, alphaedit=args.alphaedit, budget=args.budget,
-                     sequence=args.sequence, batch_size=args.batch_size, space=space or None,
+                     sequence=args.sequence, batch_size=args.batch_size, space=space or None, start=start,
                      config=dataclasses.replace(base, **tupled), checkpoint=args.checkpoint,
                      progress=not args.quiet)
     if not r.is_main:

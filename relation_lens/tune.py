@@ -218,8 +218,9 @@ def _layer_candidates(method: str, start: Any, located: LocateResult | None, n_l
     return seen
 
 
-def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: bool = False, budget: int = 24,
-         sequence: int | None = None, untouched=None, space: dict[str, Sequence[Any]] | None = None,
+def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: bool | None = None,
+         preserve: Preserve | None = None, budget: int = 24, sequence: int | None = None, untouched=None,
+         start: TuneResult | dict[str, Any] | None = None, space: dict[str, Sequence[Any]] | None = None,
          located: LocateResult | None = None, locate_settings: dict[str, Any] | None = None,
          evaluation_records=None, batch_size: int = 10, config: EditConfig | None = None, stats: dict | None = None,
          max_passes: int = 2, checkpoint: str | Path | None = None, progress: bool = False) -> TuneResult:
@@ -230,11 +231,18 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
             :func:`relation_lens.data.loaders.load_counterfact`; e.g. the shipped records 400-429,
             :data:`relation_lens.data.counterfact.TUNING_SPLIT`).
         method: ``"rome"``, ``"relation_rome"``, ``"memit"`` or ``"relation_memit"``.
-        alphaedit: tune with AlphaEdit's projection (and its threshold and l2).
+        alphaedit: tune with AlphaEdit's projection (and its threshold and l2); default: when ``preserve``
+            is given.
+        preserve: an AlphaEdit :class:`~relation_lens.Preserve` whose threshold and l2 are the start of
+            their search (default: ``Preserve.default_for(model, method)``); it implies ``alphaedit``.
+            Only its settings are read: each trial projects with a fresh one.
         budget: the most trials run (the start included).
         sequence: score sequences of this many edits (the first ``sequence`` records) instead of single
             edits; the untouched facts are then ``untouched`` or, by default, the records after them
             (their prompts with the true object).
+        start: settings to start from instead of the defaults (a dict by setting name, or an earlier
+            :class:`TuneResult`, whose ``params`` are taken, e.g. a search on shorter sequences continued
+            on longer ones); the names left out keep their defaults.
         space: candidate values by setting name, replacing the defaults (``GRIDS``, the layers from
             :func:`locate`); ``()`` leaves a setting at its start value.
         located: a :func:`locate` result to take the layers from (default: :func:`locate` run on the
@@ -252,8 +260,9 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
         :class:`TuneResult`.
 
     Raises:
-        ConfigError: an unknown method or setting name, an empty candidate list for a layer, a bad
-            budget; DataError: no records, records shared with ``evaluation_records``, a ``sequence``
+        ConfigError: an unknown method or setting name (in ``space`` or ``start``), an empty candidate
+            list for a layer, a bad budget, ``preserve`` with ``alphaedit=False``, a ``start`` of another
+            method; DataError: no records, records shared with ``evaluation_records``, a ``sequence``
             longer than the records, no untouched facts for a sequence.
     """
     if method not in METHODS:
@@ -262,6 +271,20 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
         raise ConfigError(f"budget must be a positive whole number of trials, not {budget!r}")
     if config is not None and not isinstance(config, EditConfig):
         raise ConfigError(f"config= takes an EditConfig, got {type(config).__name__}")
+    if preserve is not None and not isinstance(preserve, Preserve):
+        raise ConfigError(f"preserve= takes an AlphaEdit Preserve, got {type(preserve).__name__}")
+    if preserve is not None and alphaedit is False:
+        raise ConfigError("preserve= is AlphaEdit's start, but alphaedit=False: drop one of them")
+    alphaedit = preserve is not None if alphaedit is None else bool(alphaedit)
+    if isinstance(start, TuneResult):
+        if (start.method, start.alphaedit) != (method, alphaedit):
+            raise ConfigError(f"start= is a {start.method}{' + AlphaEdit' if start.alphaedit else ''} result; this "
+                              f"search is {method}{' + AlphaEdit' if alphaedit else ''}")
+        given = dict(start.params)
+    elif start is None or isinstance(start, dict):
+        given = dict(start or {})
+    else:
+        raise ConfigError(f"start= takes a dict of settings or a TuneResult, got {type(start).__name__}")
     if not isinstance(max_passes, int) or max_passes < 1:
         raise ConfigError(f"max_passes must be a positive whole number, not {max_passes!r}")
     records = [dict(r) for r in records]
@@ -278,23 +301,25 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
     # the start: the method's current defaults for this model
     if batch:
         start_layers, base, lam = batch_defaults(model, method, None, config, None, alphaedit)
-        start: dict[str, Any] = {"layers": list(start_layers), "mom2_update_weight": lam}
+        first: dict[str, Any] = {"layers": list(start_layers), "mom2_update_weight": lam}
     else:
         base = config or default_config_of(m, model, alphaedit)
-        start = {"layer": default_layer(model, "rome" if m.key == "subject" else "relation_rome",
+        first = {"layer": default_layer(model, "rome" if m.key == "subject" else "relation_rome",
                                         request_of(records[0]), alphaedit)}
-    start.update({k: getattr(base, k) for k in EDIT_FIELDS})
+    first.update({k: getattr(base, k) for k in EDIT_FIELDS})
     if alphaedit:
-        d = Preserve.default_for(model, method)
-        start.update(threshold=d.threshold, l2=d.l2)
+        d = preserve or Preserve.default_for(model, method)
+        first.update(threshold=d.threshold, l2=d.l2)
     # AlphaEdit's own settings first: they decide whether its edits stay stable (its published l2 makes
     # ROME diverge on the default model), and a small budget should reach them
     names = (SEARCHED["alphaedit"] if alphaedit else ()) + SEARCHED["batch" if batch else "single"]
     space = dict(space or {})
-    unknown = sorted(set(space) - set(names))
-    if unknown:
-        raise ConfigError(f"space names {unknown}, which {method}{' + AlphaEdit' if alphaedit else ''} does not "
-                          f"search (it searches {list(names)})")
+    for what, named in (("space", space), ("start", given)):
+        unknown = sorted(set(named) - set(names))
+        if unknown:
+            raise ConfigError(f"{what} names {unknown}, which {method}{' + AlphaEdit' if alphaedit else ''} does "
+                              f"not search (it searches {list(names)})")
+    begin = {**first, **given}
     layer_name = "layers" if batch else "layer"
     if located is None and layer_name not in space:
         facts = [{"prompt": r["prompt"].format(r["subject"]), "subject": r["subject"], "target": r["target_true"]}
@@ -305,21 +330,21 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
         if n in space:
             vals = [_plain(v) for v in space[n]]
         elif n == layer_name:
-            vals = _layer_candidates(method, start[n], located, model.cfg.n_layers)
+            vals = _layer_candidates(method, begin[n], located, model.cfg.n_layers)
         else:
             vals = list(GRIDS[n])
         if not vals:
             if n == layer_name and n in space:
                 raise ConfigError(f"space[{n!r}] is empty: give the layer(s) to try")
-            vals = [start[n]]
+            vals = [begin[n]]
+        begin[n] = _plain(begin[n])
+        if begin[n] not in vals:
+            vals = [begin[n]] + vals
         if n == layer_name:
             for v in vals:
                 for l in (v if batch else [v]):
-                    if not isinstance(l, int) or not 0 <= l < model.cfg.n_layers:
+                    if not isinstance(l, int) or isinstance(l, bool) or not 0 <= l < model.cfg.n_layers:
                         raise ConfigError(f"{n} candidate {v!r} is not a layer of a {model.cfg.n_layers}-layer model")
-        start[n] = _plain(start[n])
-        if start[n] not in vals:
-            vals = [start[n]] + vals
         candidates[n] = vals
     if sequence is not None:
         if not isinstance(sequence, int) or not 1 <= sequence <= len(records):
@@ -338,7 +363,7 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
                                              prepend_bos=base.prepend_bos)
     r = ranks()
     description = {"method": method, "alphaedit": alphaedit, "sequence": sequence, "batch_size": batch_size,
-                   "model": model_fingerprint(model), "records": fingerprint(records), "start": start,
+                   "model": model_fingerprint(model), "records": fingerprint(records), "start": begin,
                    "candidates": candidates, "base_config": dataclasses.asdict(base),
                    "untouched": fingerprint(untouched_pairs(untouched)) if untouched is not None else None}
     ckpt = Checkpoint(checkpoint, description, r) if checkpoint is not None else None
@@ -413,7 +438,7 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
         v = by_key[_key(p)]["objective"] if _key(p) in by_key else float("nan")
         return -math.inf if v is None or math.isnan(v) else float(v)
 
-    best = dict(start)
+    best = dict(begin)
     run_round([best])
     for _ in range(max_passes):
         changed = False
@@ -427,7 +452,7 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
             break
     trials = sorted(by_key.values(), key=lambda t: t["trial"])
     return TuneResult(method=method, alphaedit=alphaedit, objective="score" if sequence is None else "sequence",
-                      sequence=sequence, params=best, best=score(best), start=start,
+                      sequence=sequence, params=best, best=score(best), start=begin,
                       trials=tuple({k: v for k, v in t.items() if k != "index"} for t in trials),
                       candidates=candidates, base_config=_lists(dataclasses.asdict(base)), model_name=model.cfg.model_name,
                       located=located,

@@ -123,6 +123,11 @@ def test_tune_writes_the_trials_and_the_chosen_settings(tmp_path, capsys):
     text = (out / "tune.md").read_text()
     assert f"chosen: layer={res.params['layer']}" in text and "| chosen |" in text
     assert (out / "tune.png").stat().st_size > 0
+    # --start: a search begun where an earlier one ended (its tune.json), or at settings given as JSON
+    for start, want in ((str(out / "tune.json"), res.params), ('{"layer": 0}', {**res.start, "layer": 0})):
+        again = tmp_path / f"again_{len(want)}_{want['layer']}"
+        assert main([*argv[:4], "--out", str(again), *argv[8:], "--budget", "1", "--start", start]) == 0
+        assert rl.TuneResult.from_json(again / "tune.json").trials[0]["params"] == want
     # bad JSON and unknown fields are named, before any work
     assert main(["tune", "--quiet", "--out", str(out), "--config", '{"v_stepz": 4}']) == 2
     assert "v_stepz" in capsys.readouterr().err

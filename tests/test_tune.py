@@ -54,6 +54,8 @@ def fake_evaluate(monkeypatch):
              "v_steps": config.v_steps}
         if calls.kill_at == len(calls):
             raise KeyboardInterrupt
+        if preserve is not None:  # AlphaEdit's settings as each trial got them (a Preserve of its own)
+            p.update(threshold=preserve.threshold, l2=preserve.l2, preserve=preserve)
         calls.append(p)
         v = _objective(p)
         return SimpleNamespace(summary={k: (v, 0.0) for k in ("ES", "PS", "NS", "RS", "Score")}, n_failed=0)
@@ -117,6 +119,38 @@ def test_a_killed_tuning_run_resumes_with_nothing_lost(tiny_model, fake_evaluate
         rl.tune(tiny_model, _fake_records(), checkpoint=tmp_path / "b", **{**kw, "method": "rome"})
 
 
+def test_a_search_continued_from_an_earlier_result_starts_there(tiny_model, fake_evaluate):
+    kw = dict(method="relation_rome", space={"layer": [0, 1, 2, 3]}, stats=_stub_stats(tiny_model))
+    whole = rl.tune(tiny_model, _fake_records(), budget=100, **kw)
+    first = rl.tune(tiny_model, _fake_records(), budget=3, **kw)  # stopped after the layers
+    assert first.params["layer"] == 1 and first.params != whole.params
+    fake_evaluate.clear()
+    more = rl.tune(tiny_model, _fake_records(), budget=100, start=first, **kw)
+    assert more.trials[0]["params"] == first.params == more.start == fake_evaluate[0]
+    assert more.params == whole.params and more.best == pytest.approx(whole.best)
+    # a dict sets the settings it names; the others keep the method's defaults
+    part = rl.tune(tiny_model, _fake_records(), budget=1, start={"v_steps": 20, "layer": 3}, **kw)
+    d = rl.EditConfig.default_for(tiny_model)
+    assert part.trials[0]["params"] == {"layer": 3, "v_weight_decay": d.v_weight_decay,
+                                        "clamp_norm_factor": d.clamp_norm_factor, "v_steps": 20}
+
+
+def test_preserve_starts_alphaedits_search_and_each_trial_gets_its_own(tiny_model, fake_evaluate):
+    mine = rl.Preserve(threshold=1e-3, l2=10.0)
+    res = rl.tune(tiny_model, _fake_records(), method="relation_rome", preserve=mine, budget=4,
+                  space={"layer": [2]}, stats=_stub_stats(tiny_model))
+    assert res.alphaedit and res.trials[0]["params"]["threshold"] == 1e-3 and res.trials[0]["params"]["l2"] == 10.0
+    # the threshold candidates are tried next, each trial with a fresh Preserve of its settings
+    assert [c["threshold"] for c in fake_evaluate] == [1e-3, 2e-2, 1e-2, 1e-4]
+    assert all(c["l2"] == 10.0 and c["preserve"] is not mine for c in fake_evaluate)
+    assert not mine.edited and not mine.projectors  # the user's Preserve is only read
+    # without preserve, AlphaEdit starts from its defaults for the model
+    d = rl.Preserve.default_for(tiny_model, "relation_rome")
+    res = rl.tune(tiny_model, _fake_records(), method="relation_rome", alphaedit=True, budget=1,
+                  space={"layer": [2]}, stats=_stub_stats(tiny_model))
+    assert (res.trials[0]["params"]["threshold"], res.trials[0]["params"]["l2"]) == (d.threshold, d.l2)
+
+
 def test_bad_arguments_are_refused_by_name(tiny_model, fake_evaluate):
     recs = _fake_records()
     kw = dict(space={"layer": [0, 1]}, stats=_stub_stats(tiny_model))
@@ -128,6 +162,16 @@ def test_bad_arguments_are_refused_by_name(tiny_model, fake_evaluate):
         rl.tune(tiny_model, recs, space={"layer": [0], "lambda": [1]}, stats=kw["stats"])
     with pytest.raises(rl.ConfigError, match="not a layer"):
         rl.tune(tiny_model, recs, space={"layer": [9]}, stats=kw["stats"])
+    with pytest.raises(rl.ConfigError, match="start names"):
+        rl.tune(tiny_model, recs, start={"lambda": 1}, **kw)
+    with pytest.raises(rl.ConfigError, match="not a layer"):
+        rl.tune(tiny_model, recs, start={"layer": 9}, **kw)
+    with pytest.raises(rl.ConfigError, match="alphaedit=False"):
+        rl.tune(tiny_model, recs, preserve=rl.Preserve(), alphaedit=False, **kw)
+    other = rl.tune(tiny_model, recs, method="relation_rome", budget=1, **kw)
+    fake_evaluate.clear()
+    with pytest.raises(rl.ConfigError, match="relation_rome result"):
+        rl.tune(tiny_model, recs, alphaedit=True, start=other, **kw)
     with pytest.raises(rl.DataError, match="also evaluation records"):
         rl.tune(tiny_model, recs, evaluation_records=recs[1:2], **kw)
     with pytest.raises(rl.DataError, match="sequence"):
