@@ -57,8 +57,8 @@ import torch
 import relation_lens as rl
 from relation_lens import presets
 from relation_lens.batch_editing import Preserve, batch_defaults, memit_config
-from relation_lens.data import load_world
-from relation_lens.data.counterfact import TUNING_SPLIT, evaluation_records, load_counterfactual
+from relation_lens.data import World, load_world
+from relation_lens.data.counterfact import TUNING_SPLIT, build_counterfactual, evaluation_records, load_counterfactual
 from relation_lens.editing import EditConfig, default_layer, generate_prefixes, request_of
 from relation_lens.evaluation import records_metrics
 from relation_lens.probes import known_mask
@@ -67,6 +67,12 @@ OUT = Path(__file__).resolve().parent / "results"
 VARIANTS = {"ROME": ("rome", "asymmetric"), "r-ROME": ("rome", "symmetric"),
             "relation-ROME": ("relation_rome", "symmetric"), "MEMIT": ("memit", None),
             "relation-MEMIT": ("relation_memit", None)}
+# A search continued from the 30-edit one (--tune-start) on longer sequences searches these (each trial
+# is 3x longer): AlphaEdit's threshold and the layer stay where the 30-edit search put them (there,
+# thresholds under 0.02 stopped every edit or most, and layer 0 lost most edits: results/tune/
+# sequence_*.md), and the three settings that trade edits for preservation get three values each.
+LONG_SPACE = {"threshold": (), "layer": (), "l2": (10.0, 1.0, 0.1), "v_weight_decay": (0.01, 0.05, 0.1),
+              "clamp_norm_factor": (2.0, 4.0, 10.0), "v_steps": ()}
 
 
 def accuracy(model, prompts, objects) -> float:
@@ -179,14 +185,33 @@ def tuning_untouched(model, world, reqs, tuning, untouched, n: int = 100):
     return untouched_facts(model, pool, reqs + extra, n, seed=2)
 
 
-def tune_for_sequences(model, name, alpha, reqs, untouched, budget, sequence, out: Path, quick: bool):
+def longer_tuning_records(model, world, n: int, untouched, seed: int = 1) -> list[dict]:
+    """``n`` records for tuning on sequences longer than the tuning split: built as the shipped ones
+    (``build_counterfactual``) from a world without any subject of the shipped records (the evaluation
+    records, the tuning split, their neighbours and other relations) or of the evaluation's
+    ``untouched`` facts, so that nothing they edit or measure is one of the evaluation's facts."""
+    shipped = load_counterfactual()
+    taken = {r["subject"] for r in shipped} | {f.subject for f in untouched}
+    prompts = {p for r in shipped for p in r["neighborhood_prompts"] + r["relation_prompts"]}
+    taken |= {f.subject for f in world if f.prompt(0) in prompts}
+    rest = World(tuple(f for f in world if f.subject not in taken), world.relations)
+    return list(build_counterfactual(model, rest, n=n, seed=seed))
+
+
+def tune_for_sequences(model, name, alpha, reqs, untouched, budget, sequence, out: Path, quick: bool,
+                       start: Path | None = None):
     """rl.tune for ``name`` (with AlphaEdit when ``alpha``) on the tuning split (records 400-429), scoring
     the harmonic mean of the Score after ``sequence`` sequential edits and the untouched-fact accuracy
     (on facts apart from the evaluation's); its checkpoint and result are kept under ``out`` (a run
-    started again reuses them)."""
+    started again reuses them). A ``sequence`` longer than the split goes on with
+    :func:`longer_tuning_records`. ``start``: a folder with an earlier search's
+    ``sequence_<variant>.json`` to start from (e.g. the 30-edit search), searching then only the settings
+    in :data:`LONG_SPACE`."""
     method, key_mode = VARIANTS[name]
     records = load_counterfactual()
     tuning = [records[i] for i in TUNING_SPLIT][:sequence]
+    if sequence > len(tuning):
+        tuning += longer_tuning_records(model, load_world(), sequence - len(tuning), untouched)
     facts = tuning_untouched(model, load_world(), reqs, tuning, untouched, 20 if quick else 100)
     if method.endswith("memit"):  # tune starts from the library's defaults (the shipped presets)
         config = memit_config(prefix_seeds=None, **presets.for_model(model).edit_fields(method, alpha),
@@ -194,9 +219,11 @@ def tune_for_sequences(model, name, alpha, reqs, untouched, budget, sequence, ou
     else:
         config = EditConfig.default_for(model, method, alpha, key_mode=key_mode, stats_n_texts=2000 if quick else 10_000)
     label = sequence_label(name, alpha)
+    earlier = None if start is None else rl.TuneResult.from_json(start / f"{label}.json")
     t = rl.tune(model, tuning, method=method, alphaedit=alpha, config=config, budget=budget, sequence=len(tuning),
                 untouched=[(f.prompt(0), f.object) for f in facts], evaluation_records=evaluation_records(),
-                checkpoint=out / "tune_checkpoints" / label)
+                checkpoint=out / "tune_checkpoints" / label, start=earlier,
+                space=None if earlier is None else {k: v for k, v in LONG_SPACE.items() if k in earlier.params})
     (out / "tune").mkdir(parents=True, exist_ok=True)
     (out / "tune" / f"{label}.json").write_text(t.to_json())
     (out / "tune" / f"{label}.md").write_text(f"{t!r}\n\n{t.table()}\n")
@@ -275,7 +302,11 @@ def main() -> None:
                     help="with --tuned: read each variant's settings from FOLDER/sequence_<variant>.json (an earlier "
                          "--tuned run's result, e.g. results/tune) instead of tuning again")
     ap.add_argument("--tune-budget", type=int, default=16, help="trials for --tuned")
-    ap.add_argument("--tune-sequence", type=int, default=30, help="edits in each tuning trial's sequence")
+    ap.add_argument("--tune-sequence", type=int, default=30,
+                    help="edits in each tuning trial's sequence (over 30: the tuning split, then longer_tuning_records)")
+    ap.add_argument("--tune-start", type=Path, default=None,
+                    help="with --tuned: start each search from FOLDER/sequence_<variant>.json (an earlier search, "
+                         "e.g. results/tune), searching LONG_SPACE")
     ap.add_argument("--report", action="store_true", help="only rebuild the table and figure")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -309,7 +340,8 @@ def main() -> None:
                 print(f"settings from {args.tuned_from}: {tuned.params}", flush=True)
             elif args.tuned:
                 tuned = tune_for_sequences(model, name, alpha, reqs, untouched, 2 if args.limit else args.tune_budget,
-                                           args.limit or args.tune_sequence, args.out, bool(args.limit))
+                                           args.limit or args.tune_sequence, args.out, bool(args.limit),
+                                           args.tune_start)
             rows = run(model, reqs, untouched, name, alpha, checkpoints, stats_for, tuned)
             (folder / f"{slug(rows[0]['variant'])}.json").write_text(json.dumps(
                 {"model": model.cfg.model_name, "n": n, "untouched": n_untouched, "rows": rows}, indent=1))
