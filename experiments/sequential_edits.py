@@ -68,7 +68,7 @@ VARIANTS = {"ROME": ("rome", "asymmetric"), "r-ROME": ("rome", "symmetric"),
             "relation-ROME": ("relation_rome", "symmetric"), "MEMIT": ("memit", None),
             "relation-MEMIT": ("relation_memit", None)}
 # A search continued from the 30-edit one (--tune-start) on longer sequences searches these (each trial
-# is 3x longer): AlphaEdit's threshold and the layer stay where the 30-edit search put them (there,
+# is 3x longer; () keeps a setting): AlphaEdit's threshold and the layer stay where the 30-edit search put them (there,
 # thresholds under 0.02 stopped every edit or most, and layer 0 lost most edits: results/tune/
 # sequence_*.md), and the three settings that trade edits for preservation get three values each.
 LONG_SPACE = {"threshold": (), "layer": (), "l2": (10.0, 1.0, 0.1), "v_weight_decay": (0.01, 0.05, 0.1),
@@ -223,7 +223,8 @@ def tune_for_sequences(model, name, alpha, reqs, untouched, budget, sequence, ou
     t = rl.tune(model, tuning, method=method, alphaedit=alpha, config=config, budget=budget, sequence=len(tuning),
                 untouched=[(f.prompt(0), f.object) for f in facts], evaluation_records=evaluation_records(),
                 checkpoint=out / "tune_checkpoints" / label, start=earlier,
-                space=None if earlier is None else {k: v for k, v in LONG_SPACE.items() if k in earlier.params})
+                space=None if earlier is None else {k: (earlier.params[k],) if k == "layer" and not v else v
+                                                    for k, v in LONG_SPACE.items() if k in earlier.params})
     (out / "tune").mkdir(parents=True, exist_ok=True)
     (out / "tune" / f"{label}.json").write_text(t.to_json())
     (out / "tune" / f"{label}.md").write_text(f"{t!r}\n\n{t.table()}\n")
