@@ -68,10 +68,11 @@ VARIANTS = {"ROME": ("rome", "asymmetric"), "r-ROME": ("rome", "symmetric"),
             "relation-ROME": ("relation_rome", "symmetric"), "MEMIT": ("memit", None),
             "relation-MEMIT": ("relation_memit", None)}
 # A search continued from the 30-edit one (--tune-start) on longer sequences searches these (each trial
-# is 3x longer; () keeps a setting): AlphaEdit's threshold and the layer stay where the 30-edit search put them (there,
-# thresholds under 0.02 stopped every edit or most, and layer 0 lost most edits: results/tune/
-# sequence_*.md), and the three settings that trade edits for preservation get three values each.
-LONG_SPACE = {"threshold": (), "layer": (), "l2": (10.0, 1.0, 0.1), "v_weight_decay": (0.01, 0.05, 0.1),
+# is 3x longer; () keeps a setting at its start): AlphaEdit's threshold and the layer stay where the
+# 30-edit search put them (there, thresholds under 0.02 stopped every edit or most, and layer 0 lost
+# most edits: results/tune/sequence_*.md; tune takes no empty layer list, so the start's layer is
+# given), and the three settings that trade edits for preservation get three values each.
+LONG_SPACE = {"threshold": (), "l2": (10.0, 1.0, 0.1), "v_weight_decay": (0.01, 0.05, 0.1),
               "clamp_norm_factor": (2.0, 4.0, 10.0), "v_steps": ()}
 
 
@@ -185,12 +186,11 @@ def tuning_untouched(model, world, reqs, tuning, untouched, n: int = 100):
     return untouched_facts(model, pool, reqs + extra, n, seed=2)
 
 
-def longer_tuning_records(model, world, n: int, untouched, seed: int = 1) -> list[dict]:
-    """``n`` records for tuning on sequences longer than the tuning split: built as the shipped ones
-    (``build_counterfactual``) from a world without any subject of the shipped records (the evaluation
+def longer_tuning_records(model, world, shipped, n: int, untouched, seed: int = 1) -> list[dict]:
+    """``n`` records for tuning on sequences longer than the tuning split: built as the ``shipped``
+    records (``build_counterfactual``) from a world without any subject of them (the evaluation
     records, the tuning split, their neighbours and other relations) or of the evaluation's
     ``untouched`` facts, so that nothing they edit or measure is one of the evaluation's facts."""
-    shipped = load_counterfactual()
     taken = {r["subject"] for r in shipped} | {f.subject for f in untouched}
     prompts = {p for r in shipped for p in r["neighborhood_prompts"] + r["relation_prompts"]}
     taken |= {f.subject for f in world if f.prompt(0) in prompts}
@@ -208,23 +208,26 @@ def tune_for_sequences(model, name, alpha, reqs, untouched, budget, sequence, ou
     ``sequence_<variant>.json`` to start from (e.g. the 30-edit search), searching then only the settings
     in :data:`LONG_SPACE`."""
     method, key_mode = VARIANTS[name]
-    records = load_counterfactual()
+    records, world = load_counterfactual(), load_world()
     tuning = [records[i] for i in TUNING_SPLIT][:sequence]
     if sequence > len(tuning):
-        tuning += longer_tuning_records(model, load_world(), sequence - len(tuning), untouched)
-    facts = tuning_untouched(model, load_world(), reqs, tuning, untouched, 20 if quick else 100)
+        tuning += longer_tuning_records(model, world, records, sequence - len(tuning), untouched)
+    facts = tuning_untouched(model, world, reqs, tuning, untouched, 20 if quick else 100)
     if method.endswith("memit"):  # tune starts from the library's defaults (the shipped presets)
         config = memit_config(prefix_seeds=None, **presets.for_model(model).edit_fields(method, alpha),
                               stats_n_texts=2000 if quick else 10_000)
     else:
         config = EditConfig.default_for(model, method, alpha, key_mode=key_mode, stats_n_texts=2000 if quick else 10_000)
     label = sequence_label(name, alpha)
-    earlier = None if start is None else rl.TuneResult.from_json(start / f"{label}.json")
+    earlier, space = None, None
+    if start is not None:
+        earlier = rl.TuneResult.from_json(start / f"{label}.json")
+        space = {k: v for k, v in LONG_SPACE.items() if k in earlier.params}
+        if "layer" in earlier.params:
+            space["layer"] = (earlier.params["layer"],)
     t = rl.tune(model, tuning, method=method, alphaedit=alpha, config=config, budget=budget, sequence=len(tuning),
                 untouched=[(f.prompt(0), f.object) for f in facts], evaluation_records=evaluation_records(),
-                checkpoint=out / "tune_checkpoints" / label, start=earlier,
-                space=None if earlier is None else {k: (earlier.params[k],) if k == "layer" and not v else v
-                                                    for k, v in LONG_SPACE.items() if k in earlier.params})
+                checkpoint=out / "tune_checkpoints" / label, start=earlier, space=space)
     (out / "tune").mkdir(parents=True, exist_ok=True)
     (out / "tune" / f"{label}.json").write_text(t.to_json())
     (out / "tune" / f"{label}.md").write_text(f"{t!r}\n\n{t.table()}\n")
