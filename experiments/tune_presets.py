@@ -14,6 +14,12 @@ ships them: ``relation_lens.presets.DEFAULT_MODEL_TUNED`` holds that variant's `
 "shipped" column; tests/test_presets.py checks the two agree).
 
     python experiments/tune_presets.py --variants relation_rome rome [--budget 16] [--n-eval 100]
+    python experiments/tune_presets.py --variants rome --tuning-extra 100   # tune on 130 records
+
+``--tuning-extra N`` tunes on the split and N more records built like the shipped ones from a world
+without any shipped record's subjects or neighbours (``sequential_edits.longer_tuning_records``), so
+they are as disjoint from the evaluation records as the split is: a larger tuning set for a variant
+whose choice on 30 records is noisy.
     python experiments/tune_presets.py --report
     python experiments/tune_presets.py --limit 2        # quick run of one variant (the test)
 """
@@ -28,10 +34,15 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from sequential_edits import longer_tuning_records  # noqa: E402  (experiments/ is the script's folder)
 
 import relation_lens as rl  # noqa: E402
 from relation_lens import presets  # noqa: E402
+from relation_lens.data import load_world  # noqa: E402
 from relation_lens.data.counterfact import TUNING_SPLIT, evaluation_records, load_counterfactual  # noqa: E402
 from relation_lens.editing import Preserve, batch_defaults  # noqa: E402
 from relation_lens.evaluation import summarise  # noqa: E402
@@ -169,8 +180,13 @@ def main() -> None:
     ap.add_argument("--stats-texts", type=int, default=None,
                     help="texts for key statistics (default 10,000, the presets'; 2,000 with --limit)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="folder for tune's checkpoints (one per variant)")
+    ap.add_argument("--tuning-extra", type=int, default=0,
+                    help="tune on the split and this many more records disjoint from the evaluation ones")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 for a run beside another)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     folder = args.out / ("tune_quick" if args.limit else "tune")
     if not args.report:
         model = rl.load_model()
@@ -180,6 +196,8 @@ def main() -> None:
         variants, budget = args.variants, args.budget
         if args.limit:
             tuning, evaluation, variants, budget = tuning[:args.limit], evaluation[:args.limit], ["relation_rome"], 2
+        if args.tuning_extra:  # after the split's records (the run in progress keeps this order)
+            tuning += longer_tuning_records(model, load_world(), records, args.tuning_extra, untouched=())
         n_texts = args.stats_texts or (2000 if args.limit else 10_000)
         for v in variants:
             run(model, v, tuning, evaluation, budget, folder,

@@ -121,3 +121,31 @@ def test_sequential_edits_with_tuned_settings_quick(tmp_path):
     assert list(t.candidates)[:2] == ["threshold", "l2"]  # AlphaEdit's own settings searched first
     rows = json.loads((tmp_path / "sequential_quick" / "rome_alphaedit_tuned.json").read_text())["rows"]
     assert rows[-1]["restored"] and rows[-1]["applied"] <= 2
+
+
+@pytest.mark.slow
+def test_longer_tuning_records_share_no_subject_with_the_shipped_records(default_model):
+    """The records sequential_edits.py (over 30 edits) and tune_presets.py --tuning-extra tune on besides
+    the split: none of their subjects, or of their neighbourhood / relation prompts, is a shipped record's
+    subject, one of a shipped record's neighbours, or an untouched fact's subject."""
+    import importlib.util
+
+    from relation_lens.data import World, load_world
+    from relation_lens.data.counterfact import load_counterfactual
+
+    spec = importlib.util.spec_from_file_location("sequential_edits", ROOT / "experiments" / "sequential_edits.py")
+    seq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seq)
+    world, shipped = load_world(), list(load_counterfactual())
+    some = set(sorted(world.relations)[:8])  # a quarter of the world keeps the test cheap
+    part = World(tuple(f for f in world if f.relation_id in some), world.relations)
+    subject_of = {f.prompt(0): f.subject for f in world}
+    taken = {r["subject"] for r in shipped}
+    prompts = {p for r in shipped for p in r["neighborhood_prompts"] + r["relation_prompts"]}
+    neighbours = {f.subject for f in part if f.prompt(0) in prompts}  # the world's facts behind those prompts
+    untouched = [f for f in part if f.subject not in taken | neighbours][:20]
+    records = seq.longer_tuning_records(default_model, part, shipped, 8, untouched)
+    assert len(records) == 8
+    used = {r["subject"] for r in records} | {subject_of[p] for r in records
+                                              for p in r["neighborhood_prompts"] + r["relation_prompts"]}
+    assert not used & taken and not used & neighbours and not used & {f.subject for f in untouched}
