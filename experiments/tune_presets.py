@@ -139,7 +139,9 @@ def report(folder: Path, out: Path) -> str:
             if not p.stem.startswith("sequence_")}  # sequential_edits.py --tuned writes its searches here too
     fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"  # noqa: E731
     lines = ["# rl.tune on the default model against its hand-made presets", "",
-             "Tuned on the shipped records 400-429 (the tuning split), evaluated on the first evaluation records "
+             "Tuned on the shipped records 400-429 (the tuning split; with more records where \"tuning records\" "
+             "says so: the split and records from `longer_tuning_records`, disjoint from the evaluation's subjects "
+             "and neighbours), evaluated on the first evaluation records "
              "outside it; single edits (ROME, relation-ROME) or batches of 10 (MEMIT, relation-MEMIT), each edit "
              "undone before the next. Score: harmonic mean of ES, PS, NS, RS (%). Written by "
              "`experiments/tune_presets.py`. \"presets\": the hand-made presets (tune's start); \"shipped\": the "
@@ -148,8 +150,8 @@ def report(folder: Path, out: Path) -> str:
              "records with a paired bootstrap 95% interval (`rl.score_difference`, 2,000 resamples of the records, "
              "MEMIT's in its batches of 10).", "",
              "| variant | settings | Score | ES | PS | NS | RS | failed | tuned − presets [95%] | chosen by tune | "
-             "tuning Score (start → chosen) | trials | trial time | shipped |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tuning Score (start → chosen) | trials | trial time | tuning records | shipped |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in [v for v in VARIANTS if v in runs] + sorted(set(runs) - set(VARIANTS)):
         r = runs[v]
         t = r["tune"]
@@ -158,7 +160,7 @@ def report(folder: Path, out: Path) -> str:
         for name in ("presets", "tuned"):
             e = r["evaluation"][name]
             extra = (f"{difference(r)} | {chosen} | {fmt(t['trials'][0]['objective'])} → {fmt(t['best'])} | {len(t['trials'])} | "
-                     f"{sum(x['seconds'] for x in t['trials']) / 60:.0f} min") if name == "tuned" else "| | | |"
+                     f"{sum(x['seconds'] for x in t['trials']) / 60:.0f} min | {r['n_tuning']}") if name == "tuned" else "| | | | |"
             extra += " | ✓" if ships == name else " |"
             lines.append(f"| {v} | {name} | {fmt(e['Score'])} | {fmt(e['ES'])} | {fmt(e['PS'])} | {fmt(e['NS'])} | "
                          f"{fmt(e['RS'])} | {e['n_failed']} | {extra} |")
