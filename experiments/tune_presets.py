@@ -15,13 +15,13 @@ ships them: ``relation_lens.presets.DEFAULT_MODEL_TUNED`` holds that variant's `
 
     python experiments/tune_presets.py --variants relation_rome rome [--budget 16] [--n-eval 100]
     python experiments/tune_presets.py --variants rome --tuning-extra 100   # tune on 130 records
+    python experiments/tune_presets.py --report
+    python experiments/tune_presets.py --limit 2        # quick run of one variant (the test)
 
 ``--tuning-extra N`` tunes on the split and N more records built like the shipped ones from a world
 without any shipped record's subjects or neighbours (``sequential_edits.longer_tuning_records``), so
 they are as disjoint from the evaluation records as the split is: a larger tuning set for a variant
 whose choice on 30 records is noisy.
-    python experiments/tune_presets.py --report
-    python experiments/tune_presets.py --limit 2        # quick run of one variant (the test)
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def main() -> None:
         variants, budget = args.variants, args.budget
         if args.limit:
             tuning, evaluation, variants, budget = tuning[:args.limit], evaluation[:args.limit], ["relation_rome"], 2
-        if args.tuning_extra:  # after the split's records (the run in progress keeps this order)
+        if args.tuning_extra:  # after the split's records, the order of the committed 130-record run
             tuning += longer_tuning_records(model, load_world(), records, args.tuning_extra, untouched=())
         n_texts = args.stats_texts or (2000 if args.limit else 10_000)
         for v in variants:

@@ -54,8 +54,9 @@ DEFAULT_MODEL_ALPHAEDIT: dict[str, float] = {"threshold": 2e-2, "l2": 0.1}
 # hand-made presets above: the settings it searches (``layer`` or ``layers``, ROME's ``v_weight_decay``,
 # ``clamp_norm_factor``, ``v_steps``, MEMIT's ``mom2_update_weight``, AlphaEdit's ``threshold`` and
 # ``l2``). Each entry is the ``params`` of experiments/results/tune/<variant>.json (tuned on records
-# 400-429, ROME's with 100 more, by experiments/tune_presets.py; tests/test_presets.py checks they agree), taken where tune's
-# Score on the evaluation records is at least the hand-made presets' (experiments/results/tune_presets.md).
+# 400-429, ROME's with 100 more, by experiments/tune_presets.py; tests/test_presets.py checks they
+# agree), taken where tune's Score on the evaluation records is at least the hand-made presets'
+# (experiments/results/tune_presets.md).
 DEFAULT_MODEL_TUNED: dict[str, dict[str, Any]] = {
     # 12 trials, nothing better than the hand-made presets: the same settings, now tune's
     "relation_rome": {"layer": 4, "v_weight_decay": 0.05, "clamp_norm_factor": 10.0, "v_steps": 40},

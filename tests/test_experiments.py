@@ -143,7 +143,7 @@ def test_longer_tuning_records_share_no_subject_with_the_shipped_records(default
     taken = {r["subject"] for r in shipped}
     prompts = {p for r in shipped for p in r["neighborhood_prompts"] + r["relation_prompts"]}
     neighbours = {f.subject for f in part if f.prompt(0) in prompts}  # the world's facts behind those prompts
-    untouched = [f for f in part if f.subject not in taken | neighbours][:20]
+    untouched = [f for f in part if f.subject not in taken and f.subject not in neighbours][:20]
     records = seq.longer_tuning_records(default_model, part, shipped, 8, untouched)
     assert len(records) == 8
     used = {r["subject"] for r in records} | {subject_of[p] for r in records
