@@ -11,6 +11,7 @@ themselves. Only plain values live here (no classes of the library), so every mo
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -155,3 +156,18 @@ def hand_made() -> Iterator[None]:
 def relation_rome_layer(n_layers: int) -> int:
     """relation-ROME's layer: index 4 (the 5th MLP), or the middle layer of models of 4 layers or fewer."""
     return RELATION_ROME_LAYER if n_layers > RELATION_ROME_LAYER else n_layers // 2
+
+
+# where each of a loaded model's defaults came from (tokenisation, statistics corpus, layers, settings),
+# recorded by the loaders and the methods that choose them; read by :func:`sources`
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def record_sources(model: Model, sources: dict[str, str]) -> None:
+    """Note where ``model``'s defaults came from (merged into what is already noted)."""
+    _SOURCES.setdefault(model, {}).update(sources)
+
+
+def recorded_sources(model: Model) -> dict[str, str]:
+    """What :func:`record_sources` noted for ``model`` (a copy)."""
+    return dict(_SOURCES.get(model, {}))

