@@ -49,7 +49,9 @@ from relation_lens.evaluation import (
 )
 from relation_lens.key_statistics import KeyStatistics
 from relation_lens.locate import LocateResult, locate
+from relation_lens.model_defaults import defaults
 from relation_lens.models import load_model
+from relation_lens.probes import known_facts
 from relation_lens.spans import find_spans
 from relation_lens.tracing import (
     DatasetKnockoutResult,
@@ -69,7 +71,7 @@ from relation_lens.tune import TuneResult, tune
 from relation_lens.version import __version__
 
 __all__ = [
-    "load_model", "trace", "knockout", "KnockoutResult", "knockout_dataset", "DatasetKnockoutResult", "patch", "Site", "PatchResult", "path_patch", "PathPatchResult", "locate", "LocateResult", "tune", "TuneResult", "interventions", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
+    "load_model", "defaults", "known_facts", "trace", "knockout", "KnockoutResult", "knockout_dataset", "DatasetKnockoutResult", "patch", "Site", "PatchResult", "path_patch", "PathPatchResult", "locate", "LocateResult", "tune", "TuneResult", "interventions", "EditRequest", "EditConfig", "RankOneUpdate", "Edit", "compute_edit", "apply_edit",
     "edit", "evaluate", "evaluate_batch", "evaluate_sequence", "SequenceResult", "score_difference", "ScoreDifference", "BatchUpdate", "Preserve", "AlphaEditConfig", "ValueCache", "Update", "load_update",
     "EditMethod", "METHODS", "register_method", "save_edited", "EvaluationResult", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
     "views", "__version__", "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",

@@ -80,11 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="relation_rome",
                    help="a registered single-request editing method: relation_rome (default), rome, or one added "
                         "with relation_lens.register_method")
-    p.add_argument("--layer", type=int, default=None, help="MLP layer (default: 4 for relation-ROME, traced for ROME)")
-    p.add_argument("--key-mode", default="symmetric", choices=["symmetric", "asymmetric"],
-                   help="symmetric: r-ROME keys (default); asymmetric: ROME's original code")
-    p.add_argument("--paraphrase", default=None, help="a paraphrase prompt (default: a held-out template)")
-    p.add_argument("--unrelated", default=None, help="an unrelated prompt (default: another fact of the world)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="MLP layer (default: the model's presets, as relation_lens.defaults(model) lists them)")
+    p.add_argument("--key-mode", default=None, choices=["symmetric", "asymmetric"],
+                   help="symmetric: r-ROME keys; asymmetric: ROME's original code (default: the library's, "
+                        "EditConfig.default_for(model, method): symmetric on the default model, ROME's elsewhere)")
+    p.add_argument("--paraphrase", default=None,
+                   help="a paraphrase prompt (default on the default model: a held-out template of its world; on "
+                        "other models none unless given)")
+    p.add_argument("--unrelated", default=None,
+                   help="an unrelated prompt (default on the default model: another fact of its world; on other "
+                        "models none unless given)")
     p.add_argument("--save", type=Path, default=None,
                    help="folder to save the edited model (a Hugging Face folder that load_model and transformers "
                         "read) and the edit (edit.json); only when the edit took, unless --save-anyway")
@@ -104,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "relation dataset of the default model")
     p.add_argument("--n", type=int, default=50, help="records to evaluate (default 50)")
     p.add_argument("--no-fluency", action="store_true", help="skip the generation fluency metric")
-    p.add_argument("--key-mode", default="symmetric", choices=["symmetric", "asymmetric"])
+    p.add_argument("--key-mode", default=None, choices=["symmetric", "asymmetric"],
+                   help="default: the library's (EditConfig.default_for(model, method))")
     p.add_argument("--out", type=Path, default=Path("out"))
 
     p = sub.add_parser("tune", help="choose an editing method's layers and hyperparameters on a tuning split",
@@ -254,11 +261,16 @@ def _cmd_trace_dataset(args) -> None:
     _write_views(result, args.out, "trace_dataset", formats, args.quiet)
 
 
-def _edit_prompts(args) -> tuple[str, str]:
+def _edit_prompts(args, model) -> tuple[str | None, str | None]:
+    """The paraphrase and unrelated prompts: given, or on the default model built from its world (the
+    world's facts belong to that model alone: other models show only what was given)."""
     from relation_lens.data import load_world
+    from relation_lens.presets import is_default_model
 
-    world = load_world()
     paraphrase, unrelated = args.paraphrase, args.unrelated
+    if not is_default_model(model):
+        return paraphrase, unrelated
+    world = load_world()
     rel = next((r for r in world.relations.values() if args.prompt in r.train_templates + r.heldout_templates), None)
     if paraphrase is None:
         if rel is None:
@@ -289,11 +301,18 @@ def _cmd_edit(args) -> None:
         _check_out(args.save, "edit")
     model = rl.load_model(args.model, device=args.device)
     request = rl.EditRequest(args.prompt, args.subject, args.target_new)
-    paraphrase, unrelated = _edit_prompts(args)
-    prompts = {"edit prompt": request.text, "paraphrase": paraphrase, "unrelated": unrelated}
+    paraphrase, unrelated = _edit_prompts(args, model)
+    given = {"edit prompt": request.text, "paraphrase": paraphrase, "unrelated": unrelated}
+    missing = [k for k, v in given.items() if v is None]
+    prompts: dict[str, str] = {k: v for k, v in given.items() if v is not None}
+    if missing and not args.quiet:
+        print(f"(no {' or '.join(missing)} prompt: give --{' / --'.join(missing)}; the built-in ones come from the "
+              "default model's world)")
     before = predict(model, list(prompts.values()), k=3)
     method = get_method(args.method)
-    config = dataclasses.replace(method.default_config(model), key_mode=args.key_mode)
+    config = method.default_config(model)
+    if args.key_mode is not None:
+        config = dataclasses.replace(config, key_mode=args.key_mode)
     update = rl.compute_edit(model, request, method=args.method, layer=args.layer, config=config,
                              progress=not args.quiet)
     layers = ", ".join(map(str, update.layers))
@@ -314,7 +333,7 @@ def _cmd_edit(args) -> None:
         save_edited(args.model, [update], args.save)
         (args.save / "edit.json").write_text(json.dumps({
             "base_model": args.model, "method": args.method,
-            "layer": update.layers[0] if len(update.layers) == 1 else list(update.layers), "key_mode": args.key_mode,
+            "layer": update.layers[0] if len(update.layers) == 1 else list(update.layers), "key_mode": config.key_mode,
             "took": took,
             "request": {"prompt": request.prompt, "subject": request.subject, "target_new": request.target_new},
         }, indent=1))
@@ -340,7 +359,8 @@ def _cmd_evaluate(args) -> None:
 
         records = list(load_counterfact(args.records, limit=args.n))
     result = evaluate(model, records, method=args.method, layer=args.layer, fluency=not args.no_fluency,
-                      config=EditConfig.default_for(model, args.method, key_mode=args.key_mode),
+                      config=EditConfig.default_for(model, args.method,
+                                                    **({"key_mode": args.key_mode} if args.key_mode else {})),
                       progress=not args.quiet)
     if not r.is_main:
         return
@@ -469,6 +489,20 @@ def _cmd_info(args) -> None:
                        "TransformerLens keeps W_U apart and folds LayerNorm weights into the next layer)")
     print(f"{c.model_name}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, d_mlp {c.d_mlp}, "
           f"vocab {c.d_vocab}, context {c.n_ctx}, {counts}, device {c.device}, dtype {c.dtype}")
+    import warnings
+
+    with warnings.catch_warnings():  # the defaults below say the same
+        warnings.simplefilter("ignore")
+        d = rl.defaults(model)
+    print("defaults, and where each came from:")
+    print(f"  presets: {d['presets']['name']}: {d['presets']['source']}")
+    print(f"  tokenisation: prepend_bos {d['tokenisation']['source']}; BOS token {d['tokenisation']['bos_token']}")
+    print(f"  key statistics: {d['key_statistics']['corpus']} ({d['key_statistics']['source']})")
+    print(f"  noise subjects: {d['noise_subjects']['source']}")
+    print(f"  counterfactuals: {d['counterfactuals']['source']}")
+    for m, v in d["methods"].items():
+        where = f"layer {v['layer']}" if "layer" in v else f"layers {v['layers']}, lambda {v['mom2_update_weight']:g}"
+        print(f"  {m}: {where}; EditConfig fields other than ROME's: {v['config'] or 'none'}; from {v['source']}")
 
 
 COMMANDS = {"stats": _cmd_stats, "trace": _cmd_trace, "trace-dataset": _cmd_trace_dataset, "edit": _cmd_edit, "evaluate": _cmd_evaluate, "tune": _cmd_tune, "world": _cmd_world, "info": _cmd_info}

@@ -10,7 +10,8 @@ forcing, as ``exp(mean token log-prob)`` (ROME compares mean per-token NLLs).
   relation and true object; NM the magnitude P(true answer) - P(new).
 * RS, relation specificity: the same over the edited subject's other relations, each with its own
   answer; RM the magnitude.
-* Score: the harmonic mean of ES, PS, NS and RS (``score_rome``: of ES, PS and NS, as in ROME's tables).
+* Score: the harmonic mean of ES, PS, NS and RS; on records without relation prompts (CounterFact's: no RS)
+  ROME's three-way Score of ES, PS and NS, which ``ScoreROME`` always is (as in ROME's tables).
 * Fluency: ROME's weighted 2-/3-gram entropy (weights 2/3 and 4/3, arithmetic mean, bits) of greedy
   generations from the record's generation prompts.
 
@@ -126,6 +127,14 @@ def _harmonic(values: list[float]) -> float:
 _SCORES = {"Score": ("ES", "PS", "NS", "RS"), "ScoreROME": ("ES", "PS", "NS")}  # each Score's harmonic-mean rates
 
 
+def _score_keys(rows: Sequence[dict[str, Any]], score: str) -> tuple[str, ...]:
+    """The rates ``score`` is the harmonic mean of: ``Score`` is ROME's three-way Score on records that
+    have no relation prompts (CounterFact's: no row has an RS), so that it ranks such evaluations too."""
+    if score == "Score" and not any("RS" in r and "error" not in r for r in rows):
+        return _SCORES["ScoreROME"]
+    return _SCORES[score]
+
+
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     """Mean and 95% half-width of each metric over the rows without an ``error`` (rates in percent,
     fluency in bits), and the Scores: harmonic means of ES, PS, NS, RS (``Score``) and of ES, PS,
@@ -136,8 +145,8 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
         mu, ci = mean_ci95_list([r[k] for r in ok if k in r])
         scale = 1.0 if k == "fluency" else 100.0
         summary[k] = (mu * scale, ci * scale)
-    for score, keys in _SCORES.items():
-        summary[score] = (_harmonic([summary[k][0] for k in keys]), float("nan"))
+    for score in _SCORES:
+        summary[score] = (_harmonic([summary[k][0] for k in _score_keys(rows, score)]), float("nan"))
     return summary
 
 
@@ -145,7 +154,7 @@ def _resampled(rows: Sequence[dict[str, Any]], weights: torch.Tensor, metric: st
     """``metric`` (as :func:`summarise` computes it, in percent) of each resample: ``weights[s, i]`` is
     how often record ``i`` is drawn in resample ``s``; records with an ``error`` and absent metrics are
     left out, as in the summary."""
-    keys = _SCORES.get(metric, (metric,))
+    keys = _score_keys(rows, metric) if metric in _SCORES else (metric,)
     means = []
     for k in keys:
         vals = torch.tensor([float(r.get(k, math.nan)) if "error" not in r else math.nan for r in rows],
@@ -356,7 +365,7 @@ def _rates(model: Model, done: list[dict]) -> dict[str, float]:
     for k in ("ES", "PS", "NS", "RS"):
         vals = [x[k] for x in per if k in x]
         out[k] = sum(vals) / len(vals) if vals else float("nan")
-    out["Score"] = _harmonic([out[k] for k in ("ES", "PS", "NS", "RS")])
+    out["Score"] = _harmonic([out[k] for k in _score_keys(per, "Score")])
     return out
 
 

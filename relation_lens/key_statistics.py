@@ -11,6 +11,7 @@ on disk, keyed by a fingerprint of the model, the layer, the corpus and the numb
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import itertools
 import json
@@ -29,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from relation_lens.data import load_world
+from relation_lens import presets
+from relation_lens.data import load_world, world_dir
 from relation_lens.distributed import all_reduce_sum, ranks
 from relation_lens.errors import DataError, EditError, UnsupportedModelError
 from relation_lens.guards import model_lock
@@ -65,6 +67,25 @@ def default_corpus() -> list[str]:
     return [f"{t.format(f.subject)} {f.object}." for f in load_world() for t in f.train_templates]
 
 
+WIKIPEDIA_CORPUS = "FewRel 1.0 val_wiki Wikipedia sentences (MIT)"
+
+
+def wikipedia_corpus() -> list[str]:
+    """The 11,200 Wikipedia sentences of FewRel 1.0's validation split (MIT; vendored by
+    experiments/vendor/wikipedia_sentences.py): the default corpus for every model but the embedded one,
+    which ROME's statistics stand for (ROME takes them over Wikipedia text)."""
+    with gzip.open(world_dir() / "wikipedia_sentences.txt.gz", "rt", encoding="utf-8", newline="\n") as f:
+        return [line for line in f.read().split("\n") if line.strip()]
+
+
+def model_corpus(model: Model) -> tuple[list[str], str]:
+    """The corpus key statistics take by default on ``model`` and its name: the embedded model's own
+    training text on the embedded model (the only text it knows), Wikipedia sentences on any other."""
+    if presets.is_default_model(model):
+        return default_corpus(), "the default model's world text (its training sentences)"
+    return wikipedia_corpus(), WIKIPEDIA_CORPUS
+
+
 def _read_text_file(path: Path) -> list[str]:
     """One text per non-empty line; a ``.jsonl`` file's lines are JSON objects with a ``text`` field."""
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -80,9 +101,7 @@ def _read_text_file(path: Path) -> list[str]:
 
 
 def _texts(corpus, n_texts: int | None) -> list[str]:
-    if corpus is None:
-        texts = default_corpus()
-    elif isinstance(corpus, (str, Path)):
+    if isinstance(corpus, (str, Path)):
         if not Path(corpus).is_file():
             raise DataError(f"corpus {str(corpus)[:80]!r} is not a file; give a text file (one text per line, or "
                             ".jsonl with a 'text' field), a list of strings or a datasets.Dataset")
@@ -127,6 +146,7 @@ class KeyStatistics(ValueEquality):
     model_fingerprint: str
     corpus_hash: str
     n_texts: int
+    corpus: str = ""  # the corpus' name (and where it came from) when known
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -139,8 +159,9 @@ class KeyStatistics(ValueEquality):
         return h.hexdigest()
 
     def __repr__(self) -> str:  # a summary; the matrix is in .moment
+        corpus = f" ({self.corpus})" if self.corpus else ""
         return (f"KeyStatistics(layer {self.layer}, [{self.moment.shape[0]} x {self.moment.shape[1]}] "
-                f"from {self.count} keys of {self.n_texts} texts, model {self.model_fingerprint[:12]})")
+                f"from {self.count} keys of {self.n_texts} texts{corpus}, model {self.model_fingerprint[:12]})")
 
     @classmethod
     def compute(cls, model: Model, layer: int, corpus: Any = None, *, n_texts: int | None = 10_000,
@@ -156,7 +177,9 @@ class KeyStatistics(ValueEquality):
             corpus: texts: a list of strings (or of dicts with ``text``), a ``datasets.Dataset`` with a
                 ``text`` column, a text file (one text per line; ``.jsonl``: a ``text`` field per line), or
                 a stream (``datasets.load_dataset(..., streaming=True)``, a generator), of which the
-                first ``n_texts`` are read; default: the default model's training text.
+                first ``n_texts`` are read; default (:func:`model_corpus`): the embedded model's training text
+                on the embedded model, 11,200 Wikipedia sentences (FewRel's) on every other model; its
+                name is in :attr:`corpus`.
             n_texts: use at most this many texts (a seeded sample; a stream's first); ``None`` for all.
             cache: read and write the disk cache (``directory`` or :func:`cache_dir`; only rank 0 writes).
             prepend_bos: ``None`` follows the model; ``False`` tokenises as ROME's ``layer_stats`` does on
@@ -170,7 +193,12 @@ class KeyStatistics(ValueEquality):
             raise EditError(f"layer {layer} is out of range for a model with {model.cfg.n_layers} layers")
         if precision not in ("mixed", "float64"):
             raise EditError(f"precision {precision!r} is not 'mixed' or 'float64'")
+        if corpus is None:
+            corpus, name = model_corpus(model)
+        else:
+            name = str(corpus) if isinstance(corpus, (str, Path)) else "given by the caller"
         texts = _texts(corpus, n_texts)
+        name = f"{name}: {len(texts)} texts"
         fp, ch = model_fingerprint(model, layer), _corpus_hash(texts)
         path = Path(directory) if directory else cache_dir()
         bos = model.cfg.default_prepend_bos if prepend_bos is None else bool(prepend_bos)
@@ -179,7 +207,7 @@ class KeyStatistics(ValueEquality):
         if cache and file.is_file():
             data = load_file(file)
             logger.info("loaded key statistics from %s", file)
-            return cls(layer, data["moment"], int(data["count"].item()), fp, ch, len(texts))
+            return cls(layer, data["moment"], int(data["count"].item()), fp, ch, len(texts), name)
         r = ranks()
         tokens = tokenize_corpus(model, texts, bos)
         order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))  # similar lengths together: little padding
@@ -192,7 +220,7 @@ class KeyStatistics(ValueEquality):
         if count == 0:
             raise DataError("the corpus gave no tokens to accumulate key statistics over")
         moment = total / count
-        stats = cls(layer, moment, count, fp, ch, len(texts))
+        stats = cls(layer, moment, count, fp, ch, len(texts), name)
         if cache and r.is_main:
             _atomic_save({"moment": moment.contiguous(), "count": torch.tensor([count])}, file)
         return stats
@@ -200,9 +228,9 @@ class KeyStatistics(ValueEquality):
     def save(self, path: str | Path, *, corpus: str = "") -> Path:
         """Write these statistics to one safetensors file to share (the moment in float64 and, in its
         header as JSON, the format, layer, key count, model fingerprint, corpus hash, number of
-        texts and ``corpus``, a description of the corpus). :meth:`load` reads it back equal."""
+        texts and ``corpus``, a description of the corpus, by default :attr:`corpus`). :meth:`load` reads it back equal."""
         meta = {"format": STATS_FORMAT, "layer": self.layer, "count": self.count, "model_fingerprint": self.model_fingerprint,
-                "corpus_hash": self.corpus_hash, "n_texts": self.n_texts, "corpus": corpus,
+                "corpus_hash": self.corpus_hash, "n_texts": self.n_texts, "corpus": corpus or self.corpus,
                 "d_mlp": int(self.moment.shape[0])}
         file = Path(path)
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +243,7 @@ class KeyStatistics(ValueEquality):
         unless they were computed on its weights (the fingerprint of the weights up to their layer)."""
         meta = read_statistics_header(path)
         stats = cls(int(meta["layer"]), load_file(str(path))["moment"], int(meta["count"]), meta["model_fingerprint"],
-                    meta["corpus_hash"], int(meta["n_texts"]))
+                    meta["corpus_hash"], int(meta["n_texts"]), str(meta.get("corpus", "")))
         if model is not None:
             if not 0 <= stats.layer < model.cfg.n_layers:
                 raise EditError(f"{path}: key statistics of layer {stats.layer}; the model has {model.cfg.n_layers}")

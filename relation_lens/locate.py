@@ -21,6 +21,7 @@ effect per layer at that token with its 95% interval; the rules below read the l
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ from relation_lens.model_interface import Model
 from relation_lens.results import DatasetTraceResult, Result
 from relation_lens.tracing.dataset import BUCKETS, trace_dataset
 
-__all__ = ["locate", "LocateResult", "RULES", "critical_range", "early_layers"]
+__all__ = ["locate", "LocateResult", "LocateWarning", "RULES", "critical_range", "early_layers"]
 
 # method -> (what is corrupted, the bucket read, early layers only, a range of layers)
 RULES: dict[str, tuple[str, str, bool, bool]] = {
@@ -83,11 +84,21 @@ class LocateResult(Result):
     model_name: str
     trace: DatasetTraceResult | None = None
     settings: dict = field(default_factory=dict)
+    global_peak: int = -1  # the layer of the largest mean effect over all layers (beside the rule's peak)
+    significant: bool = True  # every chosen layer's 95% interval excludes zero
 
     def __repr__(self) -> str:
+        glob = (f"; global peak layer {self.global_peak} ({float(self.effect[self.global_peak]):.3g} ± "
+                f"{float(self.ci95[self.global_peak]):.2g})" if self.global_peak not in (-1, self.peak) else "")
+        flag = "" if self.significant else "; NOT SIGNIFICANT: an interval includes zero"
         return (f"LocateResult({self.method}: layers {list(self.layers)}, peak layer {self.peak} "
                 f"({float(self.effect[self.peak]):.3g} ± {float(self.ci95[self.peak]):.2g} at the {self.token}, "
-                f"{self.corrupt} corrupted, {self.n_used} prompts), model={self.model_name!r})")
+                f"{self.corrupt} corrupted, {self.n_used} prompts){glob}{flag}, model={self.model_name!r})")
+
+
+class LocateWarning(UserWarning):
+    """A layer :func:`locate` chose has an effect whose 95% interval includes zero: the traces do not
+    tell that layer from no effect (more prompts or noise samples, or the global peak, may)."""
 
 
 def locate(model: Model, facts: Any, *, method: str = "rome", fraction: float = 0.5, early: float = 1 / 3,
@@ -105,6 +116,11 @@ def locate(model: Model, facts: Any, *, method: str = "rome", fraction: float = 
         keep_trace: keep the whole :class:`~relation_lens.results.DatasetTraceResult` in ``trace``.
         **trace_settings: :func:`relation_lens.trace_dataset`'s other settings (``n_samples``, ``pack``,
             ``checkpoint``, ``progress``, ``noise``...); ``corrupt`` and ``kinds`` are the rule's.
+
+    Returns:
+        :class:`LocateResult`: the layers, the rule's peak and the ``global_peak`` over all layers, each
+        layer's mean effect and 95% half-width, and ``significant`` (every chosen layer's interval
+        excludes zero; a :class:`LocateWarning` says so where one does not).
 
     Raises:
         ConfigError: an unknown method, ``fraction`` outside (0, 1] or ``early`` outside (0, 1];
@@ -134,7 +150,17 @@ def locate(model: Model, facts: Any, *, method: str = "rome", fraction: float = 
     layers = critical_range(effect, allowed, fraction if ranged else 1.0)
     sub = effect[allowed.start:allowed.stop]
     peak = allowed.start + int(torch.nan_to_num(sub, nan=-math.inf).argmax())
+    global_peak = int(torch.nan_to_num(effect, nan=-math.inf).argmax())
+    weak = [l for l in layers if not float(effect[l]) - float(half[l]) > 0]
+    if weak:
+        warnings.warn(
+            f"locate({method!r}): the effect at layer(s) {weak} has a 95% interval that includes zero ("
+            + ", ".join(f"layer {l}: {float(effect[l]):.3g} ± {float(half[l]):.2g}" for l in weak)
+            + f", over {ds.n_used} prompts); the global peak is layer {global_peak} ({float(effect[global_peak]):.3g} "
+            f"± {float(half[global_peak]):.2g}). Trace more prompts or noise samples before editing there.",
+            LocateWarning, stacklevel=2)
     return LocateResult(method=method, layers=layers, peak=peak, effect=effect, ci95=half, token=token,
                         corrupt=corrupt, allowed=tuple(allowed), fraction=fraction, early=early, n_used=ds.n_used,
                         model_name=model.cfg.model_name, trace=ds if keep_trace else None,
-                        settings={"window": ds.window, "n_total": ds.n_total})
+                        settings={"window": ds.window, "n_total": ds.n_total}, global_peak=global_peak,
+                        significant=not weak)

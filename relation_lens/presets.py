@@ -11,6 +11,7 @@ themselves. Only plain values live here (no classes of the library), so every mo
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,6 +103,16 @@ class ModelPresets:
     alphaedit: dict[str, float] = field(default_factory=lambda: dict(ALPHAEDIT_GPT2_XL))
     world_noise_subjects: bool = False
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
+    name: str = "published"  # which presets these are
+    source: str = "ROME's, MEMIT's and AlphaEdit's published GPT-2 XL hyperparameters"
+    layers: dict[str, int] = field(default_factory=dict)  # ROME's and relation-ROME's layer where given
+    scaled: bool = False  # no presets of the model's own: GPT-2 XL's scaled to its depth (warned about)
+
+    def layer(self, method: str, alphaedit: bool = False) -> int | None:
+        """The single layer ``method`` (``"rome"`` or ``"relation_rome"``) edits by default: tune's, else
+        :attr:`layers`'s (``None`` where neither has one)."""
+        chosen = self.chosen(method, alphaedit).get("layer")
+        return int(chosen) if chosen is not None else self.layers.get(method)
 
     def chosen(self, method: str | None, alphaedit: bool = False) -> dict[str, Any]:
         """:func:`relation_lens.tune`'s settings for ``method`` (``{}`` where there are none): with
@@ -122,12 +133,58 @@ class ModelPresets:
         return {**self.alphaedit, **{k: float(tuned[k]) for k in ("threshold", "l2") if k in tuned}}
 
 
-PUBLISHED = ModelPresets(mom2_update_weight={"memit": MOM2_UPDATE_WEIGHT, "relation_memit": MOM2_UPDATE_WEIGHT})
+GPT2_XL_LAYERS = 48
+
+
+def scaled_layer(index: int, n_layers: int) -> int:
+    """GPT-2 XL's layer ``index`` (of 48) at the same relative depth of a model of ``n_layers``."""
+    return max(0, min(n_layers - 1, round(index * (n_layers - 1) / (GPT2_XL_LAYERS - 1))))
+
+
+# the published settings, for the models they were published for (hparams/{ROME,MEMIT,AlphaEdit}/*.json
+# of kmeng01/rome, kmeng01/memit and jianghoucheng/AlphaEdit; relation-ROME's layer from Li, Chen & Wang)
+GPT2_XL = ModelPresets(
+    name="gpt2-xl", layers={"rome": 17, "relation_rome": RELATION_ROME_LAYER},
+    memit_layers={"memit": (13, 14, 15, 16, 17), "relation_memit": (0, 1, 2, 3, 4)},
+    mom2_update_weight={"memit": MOM2_UPDATE_WEIGHT, "relation_memit": MOM2_UPDATE_WEIGHT},
+    source="published for GPT-2 XL: ROME (layer 17), MEMIT (layers 13-17, lambda 20000), AlphaEdit (threshold "
+           "2e-2, l2 10) hparams; relation-ROME's 5th layer (Li, Chen & Wang 2024)")
+GPT_J = ModelPresets(
+    name="gpt-j-6b", layers={"rome": 5, "relation_rome": scaled_layer(RELATION_ROME_LAYER, 28)},
+    memit_layers={"memit": (3, 4, 5, 6, 7, 8), "relation_memit": (0, 1, 2)},
+    mom2_update_weight={"memit": 15000.0, "relation_memit": 15000.0},
+    source="published for GPT-J 6B: ROME (layer 5), MEMIT (layers 3-8, lambda 15000), AlphaEdit (threshold 2e-2, "
+           "l2 10) hparams; relation-ROME's layer GPT-2 XL's 5th of 48 scaled to 28 layers")
 DEFAULT_MODEL = ModelPresets(edit=DEFAULT_MODEL_PRESET, memit_layers=DEFAULT_MODEL_MEMIT["layers"],
                              mom2_update_weight=DEFAULT_MODEL_MEMIT["mom2_update_weight"],
                              alphaedit=DEFAULT_MODEL_ALPHAEDIT, world_noise_subjects=True,
-                             tuned=DEFAULT_MODEL_TUNED)
-_BY_NAME: dict[str, ModelPresets] = {DEFAULT_MODEL_NAME: DEFAULT_MODEL}
+                             tuned=DEFAULT_MODEL_TUNED, name=DEFAULT_MODEL_NAME,
+                             layers={"relation_rome": RELATION_ROME_LAYER},
+                             source="the embedded model's own: hand-made presets and rl.tune's choices on its tuning "
+                                    "split (experiments/tune_presets.py, experiments/results/tune_presets.md)")
+_BY_NAME: dict[str, ModelPresets] = {DEFAULT_MODEL_NAME: DEFAULT_MODEL, "gpt2-xl": GPT2_XL, "gpt-j-6b": GPT_J}
+_ALIASES = {"openai-community/gpt2-xl": "gpt2-xl", "eleutherai/gpt-j-6b": "gpt-j-6b", "eleutherai/gpt-j-6B": "gpt-j-6b"}
+
+
+def depth_scaled(n_layers: int) -> ModelPresets:
+    """For a model with no presets of its own: GPT-2 XL's layers scaled to ``n_layers`` (ROME's 17th,
+    MEMIT's 13-17th, relation-ROME's 5th of 48) with its published lambda and AlphaEdit settings."""
+    rr = relation_rome_layer(n_layers)
+    memit = tuple(sorted({scaled_layer(i, n_layers) for i in range(13, 18)}))
+    return ModelPresets(
+        name=f"depth-scaled ({n_layers} layers)", scaled=True,
+        layers={"rome": scaled_layer(17, n_layers), "relation_rome": rr},
+        memit_layers={"memit": memit, "relation_memit": tuple(range(max(0, rr - len(memit) + 1), rr + 1))},
+        mom2_update_weight={"memit": MOM2_UPDATE_WEIGHT, "relation_memit": MOM2_UPDATE_WEIGHT},
+        source=f"no presets for this model: GPT-2 XL's layers scaled to {n_layers} layers, GPT-2 XL's value settings, "
+               "lambda and AlphaEdit settings; rl.locate and rl.tune find the model's own (docs/models.md)")
+
+
+class DefaultsWarning(UserWarning):
+    """A model has no presets of its own, so edits use GPT-2 XL's settings scaled to its depth."""
+
+
+_WARNED: weakref.WeakSet = weakref.WeakSet()
 
 
 def is_default_model(model: Model) -> bool:
@@ -135,9 +192,32 @@ def is_default_model(model: Model) -> bool:
     return model.cfg.model_name == DEFAULT_MODEL_NAME
 
 
+def presets_named(name: str) -> ModelPresets | None:
+    """The presets stored for a model name (hub ids and their short names alike), or ``None``."""
+    return _BY_NAME.get(_ALIASES.get(name, name)) or _BY_NAME.get(_ALIASES.get(name.lower(), name.lower()))
+
+
 def for_model(model: Model) -> ModelPresets:
-    """The presets of ``model``: its own where this module has them, the published ones otherwise."""
-    return _BY_NAME.get(model.cfg.model_name, PUBLISHED)
+    """The presets of ``model``: its own where this module has them (the embedded model, SmolLM2-135M,
+    and the published ones for GPT-2 XL and GPT-J), otherwise :func:`depth_scaled`, with a
+    :class:`DefaultsWarning` (once per model) that names them."""
+    own = presets_named(str(model.cfg.model_name))
+    if own is not None:
+        return own
+    scaled = depth_scaled(model.cfg.n_layers)
+    try:
+        first = model not in _WARNED
+        if first:
+            _WARNED.add(model)
+    except TypeError:  # not weak-referenceable
+        first = False
+    if first:
+        warnings.warn(
+            f"model {model.cfg.model_name!r} has no editing presets: using {scaled.name} defaults (ROME layer "
+            f"{scaled.layers['rome']}, relation-ROME layer {scaled.layers['relation_rome']}, MEMIT layers "
+            f"{list(scaled.memit_layers['memit'])}, lambda {MOM2_UPDATE_WEIGHT:g}, AlphaEdit l2 "
+            f"{scaled.alphaedit['l2']:g}): {scaled.source}", DefaultsWarning, stacklevel=3)
+    return scaled
 
 
 @contextmanager
@@ -154,8 +234,9 @@ def hand_made() -> Iterator[None]:
 
 
 def relation_rome_layer(n_layers: int) -> int:
-    """relation-ROME's layer: index 4 (the 5th MLP), or the middle layer of models of 4 layers or fewer."""
-    return RELATION_ROME_LAYER if n_layers > RELATION_ROME_LAYER else n_layers // 2
+    """relation-ROME's layer by the paper's rule: the 5th of GPT-2 XL's 48 layers (index 4) at the same
+    relative depth (:func:`scaled_layer`; index 2 of 30), the middle layer of models of 4 layers or fewer."""
+    return scaled_layer(RELATION_ROME_LAYER, n_layers) if n_layers > RELATION_ROME_LAYER else n_layers // 2
 
 
 # where each of a loaded model's defaults came from (tokenisation, statistics corpus, layers, settings),

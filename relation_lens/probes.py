@@ -4,10 +4,12 @@ builders, the CLI and the experiments use them)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
+from relation_lens.errors import ConfigError, DataError
 from relation_lens.model_interface import Model, decode
 from relation_lens.spans import object_tokens, right_pad
 
@@ -65,4 +67,59 @@ def known_mask(model: Model, prompts: list[str], targets: list[str], batch_size:
         pairs = zip(prompts[i:i + batch_size], targets[i:i + batch_size])
         gold = [int(object_tokens(model, p, t)[0]) for p, t in pairs]
         out += [p == g for p, g in zip(pred, gold)]
+    return out
+
+
+def fact_pair(rec: Any) -> tuple[str, str]:
+    """A fact record of any of the data loaders as ``(prompt, answer)``: a ``(prompt, answer)`` pair, or a
+    dict with ``prompt`` (a template with ``{}`` is filled with ``subject``) and ``target``,
+    ``target_true``, ``object`` or ``attribute``."""
+    if isinstance(rec, (tuple, list)) and len(rec) == 2 and all(isinstance(x, str) for x in rec):
+        return rec[0], rec[1]
+    if isinstance(rec, dict):
+        prompt = rec.get("prompt")
+        if isinstance(prompt, str) and "{}" in prompt and isinstance(rec.get("subject"), str):
+            prompt = prompt.format(rec["subject"])
+        answer = next((rec[k] for k in ("target", "target_true", "object", "attribute") if isinstance(rec.get(k), str)),
+                      None)
+        if isinstance(prompt, str) and prompt.strip() and isinstance(answer, str) and answer.strip():
+            return prompt, answer
+    raise DataError(f"fact {rec!r:.100} needs a prompt and an answer: a (prompt, answer) pair or a dict with 'prompt' "
+                    "('{}' filled with 'subject') and 'target', 'target_true', 'object' or 'attribute'")
+
+
+@torch.no_grad()
+def known_facts(model: Model, records: Iterable[Any], *, min_prob: float = 0.0, batch_size: int = 128) -> list[dict]:
+    """The facts ``model`` gets right, with the probability it gives them.
+
+    A fact is known when the model's top next token after its prompt is the first token of its answer
+    (as :func:`known_mask` reads it) and that token's probability is at least ``min_prob``. Works on the
+    records of every loader (known_1000, CounterFact, FewRel / LRE cloze prompts, the world's facts)
+    and on ``(prompt, answer)`` pairs.
+
+    Returns:
+        one dict per known fact, in the input's order: the record's own fields (a pair becomes
+        ``prompt`` and ``target``), ``index`` (its position in ``records``) and ``prob``, the
+        probability of the answer's first token.
+    """
+    if not 0.0 <= min_prob <= 1.0 or min_prob != min_prob:
+        raise ConfigError(f"min_prob={min_prob!r} must be a probability in [0, 1]")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
+    recs = list(records)
+    pairs = [fact_pair(r) for r in recs]
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        ids = [model.to_tokens(p)[0].cpu() for p, _ in chunk]
+        logits = model(right_pad(model, ids).to(model.cfg.device))
+        last = torch.tensor([len(x) - 1 for x in ids], device=logits.device)
+        probs = logits[torch.arange(len(ids), device=logits.device), last].float().softmax(-1)
+        for j, (p, a) in enumerate(chunk):
+            gold = int(object_tokens(model, p, a)[0])
+            prob = float(probs[j, gold])
+            if int(probs[j].argmax()) == gold and prob >= min_prob:
+                rec = recs[i + j]
+                row = dict(rec) if isinstance(rec, dict) else {"prompt": p, "target": a}
+                out.append({**row, "index": i + j, "prob": prob})
     return out

@@ -14,7 +14,8 @@ trial written there and goes on from where it stopped) and the same on any numbe
 
 What a trial scores (``objective``):
 
-* single edits (``sequence=None``): the four-way Score, the harmonic mean of ES, PS, NS and RS (percent)
+* single edits (``sequence=None``): the Score, the harmonic mean of ES, PS, NS and RS (percent; of ES, PS and NS on
+  records without relation prompts, such as CounterFact's)
   of :func:`~relation_lens.evaluate` (ROME, relation-ROME) or :func:`~relation_lens.evaluate_batch`
   (MEMIT, relation-MEMIT, ``batch_size`` requests a batch), each record edited and undone;
 * sequences (``sequence=N``): :func:`~relation_lens.evaluate_sequence` writes the first ``N`` records'

@@ -51,15 +51,10 @@ def memit_config(**overrides) -> EditConfig:
 
 
 def default_layers(model: Model, method: str) -> tuple[int, ...]:
-    """MEMIT's layers scaled to depth: GPT-2 XL's 13-17 of 48 layers (relation-MEMIT: the 5 layers
-    ending at relation-ROME's layer scaled the same way), at least one layer."""
-    L = model.cfg.n_layers
-    if method == "memit":
-        lo, hi = round(13 * L / 48), round(17 * L / 48)
-    else:
-        hi = presets.relation_rome_layer(L)
-        lo = max(0, hi - max(0, round(4 * L / 48)))
-    return tuple(range(lo, max(lo, hi) + 1))
+    """MEMIT's layers scaled to depth (:func:`relation_lens.presets.depth_scaled`): GPT-2 XL's 13-17 of
+    48 layers at the same relative depth (relation-MEMIT: as many layers ending at relation-ROME's layer
+    scaled the same way), at least one layer."""
+    return presets.depth_scaled(model.cfg.n_layers).memit_layers[method]
 
 
 def batch_defaults(model: Model, method: str, layers, config, mom2_update_weight, alphaedit: bool = False):

@@ -29,7 +29,6 @@ weights bit for bit.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -43,38 +42,36 @@ from relation_lens.errors import EditError, shorten
 from relation_lens.guards import model_lock
 from relation_lens.key_statistics import KeyStatistics
 from relation_lens.model_interface import Model, mlp_out, mlp_out_bias
-from relation_lens.tracing import TargetWarning, depth_scaled_window, trace
 
 
 def default_layer(model: Model, method: str, request: EditRequest | None = None, alphaedit: bool = False) -> int:
-    """relation-ROME: index 4 (the 5th MLP; the middle layer for models of 4 layers or fewer).
-    ROME: the layer where subject tracing of the MLPs (window scaled to depth, 5 noise samples) peaks at the
-    last subject token of the request. A model with a layer :func:`relation_lens.tune` chose for the
-    method (with AlphaEdit when ``alphaedit``; :data:`relation_lens.presets.DEFAULT_MODEL_TUNED`) gets that."""
-    chosen = presets.for_model(model).chosen(method, alphaedit).get("layer")
-    if chosen is not None and method in ("relation_rome", "rome"):
-        return int(chosen)
-    if method == "relation_rome":
-        return presets.relation_rome_layer(model.cfg.n_layers)
-    if method == "rome":
-        if request is None:
-            raise EditError("ROME's default layer is found by tracing a request; pass one or a layer")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TargetWarning)
-            res = trace(model, request.text, subject=request.subject, target=request.target_true,
-                        corrupt="subject", kinds=("mlp",), n_samples=5,
-                        window=depth_scaled_window(model.cfg.n_layers), include_last=True)
-        last_subject = res.subject_span[1] - 1
-        return int(res.scores["mlp"][:, last_subject].argmax())
-    raise EditError(f"method {method!r} is not 'relation_rome' or 'rome'")
+    """The layer ``method`` (``"rome"`` or ``"relation_rome"``) edits on ``model`` by default, from the
+    model's presets (:func:`relation_lens.presets.for_model`): :func:`relation_lens.tune`'s choice where
+    it made one (with AlphaEdit when ``alphaedit``), else the presets' layer: the published one for
+    GPT-2 XL and GPT-J, otherwise GPT-2 XL's scaled to depth (relation-ROME the 5th of 48 layers, ROME
+    the 18th), with a warning. Never a trace per request: ``rl.locate`` reads a model's layers off its
+    traces once (``request`` is accepted for compatibility and not read)."""
+    if method not in ("relation_rome", "rome"):
+        raise EditError(f"method {method!r} is not 'relation_rome' or 'rome'")
+    layer = presets.for_model(model).layer(method, alphaedit)
+    if layer is None:  # a model whose presets name no layer for the method: the paper's rule scaled to depth
+        layer = (presets.relation_rome_layer(model.cfg.n_layers) if method == "relation_rome"
+                 else presets.scaled_layer(17, model.cfg.n_layers))
+    return int(layer)
 
 
 def compute_rank_one(model: Model, request: EditRequest, *, method: str, key: str, layer: int | None, stats,
                      config: EditConfig, progress: bool = False, preserve=None) -> RankOneUpdate:
     """ROME's update (module docstring) keyed on ``key`` at ``layer`` (``None``: :func:`default_layer`)."""
+    which = "rome" if key == "subject" else "relation_rome"
+    own = presets.for_model(model)
     if layer is None:
         check_editable(model, 0)
-        layer = default_layer(model, "rome" if key == "subject" else "relation_rome", request, preserve is not None)
+        layer = default_layer(model, which, request, preserve is not None)
+        layer_source = (f"rl.tune's choice for this model ({own.name})" if own.chosen(which, preserve is not None).get("layer")
+                        is not None else f"the model's presets: {own.source}")
+    else:
+        layer_source = "given (layer=)"
     check_editable(model, layer)
     if stats is not None and stats.layer != layer:
         raise EditError(f"key statistics are for layer {stats.layer}, but the edit is at layer {layer}")
@@ -88,6 +85,9 @@ def compute_rank_one(model: Model, request: EditRequest, *, method: str, key: st
     if stats is None:
         stats = KeyStatistics.compute(model, layer, n_texts=config.stats_n_texts, progress=progress,
                                       prepend_bos=bos)
+        stats_source = f"computed or cached by default: {stats.corpus or 'corpus unnamed'}"
+    else:
+        stats_source = f"given (stats=): {stats.corpus or 'corpus unnamed'}"
     W = mlp_out(model, layer).detach().double().cpu()
     b = mlp_out_bias(model, layer).detach().double().cpu()
     k_res = k_star if config.key_mode == "symmetric" else k_plain
@@ -103,7 +103,10 @@ def compute_rank_one(model: Model, request: EditRequest, *, method: str, key: st
     return RankOneUpdate(
         layer=layer, left=u.to(W.dtype), right=right, key=k_star, value=v_star, method=method, request=request,
         key_positions=tuple(positions),
-        info={"history": history, "prefixes": prefixes, "key_mode": config.key_mode})
+        info={"history": history, "prefixes": prefixes, "key_mode": config.key_mode,
+              "sources": {"layer": layer_source, "statistics": stats_source,
+                          "settings": f"EditConfig fields other than ROME's: {config.changed()}; the model's "
+                                      f"presets ({own.name}): {own.source}"}})
 
 
 class RankOneMethod(EditMethod):

@@ -65,7 +65,7 @@ class SequenceResult(Result):
     at 0 edits, the unedited model), each with ``edits`` (requests tried), ``applied`` (edits written),
     the rates ES / PS / NS / RS (0-1) over the records edited so far, ``untouched`` (top-1 accuracy on
     facts never edited that the unedited model gets right), ``w_change`` (||ΔW|| / ||W|| of the edited
-    MLP output matrices) and ``Score`` (harmonic mean of ES, PS, NS and RS, 0-1); ``restored``: every
+    MLP output matrices) and ``Score`` (harmonic mean of ES, PS, NS and RS, 0-1; of ES, PS, NS without relation prompts); ``restored``: every
     edit undone in reverse order left the edited matrices bit for bit as they were."""
 
     method: str

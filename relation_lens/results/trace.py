@@ -16,6 +16,8 @@ from relation_lens.intervals import mean_ci95
 from relation_lens.results.codec import Result
 from relation_lens.spans import Span
 
+METRIC_RANGES = {"prob": (0.0, 1.0), "logprob": (-math.inf, 0.0)}  # the values each built-in metric can take
+
 
 def argmax_2d(grid: Float[Tensor, "row col"]) -> tuple[int, int]:
     """``(row, col)`` of the largest entry, NaN ignored (buckets no prompt has are NaN)."""
@@ -74,6 +76,16 @@ class TraceResult(Result):
     @property
     def kinds(self) -> tuple[str, ...]:
         return tuple(self.scores)
+
+    @property
+    def out_of_range(self) -> dict[str, int]:
+        """Per kind, how many cells hold a value the metric cannot take (a probability outside [0, 1], a
+        log-probability above 0): attribution patching's first-order estimates can; exact patching
+        cannot. ``{}`` when every cell is in range."""
+        lo, hi = METRIC_RANGES.get(self.metric, (-math.inf, math.inf))
+        tol = 1e-6
+        out = {k: int(((v < lo - tol) | (v > hi + tol)).sum()) for k, v in self.scores.items()}
+        return {k: n for k, n in out.items() if n}
 
     def _ends(self) -> tuple[float, float]:
         if self.metric == "prob" and math.isnan(self.corrupted_value):  # results written before metrics

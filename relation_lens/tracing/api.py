@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -66,7 +67,19 @@ def trace(model: Model, prompt: Prompt, *, subject: str | Span, target: str | in
     result = job.finish(model, scores)
     if not isinstance(how, Clean):
         result.settings["intervention"] = how.describe()
+    if cfg.method == "attribution" and result.out_of_range:
+        bad = result.out_of_range
+        result.settings["out_of_range"] = bad
+        warnings.warn(f"attribution patching gave {sum(bad.values())} cell(s) outside the range of {result.metric} "
+                      f"({', '.join(f'{k}: {n}' for k, n in bad.items())}; first-order estimates, not values the "
+                      "metric can take): result.out_of_range lists them; method='exact' gives the true values",
+                      AttributionRangeWarning, stacklevel=2)
     return result
+
+
+class AttributionRangeWarning(UserWarning):
+    """Attribution patching estimated cells outside the range its metric can take (a probability
+    above 1, a log-probability above 0): the first-order approximation is far off there."""
 
 
 def trace_packed(model: Model, items: list[tuple[str, str, Any, TraceConfig]], *, batch_size: int,

