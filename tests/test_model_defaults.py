@@ -22,12 +22,6 @@ from relation_lens.tracing.inputs import replacement_sources
 pytestmark = pytest.mark.transformer_lens_4
 
 
-@pytest.fixture(scope="module")
-def gpt2_xl_named(tokenizer):
-    """A random 48-layer-named model would be large: a 6-layer model named gpt2-xl reads the published presets."""
-    return random_model(tokenizer, "gpt2-xl", n_layers=6)
-
-
 def test_unknown_models_get_depth_scaled_presets_with_a_warning(tokenizer):
     model = random_model(tokenizer, "some-new-model", n_layers=30)
     with pytest.warns(presets.DefaultsWarning, match="depth-scaled.*ROME layer 10, relation-ROME layer 2"):
@@ -40,8 +34,11 @@ def test_unknown_models_get_depth_scaled_presets_with_a_warning(tokenizer):
     assert default_layer(model, "rome") == 10 and default_layer(model, "relation_rome") == 2
 
 
-def test_published_presets_only_for_their_models(gpt2_xl_named):
-    own = presets.for_model(gpt2_xl_named)
+def test_published_presets_only_for_their_models():
+    from types import SimpleNamespace
+
+    gpt2_xl = SimpleNamespace(cfg=SimpleNamespace(model_name="gpt2-xl", n_layers=48))  # what for_model reads
+    own = presets.for_model(gpt2_xl)
     assert own is presets.GPT2_XL and own.layers["rome"] == 17 and own.memit_layers["memit"] == (13, 14, 15, 16, 17)
     assert presets.presets_named("EleutherAI/gpt-j-6B") is presets.GPT_J
     assert presets.GPT_J.mom2_update_weight["memit"] == 15000.0
@@ -107,18 +104,26 @@ def test_score_is_rome_three_way_without_relation_prompts():
 
 
 def test_locate_reports_the_global_peak_and_warns_on_an_interval_with_zero(tiny_model):
+    """A LocateWarning exactly when a chosen layer's interval includes zero, ``significant`` saying the
+    same, and the global peak beside the rule's. On TransformerLens 3.9's tiny model relation-ROME's
+    peak is clear of zero and ROME's is not, so both branches run there (the 4.x model has other weights)."""
     from relation_lens.locate import LocateWarning
+    from relation_lens.models.bridge import transformer_lens_major
 
     facts = [{"prompt": f"{c} is located in the country of", "subject": c} for c in ("Paris", "Rome", "Berlin")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", LocateWarning)  # an interval clear of zero: no warning
-        clear = rl.locate(tiny_model, facts, method="relation_rome", n_samples=2, early=0.25, progress=False)
-    assert clear.significant and float(clear.effect[clear.peak] - clear.ci95[clear.peak]) > 0
-    assert clear.global_peak == int(torch.nan_to_num(clear.effect, nan=-1e9).argmax())
-    with pytest.warns(LocateWarning, match="includes zero"):
-        weak = rl.locate(tiny_model, facts, method="rome", n_samples=2, progress=False)
-    assert not weak.significant and "NOT SIGNIFICANT" in repr(weak)
-    assert float(weak.effect[weak.layers[0]] - weak.ci95[weak.layers[0]]) <= 0
+    seen = set()
+    for method in ("relation_rome", "rome"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = rl.locate(tiny_model, facts, method=method, n_samples=2, early=0.25, progress=False)
+        warned = any(issubclass(w.category, LocateWarning) for w in caught)
+        weak = any(float(res.effect[l] - res.ci95[l]) <= 0 for l in res.layers)
+        assert warned == weak == (not res.significant), method
+        assert ("NOT SIGNIFICANT" in repr(res)) == weak
+        assert res.global_peak == int(torch.nan_to_num(res.effect, nan=-1e9).argmax())
+        seen.add(weak)
+    if transformer_lens_major() < 4:
+        assert seen == {True, False}
 
 
 def test_attribution_out_of_range_is_flagged(tiny_model):

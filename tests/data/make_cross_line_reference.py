@@ -19,14 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cross_line import ARCHS, compute, make_folder  # noqa: E402
 
 import relation_lens as rl  # noqa: E402
-from relation_lens.model_interface import tokenizer_of  # noqa: E402
+from relation_lens.models import default_model_path  # noqa: E402
 
 
 def main() -> None:
     version = metadata.version("transformer-lens")
     if not version.startswith("3."):
         raise SystemExit(f"the reference is TransformerLens 3.x's; this environment has {version}")
-    tokenizer = tokenizer_of(rl.load_model())
+    from transformers import AutoTokenizer
+
+    # the tests' tokenizer fixture (tests/conftest.py): the default model's Hugging Face tokenizer, which
+    # adds no BOS, so the folders' models follow that rule (relation_lens.models.tokenization)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     out = {"made_with": {"transformer_lens": version, "transformers": metadata.version("transformers"),
                          "torch": metadata.version("torch")}}
     with tempfile.TemporaryDirectory() as tmp:
