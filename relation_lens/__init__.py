@@ -48,9 +48,10 @@ from relation_lens.evaluation import (
     score_difference,
 )
 from relation_lens.key_statistics import KeyStatistics
-from relation_lens.locate import LocateResult, locate
+from relation_lens.locate import LocateResult, LocateWarning, locate
 from relation_lens.model_defaults import defaults
 from relation_lens.models import load_model
+from relation_lens.presets import DefaultsWarning
 from relation_lens.probes import known_facts
 from relation_lens.spans import find_spans
 from relation_lens.tracing import (
@@ -65,6 +66,7 @@ from relation_lens.tracing import (
     trace,
     trace_dataset,
 )
+from relation_lens.tracing.api import AttributionRangeWarning
 from relation_lens.tracing.patch import PatchResult, Site, patch
 from relation_lens.tracing.path_patch import PathPatchResult, path_patch
 from relation_lens.tune import TuneResult, tune
@@ -75,5 +77,6 @@ __all__ = [
     "edit", "evaluate", "evaluate_batch", "evaluate_sequence", "SequenceResult", "score_difference", "ScoreDifference", "BatchUpdate", "Preserve", "AlphaEditConfig", "ValueCache", "Update", "load_update",
     "EditMethod", "METHODS", "register_method", "save_edited", "EvaluationResult", "KeyStatistics", "TraceConfig", "TraceResult", "trace_dataset", "DatasetTraceResult", "find_spans",
     "views", "__version__", "RelationLensError", "ConfigError", "ModelLoadError", "HubUnreachableError", "UnsupportedModelError", "SpanError",
-    "PromptError", "TargetError", "NoiseError", "EditError", "DataError", "TargetWarning",
+    "PromptError", "TargetError", "NoiseError", "EditError", "DataError", "TargetWarning", "DefaultsWarning",
+    "LocateWarning", "AttributionRangeWarning",
 ]
