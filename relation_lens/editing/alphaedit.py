@@ -13,6 +13,7 @@ one key and full residual.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,8 @@ class AlphaEditConfig:
     def __post_init__(self):
         for name in ("threshold", "l2"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ConfigError(f"AlphaEdit's {name} must be a number >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ConfigError(f"AlphaEdit's {name} must be a finite number >= 0, got {value!r}")
 
 
 class Preserve:

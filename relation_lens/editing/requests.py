@@ -4,6 +4,7 @@ algorithm's settings, ROME's by default), and the checks every method runs on th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -142,11 +143,18 @@ class EditConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise EditError(f"{name} {getattr(self, name)!r} is not one of {list(allowed)}")
-        if self.v_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0 or self.kl_factor < 0:
-            raise EditError(f"invalid optimisation settings in {self}")
+        for name, (integer, low, strict) in _NUMERIC_FIELDS.items():
+            value = getattr(self, name)
+            if value is None and name == "stats_n_texts":
+                continue
+            _check_number(name, value, integer=integer, low=low, strict=strict)
         if "{}" not in self.kl_prompt:
             raise EditError(f"kl_prompt {self.kl_prompt!r} must contain '{{}}'")
-        for length, count in self.prefix_lengths:
+        for pair in self.prefix_lengths:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(v) for v in pair)):
+                raise EditError(f"prefix_lengths {self.prefix_lengths!r}: each entry is a (length, count) pair of "
+                                "whole numbers")
+            length, count = pair
             if length < 2 or count < 0:
                 raise EditError(f"prefix_lengths {self.prefix_lengths!r}: each length counts the <|endoftext|> "
                                 "start token, so it must be >= 2, and counts >= 0")
@@ -161,6 +169,30 @@ class EditConfig:
                 raise EditError(f"prefix_seeds {self.prefix_seeds!r} must be a non-empty list of words (or None for "
                                 "ROME's rule)")
             object.__setattr__(self, "prefix_seeds", seeds)
+
+
+# EditConfig's numeric fields: (whole number, lowest value, lowest excluded)
+_NUMERIC_FIELDS: dict[str, tuple[bool, float, bool]] = {
+    "v_steps": (True, 1.0, False), "v_lr": (False, 0.0, True), "v_weight_decay": (False, 0.0, False),
+    "clamp_norm_factor": (False, 0.0, True), "kl_factor": (False, 0.0, False), "early_stop_loss": (False, 0.0, False),
+    "ridge": (False, 0.0, False), "stats_n_texts": (True, 1.0, False), "seed": (True, 0.0, False)}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value: Any, *, integer: bool, low: float, strict: bool) -> None:
+    """Refuse a setting that is not a finite number at least (above, ``strict``) ``low``, by name (NaN
+    compares false with everything, so each check is written to fail on it)."""
+    kind = "a whole number" if integer else "a finite number"
+    ok = _is_int(value) if integer else (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                         and math.isfinite(value))
+    if ok:
+        ok = value > low if strict else value >= low
+    if not ok:
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        raise EditError(f"EditConfig.{name} must be {kind} {bound}, got {value!r}")
 
 
 def check_editable(model: Model, layer: int) -> None:

@@ -126,6 +126,10 @@ class TraceConfig(ValueEquality):
             raise ConfigError(f"method={self.method!r} is not one of {list(METHODS)}")
         if isinstance(self.noise, str) and self.noise not in NOISE_RULES:
             raise NoiseError(f"noise={self.noise!r} is not one of {list(NOISE_RULES)}, a number or a tensor")
+        if isinstance(self.noise, bool):
+            raise NoiseError(f"noise={self.noise!r} is a bool, not a std, a rule {list(NOISE_RULES)} or a tensor")
+        if not isinstance(self.include_last, bool):
+            raise ConfigError(f"include_last must be True or False, got {self.include_last!r}")
         if self.noise is not None and not isinstance(self.noise, (str, Tensor)):
             try:
                 std = float(self.noise)

@@ -1,0 +1,75 @@
+"""Every numeric setting of the public configs is checked at construction, by name: a seeded sweep of
+bad values (NaN, infinities, negatives, zero where it must be positive, huge, wrong types, a bool for an
+int) over EditConfig, AlphaEditConfig and TraceConfig gives a RelationLensError that names the field
+(NaN compares false with everything, so a check written `if x < 0: raise` lets it through)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+import relation_lens as rl
+from relation_lens.editing.requests import _NUMERIC_FIELDS
+
+pytestmark = pytest.mark.transformer_lens_4
+
+BAD_FLOATS = [math.nan, math.inf, -math.inf, -1.0, "0.5", None, True, [1.0]]
+BAD_INTS = [math.nan, math.inf, -1, 0.5, 2.0, True, "3", None, -10**30]
+
+
+def _cases():
+    rng = random.Random(0)
+    for name, (integer, low, strict) in _NUMERIC_FIELDS.items():
+        bad = list(BAD_INTS if integer else BAD_FLOATS)
+        if name == "stats_n_texts":
+            bad = [b for b in bad if b is not None]  # None means every text
+        if strict or (integer and low >= 1):
+            bad.append(0)
+        rng.shuffle(bad)
+        for value in bad:
+            yield name, value
+
+
+def construct(cls, **fields):
+    """``cls(**fields)`` as a user's call runs it: the test suite's runtime type checker (jaxtyping +
+    beartype on the package) would refuse a wrong type at ``__init__`` before the config's own checks,
+    which users get; so the fields are set on a default instance and its checks run on them."""
+    inst = cls()
+    for k, v in fields.items():
+        object.__setattr__(inst, k, v)
+    inst.__post_init__()
+    return inst
+
+
+@pytest.mark.parametrize("name,value", list(_cases()))
+def test_edit_config_refuses_bad_numbers_by_name(name, value):
+    with pytest.raises(rl.RelationLensError, match=f"EditConfig.{name} "):
+        construct(rl.EditConfig, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["threshold", "l2"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0, True, "1", None])
+def test_alphaedit_config_refuses_bad_numbers_by_name(name, value):
+    with pytest.raises(rl.RelationLensError, match=name):
+        construct(rl.AlphaEditConfig, **{name: value})
+
+
+@pytest.mark.parametrize("name,value", [
+    ("n_samples", 0), ("n_samples", True), ("n_samples", 2.0), ("n_samples", math.nan),
+    ("window", 0), ("window", True), ("window", -3), ("window", math.inf),
+    ("batch_size", 0), ("batch_size", False), ("batch_size", 1.5),
+    ("seed", 1.5), ("seed", True), ("seed", "0"),
+    ("noise", math.nan), ("noise", -1.0), ("noise", math.inf), ("noise", True), ("noise", "loud"),
+    ("include_last", 1), ("include_last", "yes"),
+])
+def test_trace_config_refuses_bad_values_by_name(name, value):
+    with pytest.raises(rl.RelationLensError, match=name):
+        construct(rl.TraceConfig, **{name: value})
+
+
+def test_good_values_still_pass():
+    rl.EditConfig(v_lr=1e-3, ridge=0.0, stats_n_texts=None, v_steps=1, seed=0)
+    rl.AlphaEditConfig(threshold=0.0, l2=0.0)
+    rl.TraceConfig(noise=0.0, n_samples=1, window=1, include_last=False)
