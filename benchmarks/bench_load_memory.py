@@ -1,12 +1,14 @@
 """Peak memory of ``load_model`` on a local folder, against the size of the float32 weights.
 
     python benchmarks/bench_load_memory.py [--shape medium] [--write docs/benchmarks.md]
+    python benchmarks/bench_load_memory.py --model smollm2-135m [--write docs/benchmarks.md]
 
 Writes a randomly initialised GPT-2 of the given shape (``medium``: 24 layers, d_model 1024, 355M
 parameters, as GPT-2 medium) with ``save_pretrained`` into a temporary folder, then loads it with
 ``relation_lens.load_model`` in a fresh subprocess and reports that process's peak resident memory
 (``VmHWM``) over the float32 weights' size, and over a baseline subprocess that only imports
-the libraries.
+the libraries. ``--model smollm2-135m`` loads SmolLM2-135M from its GGUF file instead, twice in fresh
+processes over an empty cache: the first load dequantizes and writes the cached folder, the second reads it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="medium", choices=sorted(SHAPES))
     ap.add_argument("--write", type=Path, default=None)
+    ap.add_argument("--model", default=None, help="smollm2-135m: a GGUF load (first, converting; then cached)")
     args = ap.parse_args()
+    if args.model:
+        gguf(args.model, args.write)
+        return
     import transformers as T
     from _report import emit, machine
 
@@ -67,6 +73,38 @@ def main() -> None:
           "| peak RSS (GiB) | of which the libraries alone (GiB) | load peak above the libraries / weights | load time (s) |",
           "|---|---|---|---|",
           f"| {peak / 2**30:.2f} | {base / 2**30:.2f} | {(peak - base) / weights:.2f}x | {seconds:.1f} |"], args.write)
+
+
+def gguf(name: str, write: Path | None) -> None:
+    import os
+
+    from _report import emit, machine
+
+    from relation_lens.models.files import stored_parameter_count
+    from relation_lens.models.gguf import gguf_folder, packaged_file
+
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "RELATION_LENS_CACHE": cache}
+        empty = subprocess.run([sys.executable, "-c", PROBE, "-"], capture_output=True, text=True, check=True,
+                               env=env).stdout.split()
+        base = int(empty[empty.index("peak_kb") + 1]) * 1024
+        for what in ("first load (dequantize, write the cached folder)", "cached load"):
+            out = subprocess.run([sys.executable, "-c", PROBE, name], capture_output=True, text=True, check=True,
+                                 env=env).stdout.split()
+            rows.append((what, int(out[out.index("peak_kb") + 1]) * 1024, float(out[out.index("seconds") + 1])))
+        os.environ["RELATION_LENS_CACHE"] = cache
+        n_params = stored_parameter_count(gguf_folder(packaged_file(name)))
+    weights = n_params * 4
+    lines = [f"## Loading memory ({name}, GGUF)", "",
+             f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; `rl.load_model({name!r})` in a fresh process, "
+             f"twice over an empty cache ({n_params:,} parameters as stored, {weights / 2**30:.2f} GiB in float32; "
+             "`benchmarks/bench_load_memory.py --model`).", "",
+             "| load | peak RSS (GiB) | libraries alone (GiB) | peak above the libraries / weights | time (s) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {what} | {peak / 2**30:.2f} | {base / 2**30:.2f} | {(peak - base) / weights:.2f}x | {sec:.1f} |"
+              for what, peak, sec in rows]
+    emit(lines, write)
 
 
 if __name__ == "__main__":

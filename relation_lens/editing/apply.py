@@ -43,12 +43,9 @@ class Edit:
             if not torch.isfinite(new[layer]).all():
                 raise EditError(f"applying the update would put NaN or Inf into blocks.{layer}.mlp.W_out; the model "
                                 "was not changed")
-        with torch.no_grad():
-            for layer, value in new.items():
-                param = mlp_out(model, layer)
-                original = param.detach().clone()
-                param.copy_(value)
-                self._saved[layer] = (original, param.detach().clone())
+        originals = {layer: mlp_out(model, layer).detach().clone() for layer in new}
+        write_all(model, new, originals)  # all layers or none (an interrupt part-way rolls back)
+        self._saved = {layer: (originals[layer], mlp_out(model, layer).detach().clone()) for layer in new}
         self.active = True
 
     def _what(self) -> str:
@@ -65,9 +62,8 @@ class Edit:
                 raise EditError(
                     f"blocks.{layer}.mlp.W_out changed since this edit was applied (another edit or training); "
                     "undo the later changes first (edits are undone in reverse order)")
-        with torch.no_grad():
-            for layer, (original, _) in self._saved.items():
-                mlp_out(self.model, layer).copy_(original)
+        # all layers or none: an interrupt part-way leaves the edit applied, and undo() can be called again
+        write_all(self.model, {l: o for l, (o, _) in self._saved.items()}, {l: e for l, (_, e) in self._saved.items()})
         self.active = False
 
     def __enter__(self) -> Edit:
@@ -80,6 +76,27 @@ class Edit:
     def __repr__(self) -> str:
         layers = ", ".join(map(str, self._saved))
         return f"Edit({self.update.method}, layer {layers}: {self._what()}, {'active' if self.active else 'undone'})"
+
+
+def write_layer(model: Model, layer: int, value: Tensor) -> None:
+    """Copy ``value`` into ``blocks.{layer}.mlp.W_out`` (one write; :func:`write_all` makes them atomic)."""
+    with torch.no_grad():
+        mlp_out(model, layer).copy_(value)
+
+
+def write_all(model: Model, values: dict[int, Tensor], before: dict[int, Tensor]) -> None:
+    """Write ``values`` into the layers' ``W_out``, all or none: if anything stops it part-way (an error,
+    a ``KeyboardInterrupt``), the layers already written get ``before`` back, then it propagates."""
+    done: list[int] = []
+    try:
+        for layer, value in values.items():
+            write_layer(model, layer, value)
+            done.append(layer)
+    except BaseException:
+        with torch.no_grad():
+            for layer in done:
+                mlp_out(model, layer).copy_(before[layer])
+        raise
 
 
 def apply_edit(model: Model, update) -> Edit:
