@@ -26,19 +26,30 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corrupt", default="relation", choices=["relation", "subject"],
                    help="which tokens to corrupt: the relation (relation tracing) or the subject (ROME)")
     p.add_argument("--kinds", default="resid,mlp,attn", help="comma-separated sites to restore (default: all)")
-    p.add_argument("--window", type=int, default=None,
+    p.add_argument("--window", type=positive_int, default=None,
                    help="layers restored together for mlp/attn (default: ROME's 10 of 48 layers scaled to the "
                         "model's depth, i.e. 10 for gpt2-xl, 1 for the 6-layer default model)")
-    p.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
+    p.add_argument("--samples", type=positive_int, default=10, help="noise samples (default 10)")
     p.add_argument("--noise", default=None,
                    help="noise: a std, 'embedding' (default: 3 x std of the token embedding matrix) or 'rome' "
                         "(3 x std of subject-token embeddings, ROME's rule)")
     p.add_argument("--no-bos", action="store_true", help="tokenise without BOS, as ROME's code does on GPT-2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude-last", action="store_true", help="leave the last token out of the relation span")
-    p.add_argument("--batch-size", type=int, default=512, help="rows per patched batch (bounds memory)")
+    p.add_argument("--batch-size", type=positive_int, default=512, help="rows per patched batch (bounds memory)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
     p.add_argument("--formats", default="png", help="figure formats, comma-separated: png,pdf,svg")
+
+
+def positive_int(text: str) -> int:
+    """A count argument: a whole number >= 1 (argparse names the argument and exits with 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--facts", type=Path, default=None, help="JSON or JSONL file of {prompt, subject, target}")
     p.add_argument("--relation", default=None, help="only this relation id of the world (e.g. P36)")
-    p.add_argument("--limit", type=int, default=50, help="at most this many facts (default 50)")
+    p.add_argument("--limit", type=positive_int, default=50, help="at most this many facts (default 50)")
     p.add_argument("--include-incorrect", action="store_true", help="average prompts the model gets wrong too")
-    p.add_argument("--pack", type=int, default=8,
+    p.add_argument("--pack", type=positive_int, default=8,
                    help="prompts whose sites share engine batches (default 8; 1: prompt by prompt)")
     _trace_args(p)
 
@@ -108,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", type=Path, default=None,
                    help="CounterFact file (ROME or MEND layout, or JSONL); default: the shipped counterfactual "
                         "relation dataset of the default model")
-    p.add_argument("--n", type=int, default=50, help="records to evaluate (default 50)")
+    p.add_argument("--n", type=positive_int, default=50, help="records to evaluate (default 50)")
     p.add_argument("--no-fluency", action="store_true", help="skip the generation fluency metric")
     p.add_argument("--key-mode", default=None, choices=["symmetric", "asymmetric"],
                    help="default: the library's (EditConfig.default_for(model, method))")
@@ -126,11 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", type=Path, default=None,
                    help="CounterFact file of tuning records (ROME or MEND layout, or JSONL); default: the shipped "
                         "relation dataset's tuning split (records 400-429), disjoint from its evaluation records")
-    p.add_argument("--n", type=int, default=None, help="use the first N tuning records (default: all)")
-    p.add_argument("--budget", type=int, default=24, help="the most trials (default 24, the defaults included)")
-    p.add_argument("--sequence", type=int, default=None,
+    p.add_argument("--n", type=positive_int, default=None, help="use the first N tuning records (default: all)")
+    p.add_argument("--budget", type=positive_int, default=24, help="the most trials (default 24, the defaults included)")
+    p.add_argument("--sequence", type=positive_int, default=None,
                    help="score sequences of N edits (Score and untouched-fact accuracy) instead of single edits")
-    p.add_argument("--batch-size", type=int, default=10, help="requests per MEMIT batch (default 10)")
+    p.add_argument("--batch-size", type=positive_int, default=10, help="requests per MEMIT batch (default 10)")
     p.add_argument("--config", default=None,
                    help='JSON of EditConfig fields for what is not searched, e.g. \'{"v_steps": 20}\'')
     p.add_argument("--space", default=None,
@@ -149,14 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, required=True, help="MLP layer")
     p.add_argument("--corpus", type=Path, default=None,
                    help="a JSON list of strings or JSONL of {text} records (default: the default model's texts)")
-    p.add_argument("--n-texts", type=int, default=10_000, help="texts to use (a seeded sample; default 10,000)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--n-texts", type=positive_int, default=10_000, help="texts to use (a seeded sample; default 10,000)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--no-bos", action="store_true", help="tokenise without BOS, as ROME's layer_stats on GPT-2")
 
     p = sub.add_parser("world", help="summarise the default model's world of facts",
                        description="Print the relations of the world with their fact counts and templates.")
     p.add_argument("--relation", default=None, help="list the facts of this relation id")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=positive_int, default=20)
 
     p = sub.add_parser("info", help="load a model and print its configuration",
                        description="Load a model (default: the embedded one) and print its shape.")
@@ -214,7 +225,10 @@ def _cmd_trace(args) -> None:
     prompt = args.prompt or DEFAULT_PROMPT
     subject = args.subject or (DEFAULT_SUBJECT if args.prompt is None else None)
     if subject is None:
-        raise SystemExit("relation-lens trace: --subject is required with --prompt")
+        from relation_lens.errors import ConfigError
+
+        raise ConfigError("relation-lens trace: --subject is required with --prompt (the subject substring of the "
+                          "prompt)")
     config, formats = _trace_config(args), _formats(args)
     _check_out(args.out, "trace")
     model = rl.load_model(args.model, device=args.device)
@@ -274,7 +288,9 @@ def _edit_prompts(args, model) -> tuple[str | None, str | None]:
     rel = next((r for r in world.relations.values() if args.prompt in r.train_templates + r.heldout_templates), None)
     if paraphrase is None:
         if rel is None:
-            raise SystemExit("relation-lens edit: --paraphrase is needed for a prompt that is not a world template")
+            from relation_lens.errors import ConfigError
+
+            raise ConfigError("relation-lens edit: --paraphrase is needed for a prompt that is not a world template")
         others = [t for t in rel.heldout_templates + rel.train_templates if t != args.prompt]
         paraphrase = others[0].format(args.subject)
     if unrelated is None:

@@ -73,3 +73,27 @@ def test_good_values_still_pass():
     rl.EditConfig(v_lr=1e-3, ridge=0.0, stats_n_texts=None, v_steps=1, seed=0)
     rl.AlphaEditConfig(threshold=0.0, l2=0.0)
     rl.TraceConfig(noise=0.0, n_samples=1, window=1, include_last=False)
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "--n", "0"], ["evaluate", "--n", "-5"], ["evaluate", "--n", "x"], ["trace", "--samples", "0"],
+    ["trace", "--window", "-1"], ["trace", "--batch-size", "0"], ["trace-dataset", "--limit", "0"],
+    ["trace-dataset", "--pack", "-2"], ["tune", "--budget", "0"], ["tune", "--n", "-1"], ["stats", "--layer", "1",
+                                                                                            "--n-texts", "0"],
+])
+def test_every_count_argument_is_positive(argv, capsys):
+    """Count arguments are checked by argparse: exit 2 naming the argument (``--n 0`` printed an IndexError
+    traceback, ``--n -5`` evaluated every record through a negative slice)."""
+    from relation_lens.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert f"argument {argv[-2]}" in capsys.readouterr().err
+
+
+def test_trace_prompt_without_subject_exits_2(capsys, tmp_path):
+    from relation_lens.cli import main
+
+    assert main(["trace", "--prompt", "The capital of France is", "--out", str(tmp_path / "o")]) == 2
+    assert "--subject is required" in capsys.readouterr().err
