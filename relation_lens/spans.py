@@ -110,6 +110,10 @@ def find_spans(model: Model, prompt: str, subject: str, *, include_last: bool = 
     Raises:
         SpanError: the subject is not in the prompt, or the relation span is empty.
     """
+    if isinstance(subject, (tuple, list)):
+        raise SpanError(f"subject {subject!r} is a token span: spans work only with token ids as input (pass the "
+                        f"prompt as token ids); with a text prompt give the subject as a substring (prompt "
+                        f"{shorten(prompt)})")
     if not isinstance(subject, str) or not subject.strip():
         raise SpanError(f"subject {subject!r} is empty (prompt {shorten(prompt)})")
     tokens, offsets = token_offsets(model, prompt, prepend_bos)

@@ -97,3 +97,33 @@ def test_trace_prompt_without_subject_exits_2(capsys, tmp_path):
 
     assert main(["trace", "--prompt", "The capital of France is", "--out", str(tmp_path / "o")]) == 2
     assert "--subject is required" in capsys.readouterr().err
+
+
+def test_messages_say_what_was_wrong(tiny_model, tmp_path):
+    """Messages that misled: a float or bool target, a token span as the subject of a text prompt, a
+    directory given as an update file, a window deeper than the model, AlphaEdit asked for as a method."""
+    import subprocess
+    import sys
+
+    prompt = "Paris is located in the country of"
+    # wrong types, as a user's process sees them (the suite's runtime type checker would refuse them first)
+    script = (
+        "import relation_lens as rl\n"
+        "m = rl.load_model()\n"
+        "for kw in (dict(target=3.5), dict(target=True), dict(subject=(1, 4))):\n"
+        "    try:\n"
+        f"        rl.trace(m, {prompt!r}, **{{'subject': 'Paris', **kw}}, n_samples=2)\n"
+        "    except rl.RelationLensError as e:\n"
+        "        print(type(e).__name__, '|', e)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}).stdout.splitlines()
+    assert len(out) == 3, out
+    assert out[0].startswith("TargetError") and "give the answer as a string" in out[0]
+    assert out[1].startswith("TargetError") and "is a bool" in out[1]
+    assert out[2].startswith("SpanError") and "spans work only with token ids" in out[2]
+    with pytest.raises(rl.EditError, match="is a directory"):
+        rl.load_update(tmp_path)
+    with pytest.warns(UserWarning, match="larger than the model's 4 layers"):
+        rl.trace(tiny_model, prompt, subject="Paris", n_samples=2, window=9)
+    with pytest.raises(rl.EditError, match="preserve=rl.Preserve"):
+        rl.compute_edit(tiny_model, rl.EditRequest("{} is in", "Paris", "Rome"), method="alphaedit")

@@ -35,7 +35,10 @@ def register_method(method: EditMethod, *, replace: bool = False) -> EditMethod:
 def get_method(name: str) -> EditMethod:
     """The registered method called ``name``."""
     if name not in METHODS:
-        raise EditError(f"method {name!r} is not one of {sorted(METHODS)}")
+        hint = (" AlphaEdit is not a method of its own: it is a projection any method takes, "
+                "preserve=rl.Preserve() (e.g. compute_edit(model, request, method='rome', preserve=rl.Preserve()))."
+                if isinstance(name, str) and name.lower().replace("-", "").startswith("alphaedit") else "")
+        raise EditError(f"method {name!r} is not one of {sorted(METHODS)}.{hint}")
     return METHODS[name]
 
 

@@ -153,6 +153,9 @@ UPDATE_TYPES: dict[str, type] = {"RankOneUpdate": RankOneUpdate, "BatchUpdate": 
 def read_update_header(path: str | Path) -> dict[str, Any]:
     """The JSON metadata of an update file (what :meth:`SavesToFile.save` wrote), without its tensors."""
     path = Path(path)
+    if path.is_dir():
+        raise EditError(f"{str(path)!r} is a directory, not an update file (a .safetensors file that update.save() "
+                        "wrote)")
     if not path.is_file():
         raise EditError(f"update file {str(path)!r} does not exist")
     try:

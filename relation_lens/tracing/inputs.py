@@ -132,12 +132,15 @@ def resolve_target(model: Model, prompt: str, target: str | int | None, clean_lo
     if target is None:
         tok = int(clean_logits.argmax())
         return Target(tok, decode(model, [tok]), None, 1)
+    if isinstance(target, bool) or not isinstance(target, (str, int)):
+        raise TargetError(f"target {target!r} is a {type(target).__name__}: give the answer as a string (' Paris'), a "
+                          f"token id (an int) or None for the model's top prediction (prompt {shorten(prompt)})")
     if isinstance(target, int):
         if not 0 <= target < model.cfg.d_vocab:
             raise TargetError(f"target token id {target} is outside the vocabulary [0, {model.cfg.d_vocab}) "
                               f"(prompt {shorten(prompt)})")
         return Target(target, decode(model, [target]), str(target), 1)
-    if not isinstance(target, str) or not target.strip():
+    if not target.strip():
         raise TargetError(f"target {target!r} is empty (prompt {shorten(prompt)})")
     ids = object_tokens(model, prompt, target).tolist()
     if len(ids) > 1:

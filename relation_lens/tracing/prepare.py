@@ -5,6 +5,7 @@ and corrupted runs done, the cells listed; :meth:`Prepared.finish` turns the eng
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -147,6 +148,10 @@ def prepare(model: Model, prompt: Prompt, subject: str | Sequence[int], target, 
     forward pass for the corrupted value. ``clean_hooks``: more hooks the clean pass keeps
     (``extra_clean``)."""
     window = cfg.window_for(model.cfg.n_layers)
+    if window > model.cfg.n_layers:
+        warnings.warn(f"window={window} is larger than the model's {model.cfg.n_layers} layers: every MLP / attention "
+                      "window covers all of them, so those grids do not vary by layer (window=None scales ROME's 10 "
+                      "to the depth)", stacklevel=4)
     if is_token_input(prompt):  # token ids and the subject's token span
         spans = spans_from_tokens(model, prompt, subject, include_last=cfg.include_last,
                                   require_relation=cfg.corrupt == "relation")
