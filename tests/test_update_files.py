@@ -118,3 +118,16 @@ def test_files_that_are_not_updates_are_refused(tiny_model, updates, tmp_path):
     with pytest.raises(rl.EditError, match="records no model fingerprint"):
         rl.load_update(path, tiny_model)
     assert rl.load_update(path, tiny_model, verify=False) == bare
+
+
+@pytest.mark.parametrize("kind", ["rank_one", "batch"])
+def test_an_update_file_with_changed_tensor_bytes_is_refused(updates, tmp_path, kind):
+    """The file records a SHA-256 of its own tensors (the model fingerprint covers the weights the update
+    was computed on, not the update): one flipped byte in the tensor data is refused."""
+    path = updates[kind].save(tmp_path / "u.safetensors")
+    assert rl.load_update(path) == updates[kind]  # intact: loads
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(rl.EditError, match="do not match the checksum"):
+        rl.load_update(path)

@@ -10,6 +10,8 @@ weights are not the ones it was computed on."""
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +73,8 @@ class SavesToFile:
         info = dict(self.info)
         header = {"format": UPDATE_FORMAT, "type": type(self).__name__, "relation_lens_version": __version__,
                   "model_fingerprint": info.pop("model_fingerprint", None), "config": info.pop("config", None),
-                  "fields": json_safe(encode(rest)), "info": json_safe(encode(info))}
+                  "fields": json_safe(encode(rest)), "info": json_safe(encode(info)),
+                  "tensors_sha256": tensors_checksum(tensors)}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"relation_lens": json.dumps(header)})
@@ -174,6 +177,17 @@ def read_update_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
+def tensors_checksum(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order: what an update file
+    records of its own tensors, so that a changed byte is refused on load."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def load_update(path: str | Path, model: Model | None = None, *, verify: bool = True) -> Update:
     """The update saved at ``path`` by ``update.save(path)``, equal to it (tensors bit for bit).
 
@@ -184,7 +198,9 @@ def load_update(path: str | Path, model: Model | None = None, *, verify: bool = 
     (e.g. to study what an edit does to another checkpoint).
 
     Raises:
-        EditError: no such file, not an update file, or (with ``model``) another model's update.
+        EditError: no such file, not an update file, tensors that do not match the checksum saved with them
+            (files written before checksums were recorded load unchecked), or (with ``model``) another
+            model's update.
     """
     header = read_update_header(path)
     if model is not None and verify:
@@ -199,6 +215,10 @@ def load_update(path: str | Path, model: Model | None = None, *, verify: bool = 
     cls = UPDATE_TYPES[header["type"]]
     kwargs: dict[str, Any] = {k: decode(tp, header["fields"][k]) for k, tp in cls.plain_fields.items()}  # type: ignore[attr-defined]
     tensors = load_file(str(path))
+    recorded = header.get("tensors_sha256")
+    if recorded is not None and recorded != tensors_checksum(tensors):
+        raise EditError(f"{str(path)!r}: its tensors do not match the checksum recorded when it was saved (the file "
+                        "was changed or damaged); refusing to load it")
     for name in cls.tensor_fields:  # type: ignore[attr-defined]
         kwargs[name] = tensors[name] if name in tensors else \
             {int(k.split(".")[1]): t for k, t in tensors.items() if k.split(".")[0] == name}
