@@ -11,7 +11,6 @@ weights are not the ones it was computed on."""
 from __future__ import annotations
 
 import hashlib
-
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
