@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RELATION_LENS_CACHE", Path.home() / ".cache" / "relation_lens")) / "stats"
 
 
-def model_fingerprint(model: Model, upto_layer: int | None = None) -> str:
-    """A short hash of the model's name, shape and the weights that determine keys up to ``upto_layer``."""
+def line_fingerprint(model: Model, upto_layer: int | None = None) -> str:
+    """A short hash of the model's name, shape and the weights that determine keys up to ``upto_layer``,
+    as this TransformerLens line lays them out (the lines process weights differently, so the same
+    checkpoint gives another hash on each: :func:`model_fingerprint` identifies the checkpoint instead)."""
     h = hashlib.sha256(json.dumps([model.cfg.model_name, model.cfg.n_layers, model.cfg.d_model, model.cfg.d_mlp,
                                    model.cfg.d_vocab, str(model.cfg.dtype)]).encode())
     for name, p in parameter_fingerprint_items(model):
@@ -60,6 +63,43 @@ def model_fingerprint(model: Model, upto_layer: int | None = None) -> str:
         h.update(name.encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# models loaded from files: the digest of their weight files, and each layer's line fingerprint at load
+_LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def record_loaded_weights(model: Model, source_digest: str) -> None:
+    """Note that ``model`` holds, as loaded, the weights of the files with ``source_digest`` (called by
+    :func:`relation_lens.load_model`): :func:`model_fingerprint` then names the checkpoint, the same on
+    both TransformerLens lines, for as long as the weights it covers are the loaded ones."""
+    at_load: dict[int | None, str] = {layer: line_fingerprint(model, layer) for layer in range(model.cfg.n_layers)}
+    at_load[None] = line_fingerprint(model, None)
+    _LOADED[model] = (source_digest, at_load)
+
+
+def model_fingerprint(model: Model, upto_layer: int | None = None) -> str:
+    """A short hash of the weights that determine keys up to ``upto_layer`` (all weights for ``None``):
+    what key statistics, update files and checkpoints are keyed by. A model loaded by
+    :func:`relation_lens.load_model` whose weights up to that layer are still the loaded ones gets a hash
+    of its weight files, its dtype and the layer, the same on both TransformerLens lines (so statistics
+    and update files move between them; the keys agree to float rounding); a changed model (an applied
+    edit below the layer, a cast) or one built in memory gets :func:`line_fingerprint`."""
+    line = line_fingerprint(model, upto_layer)
+    loaded = _LOADED.get(model) if _weakrefable(model) else None
+    if loaded is None or loaded[1].get(upto_layer) != line:
+        return line
+    h = hashlib.sha256(json.dumps(["weights", loaded[0], model.cfg.model_name, str(model.cfg.dtype),
+                                   "all" if upto_layer is None else upto_layer]).encode())
+    return h.hexdigest()[:16]
+
+
+def _weakrefable(model: Any) -> bool:
+    try:
+        weakref.ref(model)
+    except TypeError:
+        return False
+    return True
 
 
 def default_corpus() -> list[str]:

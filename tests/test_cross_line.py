@@ -47,3 +47,24 @@ def test_same_numbers_as_transformer_lens_3(folders, arch):
         assert ((a - b).norm() / b.norm()).item() < 1e-4, key
     # the grids are not flat: a comparison of constants would prove nothing
     assert torch.tensor(want["grids"]["resid"]).std() > 1e-3
+
+
+def test_a_loaded_checkpoint_has_one_fingerprint_on_both_lines(default_model):
+    """Key statistics and update files are keyed by a fingerprint of the checkpoint, not of the line's
+    parameter layout: the embedded model's equals TransformerLens 3.9's on this line (it differed,
+    94ddf3a97ac1c2af against dbdc1d8eb8f02d3f, so files made on one line were refused on the other)."""
+    from relation_lens.key_statistics import line_fingerprint, model_fingerprint
+
+    want = REFERENCE["default_model_fingerprints"]
+    for k in (0, 3, None):
+        assert model_fingerprint(default_model, k) == want[str(k)]
+    # an edit at layer 2 changes the fingerprints that cover layer 2 and keeps the ones below it
+    request = rl.EditRequest("{} is located in the country of", "Paris", "Italy")
+    stats = rl.KeyStatistics.compute(default_model, 2, n_texts=50, progress=False, cache=False)
+    update = rl.compute_edit(default_model, request, method="relation_rome", layer=2, stats=stats,
+                             config=rl.EditConfig(v_steps=3))
+    with rl.apply_edit(default_model, update):
+        assert model_fingerprint(default_model, 0) == want["0"]
+        assert model_fingerprint(default_model, 3) == line_fingerprint(default_model, 3) != want["3"]
+        assert model_fingerprint(default_model) != want["None"]
+    assert model_fingerprint(default_model, 3) == want["3"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from relation_lens.errors import ModelLoadError
+from relation_lens.key_statistics import record_loaded_weights
 from relation_lens.models import parity
 from relation_lens.models.bridge import bridge_from_hf, transformer_lens_major
 from relation_lens.models.conversion import (
@@ -20,7 +21,7 @@ from relation_lens.models.conversion import (
     trim_memory,
 )
 from relation_lens.models.devices import place
-from relation_lens.models.files import ENCODERS, TOKENIZER_FILES, hf_from_pretrained, read_hf_model
+from relation_lens.models.files import ENCODERS, TOKENIZER_FILES, hf_from_pretrained, read_hf_model, weights_digest
 from relation_lens.models.tokenization import apply_tokenizer_rule
 from relation_lens.presets import DEFAULT_MODEL_NAME, record_sources
 
@@ -74,6 +75,7 @@ def load_local(path: Path, device: torch.device, dtype: torch.dtype, *, model_na
         if dtype != work:
             model.to(dtype)
         _follow_tokenizer(model, tokenizer)
+        _note_weights(model, path)
         return model
     parity.check_parity(path, weights[0], tokenizer, model_name, work, center)
     hf_model = read_hf_model(path, weights[0], work)
@@ -84,8 +86,15 @@ def load_local(path: Path, device: torch.device, dtype: torch.dtype, *, model_na
     model = hooked_from_state(cfg, tokenizer, state, center)
     place(model, device, dtype if dtype != work else None, n_devices)
     _follow_tokenizer(model, tokenizer)
+    _note_weights(model, path)
     logger.info("loaded %s from %s", model_name, path)
     return model
+
+
+def _note_weights(model, path: Path) -> None:
+    """Let fingerprints name this checkpoint (the same on both TransformerLens lines) while the weights
+    are the loaded ones (:func:`relation_lens.key_statistics.record_loaded_weights`)."""
+    record_loaded_weights(model, weights_digest(path))
 
 
 def _follow_tokenizer(model, tokenizer) -> None:

@@ -37,6 +37,10 @@ def main() -> None:
         for arch in ARCHS:
             out[arch] = compute(rl.load_model(make_folder(tokenizer, arch, Path(tmp))))
             print(arch, "done")
+    from relation_lens.key_statistics import model_fingerprint
+
+    default = rl.load_model()
+    out["default_model_fingerprints"] = {str(k): model_fingerprint(default, k) for k in (0, 3, None)}
     path = Path(__file__).with_name("cross_line_reference.json")
     path.write_text(json.dumps(out, indent=0))
     print("wrote", path)
