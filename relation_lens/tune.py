@@ -60,7 +60,7 @@ from relation_lens.editing import (
     request_of,
 )
 from relation_lens.editing.alphaedit import AlphaEditConfig
-from relation_lens.errors import ConfigError, DataError
+from relation_lens.errors import ConfigError, DataError, RelationLensError
 from relation_lens.evaluation import evaluate, evaluate_batch, evaluate_sequence, untouched_pairs
 from relation_lens.key_statistics import KeyStatistics, model_fingerprint
 from relation_lens.locate import LocateResult, critical_range, locate
@@ -197,6 +197,25 @@ def _key(params: dict[str, Any]) -> str:
 def _plain(v: Any) -> Any:
     """JSON-stable form of a parameter value (tuples as lists, numbers as they are)."""
     return [int(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _check_value(name: str, value: Any, where: str) -> None:
+    """Refuse a searched setting's value that its config would refuse (NaN, infinities, out of range, a
+    wrong type), by name, before any trial runs."""
+    from_ = f"tune's {where}[{name!r}]"
+    if name in EDIT_FIELDS:
+        try:
+            EditConfig(**{name: value})
+        except RelationLensError as exc:
+            raise ConfigError(f"{from_}: {exc}") from None
+    elif name in ("threshold", "l2"):
+        try:
+            AlphaEditConfig(**{name: value})
+        except RelationLensError as exc:
+            raise ConfigError(f"{from_}: {exc}") from None
+    elif name == "mom2_update_weight":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ConfigError(f"{from_}: MEMIT's lambda must be a finite number > 0, got {value!r}")
 
 
 def _layer_candidates(method: str, start: Any, located: LocateResult | None, n_layers: int) -> list[Any]:
@@ -341,6 +360,9 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
         begin[n] = _plain(begin[n])
         if begin[n] not in vals:
             vals = [begin[n]] + vals
+        for v in vals:
+            if n != layer_name:
+                _check_value(n, v, "space" if n in space else "start")
         if n == layer_name:
             for v in vals:
                 for l in (v if batch else [v]):

@@ -127,3 +127,17 @@ def test_messages_say_what_was_wrong(tiny_model, tmp_path):
         rl.trace(tiny_model, prompt, subject="Paris", n_samples=2, window=9)
     with pytest.raises(rl.EditError, match="preserve=rl.Preserve"):
         rl.compute_edit(tiny_model, rl.EditRequest("{} is in", "Paris", "Rome"), method="alphaedit")
+
+
+@pytest.mark.parametrize("where,name,value", [
+    ("space", "v_weight_decay", math.nan), ("space", "clamp_norm_factor", -1.0), ("space", "v_steps", 0),
+    ("space", "l2", math.inf), ("space", "threshold", math.nan), ("start", "clamp_norm_factor", math.nan),
+])
+def test_tune_refuses_bad_search_values_by_name(tiny_model, where, name, value):
+    """tune's search spaces and start values go through the configs' checks, before any trial runs."""
+    from relation_lens.data.counterfact import load_counterfactual
+
+    records = [dict(r) for r in list(load_counterfactual())[:2]]
+    kw = {"space": {"layer": [1], name: [value]}} if where == "space" else {"space": {"layer": [1]}, "start": {name: value}}
+    with pytest.raises(rl.ConfigError, match=name):
+        rl.tune(tiny_model, records, method="relation_rome", alphaedit=name in ("l2", "threshold"), budget=2, **kw)
