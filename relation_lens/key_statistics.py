@@ -20,7 +20,7 @@ import os
 import tempfile
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,9 @@ class KeyStatistics(ValueEquality):
     model_fingerprint: str
     corpus_hash: str
     n_texts: int
-    corpus: str = ""  # the corpus' name (and where it came from) when known
+    # the corpus' name and size when known: a description, left out of ==, which compares the numbers and
+    # the hashes of the model and the texts
+    corpus: str = field(default="", compare=False)
 
     @functools.cached_property
     def fingerprint(self) -> str:

@@ -146,12 +146,14 @@ def values_equal(a, b) -> bool:
 
 class ValueEquality:
     """``==`` for dataclasses that hold tensors: field by field with :func:`values_equal` (the
-    generated ``__eq__`` would ask a tensor for its truth value). Use with ``eq=False``."""
+    generated ``__eq__`` would ask a tensor for its truth value), leaving out fields declared with
+    ``field(compare=False)`` (descriptions). Use with ``eq=False``."""
 
     def __eq__(self, other):
         if type(other) is not type(self):
             return NotImplemented
-        return all(values_equal(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))
+        return all(values_equal(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
+                   if f.compare)
 
     __hash__ = None  # type: ignore[assignment]  # equal values must hash alike, and tensors do not hash by value
 
