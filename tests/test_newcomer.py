@@ -110,8 +110,11 @@ def test_bad_fact_is_a_data_error(tiny_model):
 def test_cli_refuses_bad_window_and_unwritable_out_before_work(tmp_path, capsys):
     from relation_lens.cli import main
 
-    assert main(["trace", "--window", "0", "--quiet", "--out", str(tmp_path / "a")]) == 2
-    assert "window must be a positive int" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse checks count arguments: exit 2, the argument named
+        main(["trace", "--window", "0", "--quiet", "--out", str(tmp_path / "a")])
+    assert exc.value.code == 2
+    assert "argument --window: 0 must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(SystemExit, match="cannot create the output folder"):

@@ -110,5 +110,5 @@ def test_alphaedit_projectors_are_keyed_by_the_statistics(tiny_model):
     assert preserve.config == rl.AlphaEditConfig(threshold=1e-2, l2=1.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         preserve.config.l2 = 3.0
-    with pytest.raises(rl.ConfigError, match="l2 must be a number >= 0"):
+    with pytest.raises(rl.ConfigError, match="l2 must be a finite number >= 0"):
         rl.Preserve(threshold=1e-2, l2=-1.0)
