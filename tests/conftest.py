@@ -173,7 +173,11 @@ def random_bridge(tokenizer, name: str, *, n_layers: int, d_model: int, n_heads:
     folder = _RANDOM_FOLDERS / f"{name}-{abs(hash(cfg.to_json_string())) % 10**8}-{str(dtype)[6:]}"
     if not folder.exists():
         save_random_folder(cfg, tokenizer, folder, sharpen=sharpen, seed=seed, dtype=dtype)
-    return rl.load_model(folder, dtype=dtype)
+    model = rl.load_model(folder, dtype=dtype)
+    # the 3.x fixture's tokenisation (its config sets default_prepend_bos=True); a loaded folder follows its
+    # tokenizer's own rule, which for the default model's tokenizer is no BOS
+    model.cfg.default_prepend_bos = True
+    return model
 
 
 @pytest.fixture(scope="session")
