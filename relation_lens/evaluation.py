@@ -49,7 +49,7 @@ from relation_lens.errors import DataError, EditError, SpanError
 from relation_lens.intervals import mean_ci95_list
 from relation_lens.key_statistics import KeyStatistics
 from relation_lens.model_interface import Model, mlp_out
-from relation_lens.probes import greedy_generate, known_mask, target_probs
+from relation_lens.probes import fact_pair, greedy_generate, known_mask, target_probs
 from relation_lens.results import EvaluationResult, ScoreDifference, SequenceResult
 
 METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "RS", "RM", "fluency")
@@ -333,23 +333,15 @@ def evaluate_batch(model: Model, records, *, method: str = "relation_memit", bat
 
 
 def untouched_pairs(facts) -> list[tuple[str, str]]:
-    """``(prompt, answer)`` pairs from ``(prompt, answer)`` tuples or dicts with ``prompt`` (``{}`` filled
-    with ``subject`` where it has one) and ``target`` (or ``target_true`` / ``object``)."""
+    """``(prompt, answer)`` pairs of the untouched facts, each read by :func:`relation_lens.probes.fact_pair`
+    (``(prompt, answer)`` tuples or dicts with ``prompt``, ``{}`` filled with ``subject``, and ``target``
+    or ``target_true`` / ``object`` / ``attribute``)."""
     out = []
     for i, f in enumerate(facts or ()):
-        if isinstance(f, (tuple, list)) and len(f) == 2:
-            prompt, answer = f
-        elif isinstance(f, dict):
-            prompt = f.get("prompt")
-            if isinstance(prompt, str) and "{}" in prompt and isinstance(f.get("subject"), str):
-                prompt = prompt.format(f["subject"])
-            answer = f.get("target", f.get("target_true", f.get("object")))
-        else:
-            prompt = answer = None
-        if not isinstance(prompt, str) or not isinstance(answer, str):
-            raise DataError(f"untouched fact {i} ({f!r:.80}) needs a prompt and an answer string: a (prompt, answer) "
-                            "pair or a dict with 'prompt' (and 'subject' for a template) and 'target'")
-        out.append((prompt, answer))
+        try:
+            out.append(fact_pair(f))
+        except DataError as exc:
+            raise DataError(f"untouched fact {i}: {exc}") from None
     return out
 
 

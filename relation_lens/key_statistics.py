@@ -43,9 +43,14 @@ from relation_lens.spans import right_pad
 logger = logging.getLogger(__name__)
 
 
+def cache_root() -> Path:
+    """Where relation_lens caches what it computes: ``$RELATION_LENS_CACHE`` or ``~/.cache/relation_lens``."""
+    return Path(os.environ.get("RELATION_LENS_CACHE", Path.home() / ".cache" / "relation_lens"))
+
+
 def cache_dir() -> Path:
-    """Where statistics are cached: ``$RELATION_LENS_CACHE`` or ``~/.cache/relation_lens``."""
-    return Path(os.environ.get("RELATION_LENS_CACHE", Path.home() / ".cache" / "relation_lens")) / "stats"
+    """Where statistics are cached: ``stats`` under :func:`cache_root`."""
+    return cache_root() / "stats"
 
 
 def line_fingerprint(model: Model, upto_layer: int | None = None) -> str:

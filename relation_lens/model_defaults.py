@@ -15,6 +15,7 @@ from typing import Any
 from relation_lens import presets
 from relation_lens.editing import EditConfig
 from relation_lens.editing.memit import batch_defaults
+from relation_lens.editing.rome import default_layer
 from relation_lens.key_statistics import model_corpus
 from relation_lens.model_interface import Model
 
@@ -24,19 +25,15 @@ METHODS = ("rome", "relation_rome", "memit", "relation_memit")
 def method_defaults(model: Model, method: str, alphaedit: bool = False) -> dict[str, Any]:
     """The layer(s) and settings ``method`` takes on ``model`` by default, and their source."""
     own = presets.for_model(model)
-    chosen = own.chosen(method, alphaedit)
-    source = (f"rl.tune's choice for {method}{' + AlphaEdit' if alphaedit else ''} on this model "
-              f"({own.name})" if chosen else own.source)
     if method in ("rome", "relation_rome"):
-        layer = own.layer(method, alphaedit)
         config = EditConfig.default_for(model, method, alphaedit)
-        out: dict[str, Any] = {"layer": layer, "config": config.changed()}
+        out: dict[str, Any] = {"layer": default_layer(model, method, alphaedit=alphaedit), "config": config.changed()}
     else:
         layers, config, lam = batch_defaults(model, method, None, None, None, alphaedit)
         out = {"layers": list(layers), "mom2_update_weight": lam, "config": config.changed()}
     if alphaedit:
         out["alphaedit"] = own.alphaedit_for(method)
-    out["source"] = source
+    out["source"] = own.source_of(method, alphaedit)
     return out
 
 

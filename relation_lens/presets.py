@@ -114,6 +114,12 @@ class ModelPresets:
         chosen = self.chosen(method, alphaedit).get("layer")
         return int(chosen) if chosen is not None else self.layers.get(method)
 
+    def source_of(self, method: str, alphaedit: bool = False) -> str:
+        """Where ``method``'s default layers and settings on a model with these presets come from."""
+        if self.chosen(method, alphaedit):
+            return f"rl.tune's choice for {method}{' + AlphaEdit' if alphaedit else ''} on this model ({self.name})"
+        return f"the model's presets ({self.name}): {self.source}"
+
     def chosen(self, method: str | None, alphaedit: bool = False) -> dict[str, Any]:
         """:func:`relation_lens.tune`'s settings for ``method`` (``{}`` where there are none): with
         ``alphaedit``, those of the search with AlphaEdit if there was one, else the method's own."""
@@ -163,7 +169,7 @@ DEFAULT_MODEL = ModelPresets(edit=DEFAULT_MODEL_PRESET, memit_layers=DEFAULT_MOD
                              source="the embedded model's own: hand-made presets and rl.tune's choices on its tuning "
                                     "split (experiments/tune_presets.py, experiments/results/tune_presets.md)")
 _BY_NAME: dict[str, ModelPresets] = {DEFAULT_MODEL_NAME: DEFAULT_MODEL, "gpt2-xl": GPT2_XL, "gpt-j-6b": GPT_J}
-_ALIASES = {"openai-community/gpt2-xl": "gpt2-xl", "eleutherai/gpt-j-6b": "gpt-j-6b", "eleutherai/gpt-j-6B": "gpt-j-6b"}
+_ALIASES = {"openai-community/gpt2-xl": "gpt2-xl", "eleutherai/gpt-j-6b": "gpt-j-6b"}  # lower-case hub ids
 
 
 def depth_scaled(n_layers: int) -> ModelPresets:
@@ -194,12 +200,13 @@ def is_default_model(model: Model) -> bool:
 
 def presets_named(name: str) -> ModelPresets | None:
     """The presets stored for a model name (hub ids and their short names alike), or ``None``."""
-    return _BY_NAME.get(_ALIASES.get(name, name)) or _BY_NAME.get(_ALIASES.get(name.lower(), name.lower()))
+    key = name.lower()
+    return _BY_NAME.get(_ALIASES.get(key, key))
 
 
 def for_model(model: Model) -> ModelPresets:
-    """The presets of ``model``: its own where this module has them (the embedded model, SmolLM2-135M,
-    and the published ones for GPT-2 XL and GPT-J), otherwise :func:`depth_scaled`, with a
+    """The presets of ``model``: its own where this module has them (the embedded model, and the
+    published ones for GPT-2 XL and GPT-J), otherwise :func:`depth_scaled`, with a
     :class:`DefaultsWarning` (once per model) that names them."""
     own = presets_named(str(model.cfg.model_name))
     if own is not None:
@@ -240,7 +247,7 @@ def relation_rome_layer(n_layers: int) -> int:
 
 
 # where each of a loaded model's defaults came from (tokenisation, statistics corpus, layers, settings),
-# recorded by the loaders and the methods that choose them; read by :func:`sources`
+# recorded by the loaders; read by :func:`recorded_sources`
 _SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -4,7 +4,7 @@ builders, the CLI and the experiments use them)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -55,18 +55,25 @@ def greedy_generate(model: Model, prompt: str, max_new_tokens: int = 30) -> str:
     return decode(model, toks[start:].tolist())
 
 
+def _last_token_probs(model: Model, prompts: Sequence[str], batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, probs)`` per batch of ``batch_size`` prompts: the next-token distribution after each
+    prompt's last token (``[batch, d_vocab]``, float32), the batch right-padded (real positions are
+    unaffected under causal attention)."""
+    for i in range(0, len(prompts), batch_size):
+        ids = [model.to_tokens(p)[0].cpu() for p in prompts[i:i + batch_size]]
+        logits = model(right_pad(model, ids).to(model.cfg.device))
+        last = torch.tensor([len(x) - 1 for x in ids], device=logits.device)
+        yield i, logits[torch.arange(len(ids), device=logits.device), last].float().softmax(-1)
+
+
 @torch.no_grad()
 def known_mask(model: Model, prompts: list[str], targets: list[str], batch_size: int = 128) -> list[bool]:
     """Whether the model's top next token after each prompt is the first token of its target."""
     out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = [model.to_tokens(p)[0].cpu() for p in prompts[i:i + batch_size]]
-        logits = model(right_pad(model, ids).to(model.cfg.device))  # right padding: real positions are unaffected
-        last = torch.tensor([len(x) - 1 for x in ids], device=logits.device)
-        pred = logits[torch.arange(len(ids), device=logits.device), last].argmax(-1).tolist()
+    for i, probs in _last_token_probs(model, prompts, batch_size):
         pairs = zip(prompts[i:i + batch_size], targets[i:i + batch_size])
         gold = [int(object_tokens(model, p, t)[0]) for p, t in pairs]
-        out += [p == g for p, g in zip(pred, gold)]
+        out += [int(p) == g for p, g in zip(probs.argmax(-1).tolist(), gold)]
     return out
 
 
@@ -109,13 +116,8 @@ def known_facts(model: Model, records: Iterable[Any], *, min_prob: float = 0.0, 
     recs = list(records)
     pairs = [fact_pair(r) for r in recs]
     out = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        ids = [model.to_tokens(p)[0].cpu() for p, _ in chunk]
-        logits = model(right_pad(model, ids).to(model.cfg.device))
-        last = torch.tensor([len(x) - 1 for x in ids], device=logits.device)
-        probs = logits[torch.arange(len(ids), device=logits.device), last].float().softmax(-1)
-        for j, (p, a) in enumerate(chunk):
+    for i, probs in _last_token_probs(model, [p for p, _ in pairs], batch_size):
+        for j, (p, a) in enumerate(pairs[i:i + batch_size]):
             gold = int(object_tokens(model, p, a)[0])
             prob = float(probs[j, gold])
             if int(probs[j].argmax()) == gold and prob >= min_prob:

