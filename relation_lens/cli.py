@@ -16,8 +16,9 @@ DEFAULT_SUBJECT = "Germany"
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
-                   help="'default' (the embedded model), a local Hugging Face folder of any architecture "
-                        "TransformerLens converts (GPT-2, GPT-J, GPT-NeoX, LLaMA, ...), or a TransformerLens name")
+                   help="'default' (the embedded model), 'smollm2-135m', a .gguf file, a local Hugging Face folder of any "
+                        "architecture TransformerLens converts (GPT-2, GPT-J, GPT-NeoX, LLaMA, ...), or a TransformerLens "
+                        "name")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
 
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trace facts of the default model's world (or a JSON/JSONL file of "
                                    "{prompt, subject, target} records) and write the bucketed averages.")
     _common(p)
-    p.add_argument("--facts", type=Path, default=None, help="JSON or JSONL file of {prompt, subject, target}")
+    p.add_argument("--facts", type=Path, default=None, help="JSON or JSONL file of {prompt, subject, target} (default on the default model: its world's "
+                        "facts; other models need --facts)")
     p.add_argument("--relation", default=None, help="only this relation id of the world (e.g. P36)")
     p.add_argument("--limit", type=positive_int, default=50, help="at most this many facts (default 50)")
     p.add_argument("--include-incorrect", action="store_true", help="average prompts the model gets wrong too")
@@ -117,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the unedited model)")
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--records", type=Path, default=None,
-                   help="CounterFact file (ROME or MEND layout, or JSONL); default: the shipped counterfactual "
-                        "relation dataset of the default model")
+                   help="CounterFact file (ROME or MEND layout, or JSONL); default on the default model: its "
+                        "shipped counterfactual relation dataset (other models need --records)")
     p.add_argument("--n", type=positive_int, default=50, help="records to evaluate (default 50)")
     p.add_argument("--no-fluency", action="store_true", help="skip the generation fluency metric")
     p.add_argument("--key-mode", default=None, choices=["symmetric", "asymmetric"],
@@ -135,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="relation_rome", choices=["relation_rome", "rome", "relation_memit", "memit"])
     p.add_argument("--alphaedit", action="store_true", help="tune with AlphaEdit's projection (and its threshold, l2)")
     p.add_argument("--records", type=Path, default=None,
-                   help="CounterFact file of tuning records (ROME or MEND layout, or JSONL); default: the shipped "
-                        "relation dataset's tuning split (records 400-429), disjoint from its evaluation records")
+                   help="CounterFact file of tuning records (ROME or MEND layout, or JSONL); default on the default "
+                        "model: its shipped relation dataset's tuning split (records 400-429), disjoint from its "
+                        "evaluation records (other models need --records)")
     p.add_argument("--n", type=positive_int, default=None, help="use the first N tuning records (default: all)")
     p.add_argument("--budget", type=positive_int, default=24, help="the most trials (default 24, the defaults included)")
     p.add_argument("--sequence", type=positive_int, default=None,
@@ -242,6 +245,18 @@ def _cmd_trace(args) -> None:
     _write_views(result, args.out, "trace", formats, args.quiet)
 
 
+def _world_is_the_models(args, flag: str, what: str) -> None:
+    """The built-in facts and records are the default model's world; on any other model they are no
+    default (a ConfigError, before the model is loaded, saying which argument gives the model's own)."""
+    from relation_lens.errors import ConfigError
+    from relation_lens.presets import DEFAULT_MODEL_NAME
+
+    if args.model not in (None, "default", DEFAULT_MODEL_NAME):
+        raise ConfigError(f"{what} on --model {args.model!r} need {flag}: the built-in ones are the default model's "
+                          "world, which belongs to that model alone (rl.known_facts keeps the facts of any loader a "
+                          "model knows)")
+
+
 def _load_facts(args) -> list:
     if args.facts is not None:
         from relation_lens.data.io import read_json
@@ -264,6 +279,8 @@ def _cmd_trace_dataset(args) -> None:
     r = ranks()
     if r.is_main:
         _check_out(args.out, "trace-dataset")
+    if args.facts is None:
+        _world_is_the_models(args, "--facts", "the facts to trace")
     model = rl.load_model(args.model, device=args.device)
     facts = _load_facts(args)
     result = rl.trace_dataset(model, facts, config=config, exclude_incorrect=not args.include_incorrect,
@@ -365,6 +382,8 @@ def _cmd_evaluate(args) -> None:
     r = ranks()
     if r.is_main:
         _check_out(args.out, "evaluate")
+    if args.records is None:
+        _world_is_the_models(args, "--records", "the records to evaluate")
     model = rl.load_model(args.model, device=args.device)
     if args.records is None:
         from relation_lens.data.counterfact import load_counterfactual
@@ -417,6 +436,8 @@ def _cmd_tune(args) -> None:
     known = {f.name for f in dataclasses.fields(rl.EditConfig)}
     if set(overrides) - known:
         raise ConfigError(f"--config names {sorted(set(overrides) - known)}, which are not EditConfig fields")
+    if args.records is None:
+        _world_is_the_models(args, "--records", "the tuning records")
     model = rl.load_model(args.model, device=args.device)
     if args.records is None:
         from relation_lens.data.counterfact import TUNING_SPLIT, load_counterfactual

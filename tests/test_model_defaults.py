@@ -174,3 +174,15 @@ def test_cli_key_mode_is_the_library_default(default_model, monkeypatch, capsys)
     assert seen["key_mode"] == rl.EditConfig.default_for(default_model, "relation_rome").key_mode
     assert cli.main(["edit", "--quiet", "--key-mode", "asymmetric"]) == 0
     assert seen["key_mode"] == "asymmetric"
+
+
+@pytest.mark.parametrize("argv,flag", [(["trace-dataset"], "--facts"), (["evaluate"], "--records"),
+                                       (["tune"], "--records")])
+def test_cli_world_data_is_no_default_on_other_models(argv, flag, tmp_path, capsys):
+    """The built-in facts and records are the default model's world: on another model the CLI asks for the
+    model's own (before loading it) instead of tracing or editing the toy world's."""
+    import relation_lens.cli as cli
+
+    assert cli.main([*argv, "--model", "some/other-model", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"need {flag}" in err and "default model's world" in err
