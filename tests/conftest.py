@@ -15,10 +15,11 @@ from cross_line import save_random_folder
 
 from relation_lens.models.bridge import transformer_lens_major
 
-# A subprocess a test starts (an experiment's quick run, torchrun) gets CI's own wall-clock limit
-# (25 minutes for the whole run), never a tighter one: a run's time depends on the host's load
-# (measured: the edit quick run went past a 600 s limit at load 5-6 on 2 cores), its result does not.
-SUBPROCESS_TIMEOUT_S = 25 * 60
+# A subprocess a test starts (an experiment's quick run, torchrun, a notebook's kernel) gets no wall-clock
+# limit: its time depends on the host's load, its result does not (an edit quick run with cold statistics
+# took 131 s at load 2 and went past a 25-minute limit at load 15-18 on 2 cores, the failure of issue 37's
+# item 8). CI's own limit bounds a hang; tests/test_suite_rules.py keeps limits out of the suite.
+SUBPROCESS_TIMEOUT_S = None
 
 # float32 tolerances follow from the arithmetic, never tighter (a host's kernels may round and order
 # sums differently). EPS32 = 2**-23 = 1.19e-7, the relative spacing of float32 numbers.

@@ -12,6 +12,10 @@ import pytest
 NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "real_model.ipynb"
 
 
+# nbclient takes no None for the kernel's start-up: a day stands for none (conftest.SUBPROCESS_TIMEOUT_S)
+DAY = 24 * 3600
+
+
 def _run(model_name: str, tmp_path, cache: str | None = None) -> list:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -21,7 +25,7 @@ def _run(model_name: str, tmp_path, cache: str | None = None) -> list:
     if cache is not None:
         os.environ["RELATION_LENS_CACHE"] = cache
     try:  # the kernel inherits this process's environment
-        nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+        nbclient.NotebookClient(nb, timeout=None, startup_timeout=DAY, kernel_name="python3",
                                 resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
         os.environ.clear()
