@@ -45,13 +45,14 @@ from relation_lens.models.files import (
 )
 from relation_lens.models.gguf import PACKAGED, load_gguf, model_name_for, packaged_file
 from relation_lens.models.hub import load_hub
+from relation_lens.models.layout import forward_layout
 from relation_lens.models.local import load_local
 from relation_lens.models.parity import PARITY_LAYERS, PARITY_TEXT, PARITY_TOL
 from relation_lens.presets import DEFAULT_MODEL_NAME
 
 __all__ = ["load_model", "default_model_path", "resolve_device", "resolve_dtype", "read_safetensors",
            "stored_parameter_count", "process_state_layerwise", "to_hooked_state", "DTYPES", "DEFAULT_MODEL_NAME",
-           "PARITY_LAYERS", "PARITY_TEXT", "PARITY_TOL"]
+           "PARITY_LAYERS", "PARITY_TEXT", "PARITY_TOL", "forward_layout"]
 
 
 def load_model(name: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
@@ -88,6 +89,12 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     check_n_devices(n_devices, dev)
+    # weights stored as TransformerLens 3's forward reads them: no copy of a weight per block call
+    return forward_layout(_load(name, dev, dt, center_writing_weights, n_devices))
+
+
+def _load(name: str | os.PathLike | None, dev: torch.device, dt: torch.dtype, center_writing_weights: bool,
+          n_devices: int):
     if name is None or name == "default" or name == DEFAULT_MODEL_NAME:
         return load_local(default_model_path(), dev, dt, model_name=DEFAULT_MODEL_NAME, center=center_writing_weights,
                            n_devices=n_devices)

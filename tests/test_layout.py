@@ -1,0 +1,64 @@
+"""Weights stored as TransformerLens 3's forward reads them (relation_lens.models.layout): the same
+parameters, values and outputs bit for bit, without a copy of a weight per block call."""
+
+import copy
+
+import pytest
+import torch
+from cross_line import ARCHS, make_folder
+
+import relation_lens as rl
+from relation_lens.model_interface import is_hooked_transformer
+from relation_lens.models import forward_layout
+
+PROMPT = "The Space Needle is located in the city of"
+SUBJECT = "The Space Needle"
+
+
+def _copies(model, tokens) -> int:
+    """How many copies of a weight's size a forward makes (torch's profiler: aten::copy_ of a weight's shape)."""
+    from torch.profiler import profile
+
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() >= 2}
+    shapes |= {tuple(p.permute(*reversed(range(p.dim()))).shape) for p in model.parameters() if p.dim() >= 2}
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        model(tokens)
+    return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+               if e.key == "aten::copy_" and e.input_shapes and tuple(e.input_shapes[0]) in shapes)
+
+
+def _same_model_as_loaded_by_transformer_lens(model):
+    plain = copy.deepcopy(model)
+    for p in plain.parameters():  # TransformerLens' own layout, as from_pretrained leaves it
+        p.data = p.data.contiguous()
+    return plain
+
+
+def _check(model):
+    if not is_hooked_transformer(model):
+        pytest.skip("a TransformerBridge reads Hugging Face nn.Linear weights, already as F.linear wants them")
+    tokens = model.to_tokens(PROMPT)
+    plain = _same_model_as_loaded_by_transformer_lens(model)
+    before = _copies(plain, tokens)
+    assert _copies(model, tokens) == 0
+    with torch.no_grad():
+        assert torch.equal(plain(tokens), model(tokens))
+    for (name, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+        assert p.shape == q.shape and torch.equal(p, q), name
+    ids = [id(p) for p in plain.parameters()]
+    assert forward_layout(plain) is plain and [id(p) for p in plain.parameters()] == ids  # the same Parameters
+    assert forward_layout(plain) is plain and _copies(plain, tokens) == 0  # idempotent
+    a = rl.trace(plain, PROMPT, subject=SUBJECT, n_samples=3, progress=False)
+    b = rl.trace(model, PROMPT, subject=SUBJECT, n_samples=3, progress=False)
+    for kind in a.scores:
+        assert torch.equal(a.scores[kind], b.scores[kind]), kind
+    return before
+
+
+def test_the_default_model_reads_its_weights_without_copies_and_gives_the_same_numbers(default_model):
+    assert _check(default_model) > 0  # attention and unembedding weights were copied per call
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_family_reads_its_weights_without_copies_and_gives_the_same_numbers(tokenizer, tmp_path, arch):
+    _check(rl.load_model(make_folder(tokenizer, arch, tmp_path)))
