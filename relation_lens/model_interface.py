@@ -148,12 +148,39 @@ def hooked_activation(model: Model, tokens: Tensor, name: str, upto_layer: int) 
 def final_logits(model: Model, resid: Tensor) -> Tensor:
     """Final norm and unembedding of ``resid`` ``[batch, pos, d_model]`` (after the last block)."""
     if not is_bridge(model):
+        if _zero_unembed_bias(model):
+            # TransformerLens 3's own final norm and unembedding, less the addition of an all-zero b_U
+            # (addmm writes the broadcast bias into its output first: a copy of the logits' size, a
+            # twentieth of a SmolLM2 trace); the same numbers bit for bit (tests/test_layout.py)
+            x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+            unembed = model.unembed
+            W = unembed.W_U.T
+            return unembed.hook_out(torch.nn.functional.linear(unembed.hook_in(x), W if W.is_contiguous() else
+                                                               W.contiguous()))
         return model(resid, start_at_layer=model.cfg.n_layers)  # TransformerLens' own: soft cap included
     logits = model.unembed(model.ln_final(resid))
     # Hugging Face heads that scale the logits after the unembedding (Granite's logits_scaling), which
     # the bridge's unembedding component leaves out; the self-check holds the result to model(tokens)
     scaling = getattr(getattr(model.original_model, "config", None), "logits_scaling", None)
     return logits / scaling if scaling not in (None, 1, 1.0) else logits
+
+
+# per model: (b_U's identity and version, whether it is all zero), so that the check reads b_U once
+_ZERO_BIAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _zero_unembed_bias(model: Model) -> bool:
+    """Whether a HookedTransformer's unembedding adds nothing (``b_U`` all zero, no logit soft cap)."""
+    b = getattr(model.unembed, "b_U", None)
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if not isinstance(b, Tensor) or (cap is not None and cap > 0):
+        return False
+    key = (id(b), b._version)
+    hit = _ZERO_BIAS.get(model)
+    if hit is None or hit[0] != key:
+        hit = (key, not bool(b.any()))
+        _ZERO_BIAS[model] = hit
+    return hit[1]
 
 
 def run_block_cached(model: Model, layer: int, resid: Tensor, prefix: KV | None = None,

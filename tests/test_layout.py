@@ -62,3 +62,22 @@ def test_the_default_model_reads_its_weights_without_copies_and_gives_the_same_n
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_family_reads_its_weights_without_copies_and_gives_the_same_numbers(tokenizer, tmp_path, arch):
     _check(rl.load_model(make_folder(tokenizer, arch, tmp_path)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_final_logits_are_transformer_lens_own_bit_for_bit(tokenizer, tmp_path, arch, default_model):
+    from relation_lens.model_interface import final_logits
+
+    model = default_model if arch == "gpt2" else rl.load_model(make_folder(tokenizer, arch, tmp_path))
+    if not is_hooked_transformer(model):
+        pytest.skip("TransformerLens 3's unembedding")
+    resid = torch.randn(5, 3, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(resid, start_at_layer=model.cfg.n_layers)
+        assert torch.equal(final_logits(model, resid), want)
+        model.unembed.b_U.add_(0.25)  # a bias that is there is added, as TransformerLens adds it
+        try:
+            assert torch.equal(final_logits(model, resid), model(resid, start_at_layer=model.cfg.n_layers))
+            assert not torch.equal(final_logits(model, resid), want)
+        finally:
+            model.unembed.b_U.sub_(0.25)

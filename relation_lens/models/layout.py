@@ -30,7 +30,7 @@ _GATED_MLP = {"W_in": (1, 0), "W_gate": (1, 0), "W_out": (1, 0)}  # F.linear(x, 
 _ATTENTION = {"W_Q": (0, 2, 1), "W_K": (0, 2, 1), "W_V": (0, 2, 1),  # "h d_model d_head -> (h d_head) d_model"
               "_W_K": (0, 2, 1), "_W_V": (0, 2, 1),  # grouped-query attention's key/value heads
               "W_O": (2, 0, 1)}  # "h d_head d_model -> d_model (h d_head)"
-_ORIENTATION = {"GatedMLP": _GATED_MLP, "Attention": _ATTENTION, "GroupedQueryAttention": _ATTENTION,
+_ORIENTATION: dict[str, dict[str, tuple[int, ...]]] = {"GatedMLP": _GATED_MLP, "Attention": _ATTENTION, "GroupedQueryAttention": _ATTENTION,
                 "Unembed": {"W_U": (1, 0)}}  # F.linear(x, W_U.T.contiguous())
 
 
