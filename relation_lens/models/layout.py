@@ -26,12 +26,13 @@ from relation_lens.model_interface import is_hooked_transformer
 # per module class (by name, as TransformerLens 3.9 spells it): parameter -> the permutation its forward
 # applies before flattening it to F.linear's [d_out, d_in]. The plain MLP is absent: it calls addmm on
 # W_in / W_out as they are (no copy), and another layout would change its rounding.
-_GATED_MLP = {"W_in": (1, 0), "W_gate": (1, 0), "W_out": (1, 0)}  # F.linear(x, W.T.contiguous())
-_ATTENTION = {"W_Q": (0, 2, 1), "W_K": (0, 2, 1), "W_V": (0, 2, 1),  # "h d_model d_head -> (h d_head) d_model"
+_GATED_MLP: dict[str, tuple[int, ...]] = {"W_in": (1, 0), "W_gate": (1, 0), "W_out": (1, 0)}  # F.linear(x, W.T.contiguous())
+_ATTENTION: dict[str, tuple[int, ...]] = {"W_Q": (0, 2, 1), "W_K": (0, 2, 1), "W_V": (0, 2, 1),  # "h d_model d_head -> (h d_head) d_model"
               "_W_K": (0, 2, 1), "_W_V": (0, 2, 1),  # grouped-query attention's key/value heads
               "W_O": (2, 0, 1)}  # "h d_head d_model -> d_model (h d_head)"
-_ORIENTATION: dict[str, dict[str, tuple[int, ...]]] = {"GatedMLP": _GATED_MLP, "Attention": _ATTENTION, "GroupedQueryAttention": _ATTENTION,
-                "Unembed": {"W_U": (1, 0)}}  # F.linear(x, W_U.T.contiguous())
+_ORIENTATION: dict[str, dict[str, tuple[int, ...]]] = {
+    "GatedMLP": _GATED_MLP, "Attention": _ATTENTION, "GroupedQueryAttention": _ATTENTION,
+    "Unembed": {"W_U": (1, 0)}}  # F.linear(x, W_U.T.contiguous())
 
 
 def _stored_as(p: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
