@@ -1,6 +1,7 @@
 """Time the tracing engine against the naive one-run-per-site loop, in one process.
 
     python benchmarks/bench_trace.py [--repeats 3] [--write docs/benchmarks.md]
+    python benchmarks/bench_trace.py --model smollm2-135m [--write docs/benchmarks.md]   # a real model
 
 For each model (the embedded default model, and a randomly initialised GPT-2-small-shaped model),
 a 12-token prompt and both corruptions (the relation, and the subject as in ROME) it times:
@@ -195,9 +196,24 @@ def main() -> None:
     ap.add_argument("--no-counts", action="store_true",
                     help="skip the torch-call counts (they depend on the code path, not the device: the CPU "
                          "table has them) and time only")
+    ap.add_argument("--model", default=None,
+                    help="a real model (e.g. smollm2-135m): the engine against nnsight's loop and the naive loop "
+                         "on it (benchmarks/bench_real_trace.py)")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="with --model")
+    ap.add_argument("--samples", type=int, default=10, help="with --model: noise samples")
+    ap.add_argument("--window", type=int, default=6, help="with --model: the window of the MLP and attention kinds")
+    ap.add_argument("--baseline-cells", type=int, default=None,
+                    help="with --model: time the baselines on this many evenly spaced cells (a quick run)")
+    ap.add_argument("--baselines", nargs="*", default=["nnsight", "naive"], choices=["nnsight", "naive"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model:
+        from bench_real_trace import run as run_real
+
+        run_real(args.model, args.dtypes, args.samples, args.window, args.repeats, args.baseline_cells,
+                 tuple(args.baselines), args.write)
+        return
     torch.set_grad_enabled(False)
     _quiet_tqdm()
     default = rl.load_model(device=args.device)

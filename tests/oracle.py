@@ -14,9 +14,10 @@ def window(layer, w, n_layers):
 
 @torch.no_grad()
 def naive_trace(model, tokens, span, noise, target, kinds=("resid", "mlp", "attn"), w=10, metric="prob",
-                contrast=None, corrupted_tokens=None):
+                contrast=None, corrupted_tokens=None, cells=None):
     """``corrupted_tokens``: token replacement instead of noise (row 1 runs those tokens; ``noise``
-    is then ignored). ``metric``: "prob", "logprob", "logit_diff" (against ``contrast``) or a function
+    is then ignored). ``cells``: only these ``(kind, layer, position)`` cells are run (the others stay 0;
+    the benchmarks time a sample of cells). ``metric``: "prob", "logprob", "logit_diff" (against ``contrast``) or a function
     of the last position's logits (``[rows, d_vocab] -> [rows]``), averaged over the corrupted rows."""
     L, T = model.cfg.n_layers, tokens.shape[0]
     if corrupted_tokens is not None:
@@ -58,6 +59,8 @@ def naive_trace(model, tokens, span, noise, target, kinds=("resid", "mlp", "attn
         for layer in range(L):
             layers = [layer] if kind == "resid" else list(window(layer, w, L))
             for p in range(T):
+                if cells is not None and (kind, layer, p) not in cells:
+                    continue
                 grid[layer, p] = run([(names[kind].format(j), restore_at(p)) for j in layers])
         grids[kind] = grid
     return grids, run([])
