@@ -132,8 +132,27 @@ def measure(name: str, dtype: torch.dtype, samples: int, w: int, repeats: int, b
     return row
 
 
+def profile_lines(name: str, samples: int, w: int, top: int = 8) -> list[str]:
+    """Where one float32 trace spends its time: torch's profiler, the operators with the most self time,
+    and how much of it copies memory (``aten::copy_``; a weight-sized copy is one of a weight per call)."""
+    from torch.profiler import profile
+
+    model = rl.load_model(name)
+    kw = dict(subject=SUBJECT, corrupt="relation", n_samples=samples, window=w, progress=False)
+    rl.trace(model, PROMPT, **kw)
+    with profile() as prof:
+        rl.trace(model, PROMPT, **kw)
+    ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in ops)
+    ops.sort(key=lambda e: -e.self_cpu_time_total)
+    lines = ["", f"Where the float32 engine's time goes (torch profiler, aten operators' self time, {total / 1e6:.1f} s "
+                 "in all):", "", "| operator | share | calls |", "|---|---|---|"]
+    lines += [f"| {e.key} | {100 * e.self_cpu_time_total / total:.1f}% | {e.count:,} |" for e in ops[:top]]
+    return lines
+
+
 def run(name: str, dtypes: list[str], samples: int, w: int, repeats: int, baseline_cells: int | None,
-        baselines: tuple[str, ...], write: Path | None) -> None:
+        baselines: tuple[str, ...], write: Path | None, profile: bool = False) -> None:
     torch.set_grad_enabled(False)
     rows = [measure(name, getattr(torch, d), samples, w, repeats, baseline_cells, baselines) for d in dtypes]
     lines = [f"### {name}: engine vs nnsight and the naive loop — {datetime.date.today()} — {machine()}", "",
@@ -160,4 +179,6 @@ def run(name: str, dtypes: list[str], samples: int, w: int, repeats: int, baseli
             diff = max((r["scores"][k] - ref["scores"][k]).abs().max().item() for k in KINDS)
             lines += ["", f"{r['dtype']} against {ref['dtype']}: engine {ref['engine_s'] / r['engine_s']:.2f}x; "
                           f"largest cell difference {diff:.4f} (P clean {r['clean']:.4f} vs {ref['clean']:.4f})."]
+    if profile:
+        lines += profile_lines(name, samples, w)
     emit(lines, write)

@@ -205,6 +205,7 @@ def main() -> None:
     ap.add_argument("--baseline-cells", type=int, default=None,
                     help="with --model: time the baselines on this many evenly spaced cells (a quick run)")
     ap.add_argument("--baselines", nargs="*", default=["nnsight", "naive"], choices=["nnsight", "naive"])
+    ap.add_argument("--profile", action="store_true", help="with --model: where the engine's time goes")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,7 +213,7 @@ def main() -> None:
         from bench_real_trace import run as run_real
 
         run_real(args.model, args.dtypes, args.samples, args.window, args.repeats, args.baseline_cells,
-                 tuple(args.baselines), args.write)
+                 tuple(args.baselines), args.write, args.profile)
         return
     torch.set_grad_enabled(False)
     _quiet_tqdm()

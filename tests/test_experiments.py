@@ -1,5 +1,6 @@
 """The experiments' quick runs (--limit) are part of the suite: they run end to end on the default model."""
 
+import json
 import os
 import subprocess
 import sys
@@ -149,3 +150,17 @@ def test_longer_tuning_records_share_no_subject_with_the_shipped_records(default
     used = {r["subject"] for r in records} | {subject_of[p] for r in records
                                               for p in r["neighborhood_prompts"] + r["relation_prompts"]}
     assert not used & taken and not used & neighbours and not used & {f.subject for f in untouched}
+
+
+@pytest.mark.slow
+def test_trace_real_quick(tmp_path):
+    run("trace_real.py", "--model", "default", "--limit", "2", "--shared", str(SLICE), "--out", str(tmp_path))
+    md = (tmp_path / "trace_real.md").read_text()
+    for run_name in ("relation corrupted", "relation, lastclean corrupted", "subject corrupted", "Attention knockout"):
+        assert f"## {run_name}" in md, run_name
+    facts = json.loads((tmp_path / "trace_facts.json").read_text())
+    assert set(facts["known"]) == {"known_1000", "CounterFact", "LRE", "FewRel"}
+    # every source the model knows facts of is reported on its own
+    for source, rows in facts["known"].items():
+        assert (f"- {source} (" in md) == bool(rows), source
+    assert (tmp_path / "trace_relation_checkpoint" / "manifest.json").is_file()

@@ -15,6 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PER_RELATION = 25  # FewRel instances kept per relation
 RECORDS = 20  # known_1000 and CounterFact records kept
+LRE = ("landmark_on_continent.json", "landmark_in_country.json")  # LRE factual relations kept, RECORDS samples each
 
 
 def main() -> None:
@@ -35,6 +36,13 @@ def main() -> None:
         rows = json.loads((src / "rome" / name).read_text())
         (out / "rome" / name).write_text(json.dumps(rows[:RECORDS], indent=1))
     shutil.copyfile(src / "rome" / "LICENSE.known_1000", out / "rome" / "LICENSE.known_1000")
+
+    lre = out / "lre_relations" / "data" / "factual"
+    lre.mkdir(parents=True, exist_ok=True)
+    for name in LRE:
+        data = json.loads((src / "lre_relations" / "data" / "factual" / name).read_text())
+        (lre / name).write_text(json.dumps({**data, "samples": data["samples"][:RECORDS]}, indent=1))
+    shutil.copyfile(src / "lre_relations" / "LICENSE", out / "lre_relations" / "LICENSE")
 
 
 if __name__ == "__main__":
