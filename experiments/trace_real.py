@@ -10,7 +10,8 @@ probability (``rl.known_facts``):
 * ``LRE``: the factual relations of Hernandez et al.'s LRE data (templates that start with the subject);
 * ``FewRel``: cloze prompts of FewRel's validation triples (the library's relation templates).
 
-Up to ``--per-source`` facts are drawn from each source (seeded), at least ``--n`` in all.
+Each source's candidates are a seeded sample of ``--candidates``; up to ``--per-source`` of the known
+ones are drawn from each source (seeded), at least ``--n`` in all.
 
 Runs (each ``rl.trace_dataset`` with its own checkpoint folder, so a killed run continues where it
 stopped; under ``torchrun`` the prompts are shared between the ranks):
@@ -57,8 +58,9 @@ RUNS = {"relation": ("relation", True), "relation_lastclean": ("relation", False
 SOURCES = ("known_1000", "CounterFact", "LRE", "FewRel")
 
 
-def candidates(shared: Path, limit: int | None = None) -> dict[str, list[dict]]:
-    """Every source's facts whose prompt starts with the subject (relation words after it)."""
+def candidates(shared: Path, limit: int | None = None, per_source_candidates: int = 3000) -> dict[str, list[dict]]:
+    """Each source's facts whose prompt starts with the subject (relation words after it): a seeded
+    sample of ``per_source_candidates`` of them."""
     out: dict[str, list[dict]] = {}
     out["known_1000"] = [{"prompt": r["prompt"], "subject": r["subject"], "target": r["target"]}
                          for r in load_known(shared / "rome" / "known_1000.json")]
@@ -77,13 +79,14 @@ def candidates(shared: Path, limit: int | None = None) -> dict[str, list[dict]]:
     out["FewRel"] = [dict(r) for r in fewrel_prompts(triples)]
     for name in out:
         rows = [r for r in out[name] if r["prompt"].startswith(r["subject"]) and r["prompt"] != r["subject"]]
-        out[name] = rows[:limit * 50] if limit else rows
+        random.Random(0).shuffle(rows)  # a seeded sample of each source's candidates, its relations mixed
+        out[name] = rows[:limit * 50 if limit else per_source_candidates]
     return out
 
 
-def known(model, shared: Path, limit: int | None) -> dict:
+def known(model, shared: Path, limit: int | None, per_source_candidates: int) -> dict:
     found, sizes = {}, {}
-    for name, rows in candidates(shared, limit).items():
+    for name, rows in candidates(shared, limit, per_source_candidates).items():
         sizes[name] = len(rows)
         found[name] = [{"prompt": k["prompt"], "subject": k["subject"], "target": k["target"], "prob": k["prob"],
                         "source": name} for k in rl.known_facts(model, rows)]
@@ -125,6 +128,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--per-source", type=int, default=50, help="facts drawn from each source (default 50)")
+    ap.add_argument("--candidates", type=int, default=3000,
+                    help="candidates probed per source (a seeded sample; default 3000)")
     ap.add_argument("--n", type=int, default=150, help="at least this many facts in all (a warning otherwise)")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--window", type=int, default=None, help="default: depth-scaled (as rl.trace)")
@@ -148,7 +153,7 @@ def main(argv=None) -> None:
     if facts_file.is_file():
         facts = json.loads(facts_file.read_text())
     else:
-        facts = known(model, args.shared, args.limit)
+        facts = known(model, args.shared, args.limit, args.candidates)
         if rank.rank == 0:
             write(facts_file, facts)
     chosen = choose(facts, args.per_source)
@@ -181,7 +186,8 @@ def main(argv=None) -> None:
              f". Traced: {len(chosen)} ({', '.join(f'{s} {n}' for s, n in by_source.items())}); "
              f"{args.samples} noise samples, window {window}.", ""]
     if len(chosen) < args.n:
-        lines += [f"**Fewer than {args.n} facts** ({len(chosen)}): the sources hold no more the model knows.", ""]
+        lines += [f"**Fewer than {args.n} facts** ({len(chosen)}): what the sources' sampled candidates hold that the "
+                  f"model knows, at most {args.per_source} a source.", ""]
     for run, res in results.items():
         lines += [f"## {run.replace('_', ', ')} corrupted: {res.n_used} facts averaged; mean P clean "
                   f"{res.clean_prob:.3f}, corrupted {res.corrupted_prob:.3f}", "", f"![{run}](trace_{run}.png)", "",
