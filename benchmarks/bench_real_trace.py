@@ -128,6 +128,16 @@ def measure(name: str, dtype: torch.dtype, samples: int, w: int, repeats: int, b
         got = naive_cells(model, tokens, span, noise, res.target_token, todo, w)
         row["naive_s"] = (time.perf_counter() - t) * len(everything) / len(todo)
         row["naive_diff"] = max(abs(v - res.scores[k][l, p].item()) for (k, l, p), v in got.items())
+    if "naive-tl" in baselines:  # the same loop on the model as TransformerLens lays it out (a copy per call)
+        import copy
+
+        plain = copy.deepcopy(model)
+        for p in plain.parameters():
+            p.data = p.data.contiguous()
+        t = time.perf_counter()
+        got = naive_cells(plain, tokens, span, noise, res.target_token, todo, w)
+        row["naive_tl_s"] = (time.perf_counter() - t) * len(everything) / len(todo)
+        del plain
     row["scores"] = {k: v.float() for k, v in res.scores.items()}
     return row
 
@@ -173,6 +183,12 @@ def run(name: str, dtypes: list[str], samples: int, w: int, repeats: int, baseli
         lines.append(f"| {r['dtype']} | {r['cells']} ({r['engine_cells']}) | {eng:.2f} | {nn_col} | {nv_col} | "
                      f"{r.get('nnsight_diff', float('nan')):.1e} / {r.get('naive_diff', float('nan')):.1e} | "
                      f"{r['clean']:.4f} / {r['corrupted']:.5f} |")
+    for r in rows:
+        if "naive_tl_s" in r:
+            lines += ["", f"{r['dtype']}: the naive loop on the model as TransformerLens 3 lays its weights out (a copy of "
+                          f"every weight per block call; relation_lens' load_model stores them as the forward reads "
+                          f"them, docs/models.md): {r['naive_tl_s']:.1f} s, the engine **{r['naive_tl_s'] / r['engine_s']:.1f}x** "
+                          "faster."]
     if len(rows) > 1:
         ref = rows[0]
         for r in rows[1:]:

@@ -204,7 +204,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=6, help="with --model: the window of the MLP and attention kinds")
     ap.add_argument("--baseline-cells", type=int, default=None,
                     help="with --model: time the baselines on this many evenly spaced cells (a quick run)")
-    ap.add_argument("--baselines", nargs="*", default=["nnsight", "naive"], choices=["nnsight", "naive"])
+    ap.add_argument("--baselines", nargs="*", default=["nnsight", "naive"], choices=["nnsight", "naive", "naive-tl"],
+                    help="with --model: naive-tl is the naive loop on TransformerLens' own weight layout")
     ap.add_argument("--profile", action="store_true", help="with --model: where the engine's time goes")
     args = ap.parse_args()
     if args.threads:
