@@ -138,17 +138,18 @@ def main(argv=None) -> None:
     ap.add_argument("--shared", type=Path, default=SHARED)
     ap.add_argument("--out", type=Path, default=None, help="default results/<model>/ (results/<model>_quick/ with --limit)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default=None, help="cpu (default) or cuda (under torchrun: each rank its own GPU)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.limit:
         args.per_source, args.samples = args.limit, 2
     t0 = time.perf_counter()
-    model = rl.load_model(args.model)
+    rank = ranks()  # first: under torchrun on GPUs it picks this rank's device
+    model = rl.load_model(args.model, device=args.device)
     name = model.cfg.model_name
     out = args.out or HERE / "results" / (name + ("_quick" if args.limit else ""))
     out.mkdir(parents=True, exist_ok=True)
-    rank = ranks()
     facts_file = out / "trace_facts.json"
     if facts_file.is_file():
         facts = json.loads(facts_file.read_text())
