@@ -75,9 +75,11 @@ def test_final_logits_are_transformer_lens_own_bit_for_bit(tokenizer, tmp_path, 
     with torch.no_grad():
         want = model(resid, start_at_layer=model.cfg.n_layers)
         assert torch.equal(final_logits(model, resid), want)
+        saved = model.unembed.b_U.clone()
         model.unembed.b_U.add_(0.25)  # a bias that is there is added, as TransformerLens adds it
         try:
             assert torch.equal(final_logits(model, resid), model(resid, start_at_layer=model.cfg.n_layers))
             assert not torch.equal(final_logits(model, resid), want)
         finally:
-            model.unembed.b_U.sub_(0.25)
+            model.unembed.b_U.copy_(saved)  # bit for bit (x + 0.25 - 0.25 is not always x): a shared fixture
+        assert torch.equal(final_logits(model, resid), want)

@@ -188,7 +188,16 @@ def hooked_from_state(cfg, tokenizer, state: dict, center: bool):
     del filled
     state = process_state_layerwise(state, cfg, fold_ln=fold, center_writing_weights=center, center_unembed=True,
                                     fold_value_biases=True)
-    # the processed tensors become the parameters (no copy); keys of folded norms are left over
-    model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False, assign=True)
+    # the processed tensors become the parameters; keys of folded norms are left over. Made contiguous
+    # one at a time, each input dropped as its copy is made (processing keeps a converted view's
+    # strides, and copying the whole dict at once held the weights twice: 2.8x SmolLM2's weights)
+    params = {}
+    for i, k in enumerate(list(state)):
+        params[k] = state.pop(k).contiguous()
+        if i % 16 == 15:
+            trim_memory()  # the dropped inputs go back to the system, not only to the allocator
     del state
+    trim_memory()
+    model.load_state_dict(params, strict=False, assign=True)
+    del params
     return model.eval()
