@@ -92,9 +92,16 @@ def _evenly(todo: list, k: int | None) -> list:
     return [todo[int(i * step)] for i in range(k)]
 
 
+def _clock() -> float:
+    """Seconds, after the GPU (if any) has finished what was queued."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def measure(name: str, dtype: torch.dtype, samples: int, w: int, repeats: int, baseline_cells: int | None,
-            baselines: tuple[str, ...]) -> dict:
-    model = rl.load_model(name, dtype=dtype)
+            baselines: tuple[str, ...], device: str = "cpu") -> dict:
+    model = rl.load_model(name, dtype=dtype, device=device)
     kw = dict(subject=SUBJECT, corrupt="relation", n_samples=samples, window=w, progress=False)
     res = rl.trace(model, PROMPT, **kw)
     tokens = model.to_tokens(PROMPT)[0]  # the model's own BOS rule, as the trace's
@@ -104,9 +111,9 @@ def measure(name: str, dtype: torch.dtype, samples: int, w: int, repeats: int, b
     noise, _ = make_noise(model, samples, span[1] - span[0], None, 0)
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = _clock()
         rl.trace(model, PROMPT, **kw)
-        times.append(time.perf_counter() - t)
+        times.append(_clock() - t)
     row = {"dtype": str(dtype).replace("torch.", ""), "tokens": T, "layers": L, "cells": 3 * L * T,
            "engine_cells": 3 * L * (T - span[0]), "engine_s": sorted(times)[len(times) // 2],
            "clean": res.clean_value, "corrupted": res.corrupted_value, "span": span}
@@ -117,16 +124,16 @@ def measure(name: str, dtype: torch.dtype, samples: int, w: int, repeats: int, b
         from nnsight import LanguageModel
 
         hf, tok = hf_twin(name, dtype)
-        lm = LanguageModel(hf, tokenizer=tok)
-        t = time.perf_counter()
+        lm = LanguageModel(hf.to(device), tokenizer=tok)
+        t = _clock()
         got = nnsight_grid(lm, tokens, span, noise, res.target_token, todo, w)
-        row["nnsight_s"] = (time.perf_counter() - t) * len(everything) / len(todo)
+        row["nnsight_s"] = (_clock() - t) * len(everything) / len(todo)
         row["nnsight_diff"] = max(abs(v - res.scores[k][l, p].item()) for (k, l, p), v in got.items())
         del lm, hf
     if "naive" in baselines:
-        t = time.perf_counter()
+        t = _clock()
         got = naive_cells(model, tokens, span, noise, res.target_token, todo, w)
-        row["naive_s"] = (time.perf_counter() - t) * len(everything) / len(todo)
+        row["naive_s"] = (_clock() - t) * len(everything) / len(todo)
         row["naive_diff"] = max(abs(v - res.scores[k][l, p].item()) for (k, l, p), v in got.items())
     if "naive-tl" in baselines:  # the same loop on the model as TransformerLens lays it out (a copy per call)
         import copy
@@ -134,9 +141,9 @@ def measure(name: str, dtype: torch.dtype, samples: int, w: int, repeats: int, b
         plain = copy.deepcopy(model)
         for p in plain.parameters():
             p.data = p.data.contiguous()
-        t = time.perf_counter()
+        t = _clock()
         got = naive_cells(plain, tokens, span, noise, res.target_token, todo, w)
-        row["naive_tl_s"] = (time.perf_counter() - t) * len(everything) / len(todo)
+        row["naive_tl_s"] = (_clock() - t) * len(everything) / len(todo)
         del plain
     row["scores"] = {k: v.float() for k, v in res.scores.items()}
     return row
@@ -162,9 +169,9 @@ def profile_lines(name: str, samples: int, w: int, top: int = 8) -> list[str]:
 
 
 def run(name: str, dtypes: list[str], samples: int, w: int, repeats: int, baseline_cells: int | None,
-        baselines: tuple[str, ...], write: Path | None, profile: bool = False) -> None:
+        baselines: tuple[str, ...], write: Path | None, profile: bool = False, device: str = "cpu") -> None:
     torch.set_grad_enabled(False)
-    rows = [measure(name, getattr(torch, d), samples, w, repeats, baseline_cells, baselines) for d in dtypes]
+    rows = [measure(name, getattr(torch, d), samples, w, repeats, baseline_cells, baselines, device) for d in dtypes]
     lines = [f"### {name}: engine vs nnsight and the naive loop — {datetime.date.today()} — {machine()}", "",
              f"Prompt {PROMPT!r}, relation corrupted (tokens {rows[0]['span'][0]}:{rows[0]['span'][1]}), 3 kinds, "
              f"{samples} noise samples (the engine's, seed 0, given to all three), window {w}; engine: median of "
@@ -195,6 +202,6 @@ def run(name: str, dtypes: list[str], samples: int, w: int, repeats: int, baseli
             diff = max((r["scores"][k] - ref["scores"][k]).abs().max().item() for k in KINDS)
             lines += ["", f"{r['dtype']} against {ref['dtype']}: engine {ref['engine_s'] / r['engine_s']:.2f}x; "
                           f"largest cell difference {diff:.4f} (P clean {r['clean']:.4f} vs {ref['clean']:.4f})."]
-    if profile:
+    if profile and device == "cpu":
         lines += profile_lines(name, samples, w)
     emit(lines, write)

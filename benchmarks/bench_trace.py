@@ -214,7 +214,7 @@ def main() -> None:
         from bench_real_trace import run as run_real
 
         run_real(args.model, args.dtypes, args.samples, args.window, args.repeats, args.baseline_cells,
-                 tuple(args.baselines), args.write, args.profile)
+                 tuple(args.baselines), args.write, args.profile, args.device)
         return
     torch.set_grad_enabled(False)
     _quiet_tqdm()
