@@ -154,9 +154,7 @@ def final_logits(model: Model, resid: Tensor) -> Tensor:
             # twentieth of a SmolLM2 trace); the same numbers bit for bit (tests/test_layout.py)
             x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
             unembed = model.unembed
-            W = unembed.W_U.T
-            return unembed.hook_out(torch.nn.functional.linear(unembed.hook_in(x), W if W.is_contiguous() else
-                                                               W.contiguous()))
+            return unembed.hook_out(torch.nn.functional.linear(unembed.hook_in(x), unembed.W_U.T.contiguous()))
         return model(resid, start_at_layer=model.cfg.n_layers)  # TransformerLens' own: soft cap included
     logits = model.unembed(model.ln_final(resid))
     # Hugging Face heads that scale the logits after the unembedding (Granite's logits_scaling), which
