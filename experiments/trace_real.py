@@ -46,10 +46,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from smollm2_preset import write  # noqa: E402  (the experiments' atomic JSON writer)
+from trace_relations import table  # noqa: E402  (the bucket table of experiment 1)
+
 import relation_lens as rl  # noqa: E402
 from relation_lens.data.loaders import fewrel_prompts, load_counterfact, load_fewrel, load_known  # noqa: E402
 from relation_lens.distributed import ranks  # noqa: E402
-from relation_lens.results import json_safe  # noqa: E402
 from relation_lens.tracing.dataset import BUCKETS, average  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -102,26 +104,12 @@ def choose(facts: dict, per_source: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def write(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=1))
-    os.replace(tmp, path)
-
-
-def peaks(res, kind: str) -> str:
+def peaks(mean: dict, ci: dict, kind: str) -> str:
     """The largest mean effect of a kind's curve: its layer, bucket, value and interval."""
-    grid, ci = res.mean[kind], res.ci95[kind]
+    grid = mean[kind]
     flat = torch.nan_to_num(grid, nan=-1e9)
     layer, b = divmod(int(flat.argmax()), grid.shape[1])
-    return f"{kind}: L{layer} at {BUCKETS[b]} {grid[layer, b]:+.3f} ± {ci[layer, b]:.3f}"
-
-
-def bucket_table(mean: dict, ci: dict, kind: str) -> list[str]:
-    lines = ["| layer | " + " | ".join(BUCKETS) + " |", "|---" * (len(BUCKETS) + 1) + "|"]
-    for layer in range(mean[kind].shape[0]):
-        lines.append(f"| {layer} | " + " | ".join(f"{mean[kind][layer, b]:+.3f} ± {ci[kind][layer, b]:.3f}"
-                                                  for b in range(len(BUCKETS))) + " |")
-    return lines
+    return f"{kind}: L{layer} at {BUCKETS[b]} {grid[layer, b]:+.3f} ± {ci[kind][layer, b]:.3f}"
 
 
 def main(argv=None) -> None:
@@ -192,20 +180,19 @@ def main(argv=None) -> None:
     for run, res in results.items():
         lines += [f"## {run.replace('_', ', ')} corrupted: {res.n_used} facts averaged; mean P clean "
                   f"{res.clean_prob:.3f}, corrupted {res.corrupted_prob:.3f}", "", f"![{run}](trace_{run}.png)", "",
-                  "Peaks (all facts): " + "; ".join(peaks(res, k) for k in res.mean) + ".", ""]
+                  "Peaks (all facts): " + "; ".join(peaks(res.mean, res.ci95, k) for k in res.mean) + ".", ""]
         for s in SOURCES:
             skipped = {i for i, _ in res.skipped}
             traced = [chosen[i] for i in range(len(chosen)) if i not in skipped]  # res.results' facts
             part = [r for r, f in zip(res.results, traced) if f["source"] == s]
             if part:
                 used, mean, ci, count, clean, corrupted = average(part, list(res.mean), model.cfg.n_layers, True)
-                sub = type("Part", (), {"mean": mean, "ci95": ci})
                 lines.append(f"- {s} ({sum(used)} averaged, P clean {clean:.3f}, corrupted {corrupted:.3f}): "
-                             + "; ".join(peaks(sub, k) for k in mean))
+                             + "; ".join(peaks(mean, ci, k) for k in mean))
         lines.append("")
         for kind in res.mean:
             lines += [f"### {run}: mean indirect effect restoring {kind} (all facts)", "",
-                      *bucket_table(res.mean, res.ci95, kind), ""]
+                      table(res, kind), ""]
     if knock is not None:
         lines += [f"## Attention knockout ({sum(knock.used)} facts, window {window}): relative change of P(answer) "
                   "when the last token's attention to a source is blocked", "",
