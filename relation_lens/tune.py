@@ -17,7 +17,9 @@ What a trial scores (``objective``):
 * single edits (``sequence=None``): the Score, the harmonic mean of ES, PS, NS and RS (percent; of ES, PS and NS on
   records without relation prompts, such as CounterFact's)
   of :func:`~relation_lens.evaluate` (ROME, relation-ROME) or :func:`~relation_lens.evaluate_batch`
-  (MEMIT, relation-MEMIT, ``batch_size`` requests a batch), each record edited and undone;
+  (MEMIT, relation-MEMIT, ``batch_size`` requests a batch), each record edited and undone; a batch
+  method's trials share a :class:`~relation_lens.ValueCache`, so a trial that changes only lambda,
+  AlphaEdit's settings or the layers below the last reuses every ``z`` (``values_reused`` in its row);
 * sequences (``sequence=N``): :func:`~relation_lens.evaluate_sequence` writes the first ``N`` records'
   edits one after another; the trial scores the harmonic mean of the Score over the edited records and
   the untouched-fact accuracy (percent) after the ``N`` edits. The accuracy alone would be best with no
@@ -53,6 +55,7 @@ from relation_lens.distributed import Checkpoint, fingerprint, gather, ranks
 from relation_lens.editing import (
     EditConfig,
     Preserve,
+    ValueCache,
     batch_defaults,
     default_config_of,
     default_layer,
@@ -395,6 +398,10 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
         for row in ckpt.done().values():
             cache.setdefault(row["key"], row)
 
+    # a batch method's z depends on the request, the last edited layer and the value settings, not on
+    # lambda, AlphaEdit's settings or the lower layers: trials that change only those reuse the z's
+    values = ValueCache() if batch and sequence is None else None
+
     def trial(params: dict[str, Any], index: int) -> dict[str, Any]:
         cfg = dataclasses.replace(base, **{k: params[k] for k in EDIT_FIELDS})
         preserve = Preserve(config=AlphaEditConfig(float(params["threshold"]), float(params["l2"]))) \
@@ -408,8 +415,10 @@ def tune(model: Model, records, *, method: str = "relation_rome", alphaedit: boo
         row: dict[str, Any] = {"index": index, "trial": index, "key": _key(params), "params": params}
         if sequence is None:
             if batch:
+                hits = values.hits if values is not None else 0
                 res = evaluate_batch(model, records, method=method, batch_size=batch_size, stats=stats, config=cfg,
-                                     preserve=preserve, **opts)
+                                     preserve=preserve, values=values, **opts)
+                row["values_reused"] = (values.hits if values is not None else 0) - hits
             else:
                 res = evaluate(model, records, method=method, stats=stats[opts["layer"]], config=cfg,
                                preserve=preserve, fluency=False, **opts)

@@ -235,10 +235,13 @@ def test_trials_on_the_default_model_equal_evaluate_by_hand(small, tmp_path):
 def test_batch_trials_equal_evaluate_batch_by_hand(small):
     model, recs, stats = small
     cfg = memit_config(v_steps=6, prefix_lengths=((4, 2),))
-    res = rl.tune(model, recs, method="relation_memit", alphaedit=True, config=cfg, stats=stats, budget=2,
+    res = rl.tune(model, recs, method="relation_memit", alphaedit=True, config=cfg, stats=stats, budget=3,
                   batch_size=2, space={"layers": [[3, 4], [0]], "mom2_update_weight": [30.0, 3.0],
                                        "clamp_norm_factor": (), "threshold": (), "l2": ()})
-    assert len(res.trials) == 2 and res.trials[1]["params"]["layers"] == [0]
+    assert len(res.trials) == 3 and res.trials[1]["params"]["layers"] == [0]
+    # the third trial changes only lambda: its z's are the first trial's (same last layer, same settings),
+    # reused, and it still equals a by-hand evaluation that optimises them afresh (below)
+    assert [t["values_reused"] for t in res.trials] == [0, 0, len(recs)], res.trials
     for t in res.trials:
         p = t["params"]
         by_hand = rl.evaluate_batch(model, recs, method="relation_memit", batch_size=2, layers=p["layers"],
