@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fluency", action="store_true", help="skip the generation fluency metric")
     p.add_argument("--key-mode", default=None, choices=["symmetric", "asymmetric"],
                    help="default: the library's (EditConfig.default_for(model, method))")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="folder to write each record's row to as it is measured, and resume from")
     p.add_argument("--out", type=Path, default=Path("out"))
 
     p = sub.add_parser("tune", help="choose an editing method's layers and hyperparameters on a tuning split",
@@ -396,7 +398,7 @@ def _cmd_evaluate(args) -> None:
     result = evaluate(model, records, method=args.method, layer=args.layer, fluency=not args.no_fluency,
                       config=EditConfig.default_for(model, args.method,
                                                     **({"key_mode": args.key_mode} if args.key_mode else {})),
-                      progress=not args.quiet)
+                      progress=not args.quiet, checkpoint=args.checkpoint)
     if not r.is_main:
         return
     result.to_json(args.out / "evaluation.json")

@@ -21,15 +21,17 @@ own numbers are kept in ``records``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from relation_lens.distributed import gather, ranks
+from relation_lens.distributed import Checkpoint, Ranks, fingerprint, gather, ranks
 from relation_lens.editing import (
     EditConfig,
     Preserve,
@@ -47,10 +49,11 @@ from relation_lens.editing import (
 )
 from relation_lens.errors import DataError, EditError, SpanError
 from relation_lens.intervals import mean_ci95_list
-from relation_lens.key_statistics import KeyStatistics
+from relation_lens.key_statistics import KeyStatistics, model_fingerprint
 from relation_lens.model_interface import Model, mlp_out
 from relation_lens.probes import fact_pair, greedy_generate, known_mask, target_probs
 from relation_lens.results import EvaluationResult, ScoreDifference, SequenceResult
+from relation_lens.results.evaluation import nan_for_null
 
 METRICS = ("ES", "EM", "PS", "PM", "NS", "NM", "RS", "RM", "fluency")
 
@@ -215,9 +218,40 @@ def score_difference(a: EvaluationResult, b: EvaluationResult, *, metric: str = 
                            high=high, n_records=n, block=block, n_resamples=n_resamples, seed=seed)
 
 
+def _stats_digest(stats) -> Any:
+    """What identifies the key statistics an evaluation uses (one, a dict by layer, or none)."""
+    if stats is None:
+        return None
+    if isinstance(stats, dict):
+        return {str(k): _stats_digest(v) for k, v in sorted(stats.items())}
+    return getattr(stats, "fingerprint", type(stats).__name__)
+
+
+def _preserve_digest(preserve: Preserve | None) -> Any:
+    if preserve is None:
+        return None
+    return {"threshold": preserve.threshold, "l2": preserve.l2,
+            "edited": {str(k): float(v.double().sum()) for k, v in sorted(preserve.edited.items())}}
+
+
+def _resume(checkpoint: str | Path | None, description: dict[str, Any], model: Model, records: list[dict],
+            r: Ranks) -> tuple[Checkpoint | None, dict[int, Any]]:
+    """The checkpoint of an evaluation (``None`` without a folder) and what an earlier run with the same
+    arguments finished there, by index (rows with their NaNs back)."""
+    if checkpoint is None:
+        return None, {}
+    ckpt = Checkpoint(checkpoint, {**description, "model": model_fingerprint(model),
+                                   "records": fingerprint(records)}, r)
+    done = {}
+    for i, row in ckpt.done().items():
+        rows = nan_for_null(row["rows"])
+        done[i] = list(rows)
+    return ckpt, done
+
+
 def evaluate(model: Model, records, *, method: str = "relation_rome", layer: int | None = None,
              config: EditConfig | None = None, stats=None, fluency: bool = True,
-             progress: bool = False, preserve=None) -> EvaluationResult:
+             progress: bool = False, preserve=None, checkpoint: str | Path | None = None) -> EvaluationResult:
     """Edit ``model`` for each record, measure, undo; summarise.
 
     Args:
@@ -235,6 +269,11 @@ def evaluate(model: Model, records, *, method: str = "relation_rome", layer: int
 
     Under torch.distributed each rank edits and measures records ``i`` with ``i % world_size == rank``
     and every rank returns the whole result, its records in the input's order.
+
+    ``checkpoint``: a folder where each record's row is written as it is measured; a killed run started
+    again with the same arguments (model, records, method, layer, settings, statistics) skips the
+    records done there and returns the same result. Other arguments are refused
+    (:class:`~relation_lens.errors.ConfigError`).
     """
     records = [dict(r) for r in records]
     if method != "none" and method not in single_methods():
@@ -254,8 +293,15 @@ def evaluate(model: Model, records, *, method: str = "relation_rome", layer: int
                                           prepend_bos=config.prepend_bos)
         options["layer"] = layer
     r = ranks()
+    ckpt, done = _resume(checkpoint, {"workload": "evaluate", "method": method, "layer": layer,
+                                      "config": dataclasses.asdict(config), "fluency": fluency,
+                                      "stats": _stats_digest(stats), "preserve": _preserve_digest(preserve)},
+                         model, records, r)
     mine: dict[int, dict[str, Any]] = {}
     for i in tqdm(r.share(len(records)), desc=f"evaluating {method}", disable=not (progress and r.is_main)):
+        if i in done:
+            mine[i] = done[i][0]
+            continue
         rec = records[i]
         row = _row(rec)
         if method == "none":
@@ -266,11 +312,12 @@ def evaluate(model: Model, records, *, method: str = "relation_rome", layer: int
                                       preserve=preserve, **options)
             except (EditError, SpanError) as exc:
                 row["error"] = str(exc)
-                mine[i] = row
-                continue
-            with apply_edit(model, update):
-                row.update(record_metrics(model, rec, fluency))
+            else:
+                with apply_edit(model, update):
+                    row.update(record_metrics(model, rec, fluency))
         mine[i] = row
+        if ckpt is not None:
+            ckpt.append({"index": i, "rows": [row]})
     rows = {i: row for part in gather(mine, r) for i, row in part.items()}
     out = [rows[i] for i in range(len(records))]
     failed = sum("error" in row for row in out)
@@ -283,7 +330,7 @@ def evaluate(model: Model, records, *, method: str = "relation_rome", layer: int
 def evaluate_batch(model: Model, records, *, method: str = "relation_memit", batch_size: int = 10,
                    layers: Sequence[int] | None = None, config: EditConfig | None = None, stats: dict | None = None,
                    mom2_update_weight: float | None = None, preserve=None, fluency: bool = False,
-                   progress: bool = False, values=None) -> EvaluationResult:
+                   progress: bool = False, values=None, checkpoint: str | Path | None = None) -> EvaluationResult:
     """Batch editing: the records are edited ``batch_size`` at a time with MEMIT or relation-MEMIT
     (one :class:`~relation_lens.editing.updates.BatchUpdate` per batch), every record of a batch is
     measured with the whole batch written, and the batch is undone before the next one. A batch
@@ -293,7 +340,8 @@ def evaluate_batch(model: Model, records, *, method: str = "relation_memit", bat
     sizes while optimising each record's ``z`` once.
 
     Under torch.distributed each rank edits and measures batches ``g`` with ``g % world_size == rank``
-    (a batch is the same requests on any rank) and every rank returns the whole result."""
+    (a batch is the same requests on any rank) and every rank returns the whole result. ``checkpoint``:
+    as :func:`evaluate`'s, a batch's rows written as the batch is measured."""
     if method not in batch_methods():
         raise EditError(f"method {method!r} is not one of {batch_methods()}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -303,9 +351,17 @@ def evaluate_batch(model: Model, records, *, method: str = "relation_memit", bat
                                                         preserve is not None)
     stats = statistics_for(model, layers, stats, config)
     r = ranks()
+    ckpt, finished = _resume(checkpoint, {"workload": "evaluate_batch", "method": method, "layers": list(layers),
+                                          "batch_size": batch_size, "mom2_update_weight": mom2_update_weight,
+                                          "config": dataclasses.asdict(config), "fluency": fluency,
+                                          "stats": _stats_digest(stats), "preserve": _preserve_digest(preserve)},
+                             model, records, r)
     starts = list(range(0, len(records), batch_size))
     mine: dict[int, list[dict[str, Any]]] = {}
     for g in tqdm(r.share(len(starts)), desc=f"evaluating {method}", disable=not (progress and r.is_main)):
+        if g in finished:
+            mine[g] = finished[g]
+            continue
         start = starts[g]
         batch = records[start:start + batch_size]
         rows = [_row(rec) for rec in batch]
@@ -314,14 +370,16 @@ def evaluate_batch(model: Model, records, *, method: str = "relation_memit", bat
                                   stats=stats, config=config, mom2_update_weight=mom2_update_weight,
                                   preserve=preserve, values=values)
         except (EditError, SpanError) as exc:
-            mine[g] = [{**row, "error": str(exc)} for row in rows]
-            continue
-        with apply_edit(model, update):
-            for row, rec, m in zip(rows, batch, records_metrics(model, batch)):
-                row.update(m)
-                if fluency:
-                    row["fluency"] = _fluency(model, rec)
+            rows = [{**row, "error": str(exc)} for row in rows]
+        else:
+            with apply_edit(model, update):
+                for row, rec, m in zip(rows, batch, records_metrics(model, batch)):
+                    row.update(m)
+                    if fluency:
+                        row["fluency"] = _fluency(model, rec)
         mine[g] = rows
+        if ckpt is not None:
+            ckpt.append({"index": g, "rows": rows})
     done = {g: rows for part in gather(mine, r) for g, rows in part.items()}
     out = [row for g in range(len(starts)) for row in done[g]]
     failed = sum("error" in row for row in out)

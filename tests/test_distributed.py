@@ -2,6 +2,7 @@
 and a checkpointed dataset trace killed part-way and started again loses nothing and duplicates
 nothing."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -114,6 +115,57 @@ def test_killed_dataset_trace_resumes_without_loss_or_duplicates(tiny_model, tmp
     assert again == whole and len(shard.read_text().splitlines()) == len(rows)
     with pytest.raises(rl.ConfigError, match=r"other arguments \(differing: \['config'\]\)"):
         rl.trace_dataset(tiny_model, facts, checkpoint=tmp_path, **{**settings, "n_samples": 3})
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_killed_evaluation_resumes_with_nothing_lost(default_model, tmp_path, monkeypatch, batch):
+    """evaluate (record by record) and evaluate_batch (batch by batch) with ``checkpoint=``: killed at the
+    third edit, started again, they edit only what was not written and equal an uninterrupted run; a
+    finished run recomputes nothing; other settings are refused."""
+    import relation_lens.evaluation as ev
+    from relation_lens.data.counterfact import load_counterfactual
+    from relation_lens.editing.memit import memit_config
+    from relation_lens.key_statistics import default_corpus
+
+    model = default_model
+    recs = list(load_counterfactual())[400:404]
+    if batch:
+        cfg = memit_config(v_steps=4, prefix_lengths=((4, 2),))
+        stats = {l: rl.KeyStatistics.compute(model, l, default_corpus()[:150], n_texts=None, cache=False,
+                                             progress=False) for l in (3, 4)}
+
+        def run(**kw):
+            return rl.evaluate_batch(model, recs, method="relation_memit", batch_size=1, layers=(3, 4), stats=stats,
+                                     config=kw.pop("config", cfg), **kw)
+    else:
+        cfg = rl.EditConfig.default_model_preset(v_steps=4, prefix_lengths=((4, 2),))
+        stats = rl.KeyStatistics.compute(model, 4, default_corpus()[:150], n_texts=None, cache=False, progress=False)
+
+        def run(**kw):
+            return rl.evaluate(model, recs, method="relation_rome", layer=4, stats=stats, fluency=False,
+                               config=kw.pop("config", cfg), **kw)
+
+    whole = run()
+    real, calls = ev.compute_edit, []
+
+    def edit(*a, **k):
+        if calls.count("killed") == 0 and len(calls) == 2:
+            calls.append("killed")
+            raise KeyboardInterrupt("killed")
+        calls.append("edit")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "compute_edit", edit)
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint=tmp_path)
+    assert len((tmp_path / "items.rank0.jsonl").read_text().splitlines()) == 2
+    resumed = run(checkpoint=tmp_path)
+    assert calls == ["edit", "edit", "killed", "edit", "edit"]  # only the two not written were edited
+    assert resumed == whole
+    again = run(checkpoint=tmp_path)
+    assert again == whole and len(calls) == 5
+    with pytest.raises(rl.ConfigError, match=r"differing: \['config'\]"):
+        run(checkpoint=tmp_path, config=dataclasses.replace(cfg, v_steps=5))
 
 
 def test_tuning_on_two_processes_equals_one(tmp_path):
