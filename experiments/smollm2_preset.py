@@ -13,7 +13,7 @@ killed run continues where it stopped; ``tune`` also checkpoints every trial):
 3. ``tune_<method>.json``: ``rl.tune`` from the depth-scaled defaults (the start), its layer candidates
    from locate, on the tuning split.
 4. ``evaluate_<method>.json``: the depth-scaled defaults and tune's settings on the same evaluation
-   records, ROME's Score (ES, PS, NS; CounterFact has no relation prompts) and its paired bootstrap
+   records (each record checkpointed as it is measured), ROME's Score (ES, PS, NS; CounterFact has no relation prompts) and its paired bootstrap
    difference; ``preset.md`` the summary, with the machine, date and run time.
 
 The library ships tune's settings (``relation_lens.presets.SMOLLM2``; tests/test_presets.py checks they
@@ -112,12 +112,13 @@ def tune_step(model, method: str, tuning: list[dict], evaluation: list[dict], lo
             "trials": list(res.trials), "layers_tried": layers}
 
 
-def evaluate_step(model, method: str, records: list[dict], tuned: dict, start: dict) -> dict:
+def evaluate_step(model, method: str, records: list[dict], tuned: dict, start: dict, out_dir: Path) -> dict:
     out: dict = {}
     results = {}
     for name, params in (("depth_scaled", start), ("tuned", tuned)):
         config = EditConfig.default_for(model, method, **{k: params[k] for k in presets.EDIT_FIELDS if k in params})
-        res = rl.evaluate(model, records, method=method, layer=int(params["layer"]), config=config, fluency=False)
+        res = rl.evaluate(model, records, method=method, layer=int(params["layer"]), config=config, fluency=False,
+                          checkpoint=out_dir / f"evaluate_{method}_{name}_checkpoint")
         results[name] = res
         out[name] = {"params": params, "summary": res.summary, "records": list(res.records)}
     d = rl.score_difference(results["tuned"], results["depth_scaled"], metric="Score")
@@ -207,7 +208,7 @@ def main() -> None:
         loc = step(out / f"locate_{method}.json", lambda: locate_step(model, facts, method, args.n_samples, out))
         tu = step(out / f"tune_{method}.json",
                   lambda: tune_step(model, method, tuning, evaluation, loc, args.budget, out))
-        step(out / f"evaluate_{method}.json", lambda: evaluate_step(model, method, evaluation, tu["params"], tu["start"]))
+        step(out / f"evaluate_{method}.json", lambda: evaluate_step(model, method, evaluation, tu["params"], tu["start"], out))
         print(report(out), flush=True)
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min")
 
