@@ -4,7 +4,14 @@ from pathlib import Path
 import pytest
 
 from relation_lens import DataError
-from relation_lens.data.loaders import RELATION_TEMPLATES, fewrel_prompts, load_counterfact, load_fewrel, load_known
+from relation_lens.data.loaders import (
+    RELATION_TEMPLATES,
+    fewrel_prompts,
+    load_counterfact,
+    load_fewrel,
+    load_known,
+    load_lre_world,
+)
 
 pytestmark = pytest.mark.transformer_lens_4  # line-agnostic: CI runs it under TransformerLens 4 too
 
@@ -36,6 +43,31 @@ def test_fewrel_triples_are_cased_and_prompted():
 def test_known_1000():
     ds = load_known(SLICE / "rome" / "known_1000.json")
     assert len(ds) == 20 and ds[0]["subject"] == "Vinson Massif" and ds[0]["target"] == "Antarctica"
+
+
+def test_lre_relations_load_as_a_world(tmp_path):
+    folder = SLICE / "lre_relations" / "data" / "factual"
+    world = load_lre_world(folder)
+    files = {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))}
+    assert sorted(world.relations) == sorted(files)
+    assert len(world) == sum(len(d["samples"]) for d in files.values())
+    for rid, d in files.items():
+        rel = world.relations[rid]
+        assert list(rel.train_templates) == d["prompt_templates"]
+        # held out: the zero-shot templates that are not also training templates
+        assert list(rel.heldout_templates) == [t for t in d["prompt_templates_zs"] if t not in d["prompt_templates"]]
+        assert [(f.subject, f.object) for f in world.by_relation(rid)] == [(s["subject"], s["object"])
+                                                                          for s in d["samples"]]
+    only = load_lre_world(folder, relations=["landmark_on_continent"])
+    assert list(only.relations) == ["landmark_on_continent"]
+    with pytest.raises(DataError, match="no relation file for \\['nope'\\]"):
+        load_lre_world(folder, relations=["nope"])
+    (tmp_path / "r.json").write_text(json.dumps({"name": "r", "prompt_templates": ["no slot"], "samples": []}))
+    with pytest.raises(DataError, match="r.json.*prompt_templates holds 'no slot'"):
+        load_lre_world(tmp_path)
+    (tmp_path / "r.json").write_text(json.dumps({"name": "r", "prompt_templates": ["{} is"], "samples": [{"subject": 1}]}))
+    with pytest.raises(DataError, match="sample 0"):
+        load_lre_world(tmp_path)
 
 
 def test_counterfact_mend_layout_is_normalised():

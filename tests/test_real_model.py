@@ -173,3 +173,28 @@ def test_edits_with_every_default_take_and_undo(smol, method):
         good += top[0][0] == first and near[0][0] == before
         assert same_weights(smol, saved)
     assert good >= 1, good
+
+
+def test_counterfactual_records_from_lre_facts_the_model_knows(smol):
+    """build_counterfactual over the LRE relations (the test slice: two relations, 20 landmarks each):
+    every record is a fact SmolLM2 gets right at top-1, rewritten to another object of the relation, with
+    the relation's held-out templates as paraphrases and known neighbours of the same relation and object."""
+    from relation_lens.data.counterfact import build_counterfactual
+    from relation_lens.data.loaders import load_lre_world
+    from relation_lens.probes import known_mask
+
+    world = load_lre_world(Path(__file__).resolve().parent / "data" / "shared_slice" / "lre_relations" / "data" / "factual")
+    records = build_counterfactual(smol, world, n=100)
+    facts = {(f.subject, f.relation_id): f for f in world}
+    knows = known_mask(smol, [f.prompt(0) for f in world], [f.object for f in world])
+    n_known = sum(bool(k) for k in knows)
+    assert 0 < len(records) <= n_known < len(world)  # it knows some of them, and only those become records
+    for r in records:
+        f = facts[(r["subject"], r["relation_id"])]
+        assert r["target_true"] == f.object and r["prompt"] == f.train_templates[0]
+        assert r["target_new"] != f.object
+        assert r["target_new"] in {g.object for g in world.by_relation(f.relation_id)}
+        assert r["paraphrase_prompts"] == [t.format(f.subject) for t in f.heldout_templates]
+        assert all(facts[(p.split(" is ")[0], f.relation_id)].object == f.object for p in r["neighborhood_prompts"])
+    rows = [r["prompt"].format(r["subject"]) for r in records]
+    assert all(known_mask(smol, rows, [r["target_true"] for r in records]))

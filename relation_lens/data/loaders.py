@@ -3,6 +3,9 @@
 * FewRel 1.0 (``val_wiki.json`` layout + ``pid2name.json``): (subject, relation, object) triples with
   cased surface forms taken from the sentence tokens, and cloze prompts built from relation templates.
 * ROME's ``known_1000.json``.
+* The LRE relations (Hernandez et al. 2024; one JSON file per relation: ``name``, ``prompt_templates``,
+  ``prompt_templates_zs``, ``samples``) as a :class:`~relation_lens.data.World` of facts, from which
+  :func:`~relation_lens.data.counterfact.build_counterfactual` builds records for any model.
 * CounterFact, in ROME's layout (``requested_rewrite`` / ``paraphrase_prompts`` /
   ``neighborhood_prompts``) and in the MEND/EasyEdit layout (``prompt`` / ``rephrase_prompt`` /
   ``locality_prompt``), both normalised to one flat schema (:data:`COUNTERFACT_FEATURES`).
@@ -141,6 +144,47 @@ def load_known(path: str | Path):
                      "target": rec["attribute"], "template": rec["template"], "prompt": rec["prompt"],
                      "relation_id": rec["relation_id"]})
     return datasets.Dataset.from_list(rows)
+
+
+def load_lre_world(folder: str | Path, relations: list[str] | None = None):
+    """The relations of Hernandez et al.'s LRE data in ``folder`` (one ``<relation>.json`` each, e.g. its
+    ``data/factual``) as a :class:`~relation_lens.data.World`: a relation's ``prompt_templates`` are its
+    training templates (the first makes a record's prompt), its ``prompt_templates_zs`` the held-out
+    ones (a record's paraphrases; those among the training templates left out), each sample a fact; relation ids are the file names. ``relations``:
+    only these (file names without ``.json``)."""
+    from relation_lens.data import Fact, Relation, World
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{str(root)!r} is not a folder of LRE relation files")
+    files = sorted(root.glob("*.json"))
+    if relations is not None:
+        missing = sorted(set(relations) - {f.stem for f in files})
+        if missing:
+            raise DataError(f"{str(root)!r} has no relation file for {missing}")
+        files = [f for f in files if f.stem in set(relations)]
+    if not files:
+        raise DataError(f"{str(root)!r} holds no .json relation file")
+    rels, facts = {}, []
+    for f in files:
+        data = _read_json(f)
+        where = f"{str(f)!r}"
+        _require(data, {"name": str, "prompt_templates": list, "samples": list}, where)
+        templates = {k: list(data.get(k) or []) for k in ("prompt_templates", "prompt_templates_zs")}
+        for k, ts in templates.items():
+            bad = [t for t in ts if not isinstance(t, str) or t.count("{}") != 1]
+            if bad:
+                raise DataError(f"{where}: {k} holds {bad[0]!r}, not a template with one '{{}}' for the subject")
+        if not templates["prompt_templates"]:
+            raise DataError(f"{where}: prompt_templates is empty")
+        heldout = [t for t in templates["prompt_templates_zs"] if t not in templates["prompt_templates"]]
+        rel = Relation(f.stem, data["name"], tuple(templates["prompt_templates"]), tuple(heldout),
+                       "LRE (Hernandez et al. 2024)")
+        rels[f.stem] = rel
+        for i, sample in enumerate(data["samples"]):
+            _require(sample, {"subject": str, "object": str}, f"{where} sample {i}")
+            facts.append(Fact(len(facts), sample["subject"], rel, sample["object"], f"lre:{f.stem}"))
+    return World(tuple(facts), rels)
 
 
 def _normalise_rome(rec: dict, i: int, where: str) -> dict:
