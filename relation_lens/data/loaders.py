@@ -165,7 +165,8 @@ def load_lre_world(folder: str | Path, relations: list[str] | None = None):
         files = [f for f in files if f.stem in set(relations)]
     if not files:
         raise DataError(f"{str(root)!r} holds no .json relation file")
-    rels, facts = {}, []
+    rels: dict = {}
+    facts: list = []
     for f in files:
         data = _read_json(f)
         where = f"{str(f)!r}"
