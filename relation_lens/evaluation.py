@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from relation_lens.distributed import Checkpoint, Ranks, fingerprint, gather, ra
 from relation_lens.editing import (
     EditConfig,
     Preserve,
+    ValueCache,
     apply_edit,
     batch_defaults,
     batch_methods,
@@ -422,37 +424,51 @@ def _rates(model: Model, done: list[dict]) -> dict[str, float]:
 def evaluate_sequence(model: Model, records, *, method: str = "relation_rome", layer: int | None = None,
                       layers: Sequence[int] | None = None, config: EditConfig | None = None, stats=None,
                       mom2_update_weight: float | None = None, preserve: Preserve | None = None,
-                      untouched=None, checkpoints: Sequence[int] | None = None,
-                      progress: bool = False) -> SequenceResult:
+                      untouched=None, checkpoints: Sequence[int] | None = None, batch_size: int = 1,
+                      checkpoint: str | Path | None = None, progress: bool = False) -> SequenceResult:
     """Sequential editing: the records' edits written one after another without undoing in between
-    (one request per step, for the batch methods too), measured at ``checkpoints`` (numbers of edits;
-    default: the end) over the records edited so far, then every edit undone in reverse order.
+    (one request per step; the batch methods ``batch_size`` requests a step, as AlphaEdit's protocol
+    edits 100 at a time), measured at ``checkpoints`` (numbers of edits; default: the end) over the
+    records edited so far, then every edit undone in reverse order.
 
     As ROME's and MEMIT's code (their ``CONTEXT_TEMPLATES_CACHE``), the self-generated context prefixes
     are generated once, on the unedited model. With ``preserve`` (AlphaEdit), each applied edit's keys
     are remembered (in a copy: the ``Preserve`` given is left as it was), so later edits are solved in
-    the null space of earlier ones too. A request whose
+    the null space of earlier ones too. A step whose
     edit cannot be computed (e.g. the model already gives its new object after earlier edits) is
-    skipped and counted (``edits`` vs ``applied``).
+    skipped and its requests counted (``edits`` vs ``applied``).
 
     Args:
         untouched: facts of subjects the sequence never edits, as ``(prompt, answer)`` pairs or dicts
             (:func:`untouched_pairs`); those the unedited model gets right (top-1) are measured.
+        batch_size: requests per step (batch methods only); each of ``checkpoints`` must end a step.
+        checkpoint: a folder where the state after each step (the edited layers' weights, AlphaEdit's
+            remembered keys, the rows so far) is written; a killed run started again with the same
+            arguments on the same unedited model continues after the last step written and returns the
+            same rows. Other arguments are refused (:class:`~relation_lens.errors.ConfigError`).
 
-    Not data-parallel (each edit depends on the ones before); :func:`relation_lens.tune` spreads
-    whole sequences over ranks instead. The model is as it was afterwards, also when an error is raised.
+    A sequence cannot be split (each edit depends on the ones before): under torch.distributed every
+    rank writes the same sequence, and a batch method's ``z``'s of each step are optimised over the
+    ranks and gathered (:class:`~relation_lens.editing.memit.ValueCache` with ``spread=True``); only
+    rank 0 writes the checkpoint. :func:`relation_lens.tune` spreads whole sequences over ranks instead.
+    The model is as it was afterwards, also when an error is raised.
     """
     records = [dict(r) for r in records]
     if not records:
         raise DataError("evaluate_sequence got no records")
     m = get_method(method)
     batch = method in batch_methods()
+    if not isinstance(batch_size, int) or batch_size < 1 or (batch_size > 1 and not batch):
+        raise EditError(f"batch_size must be a positive int, and 1 for {method} (a single-request method): "
+                        f"got {batch_size!r}")
     alpha = preserve is not None
     config = config or default_config_of(m, model, alpha)
+    values = None
     if batch:
         layers, config, mom2_update_weight = batch_defaults(model, method, layers, config, mom2_update_weight, alpha)
         stats = statistics_for(model, layers, stats, config)
-        options: dict[str, Any] = {"layers": layers, "mom2_update_weight": mom2_update_weight}
+        values = ValueCache(spread=True)
+        options: dict[str, Any] = {"layers": layers, "mom2_update_weight": mom2_update_weight, "values": values}
     else:
         if layers is not None:
             raise EditError(f"{method} edits one layer: give layer=, not layers=")
@@ -467,6 +483,9 @@ def evaluate_sequence(model: Model, records, *, method: str = "relation_rome", l
     marks = sorted(set(checkpoints or (len(records),)))
     if marks[0] < 1 or marks[-1] > len(records):
         raise DataError(f"checkpoints {marks} must lie in 1..{len(records)} (the number of records)")
+    ends = [min(s + batch_size, len(records)) for s in range(0, len(records), batch_size)]
+    if set(marks) - set(ends):
+        raise DataError(f"checkpoints {sorted(set(marks) - set(ends))} do not end a step of {batch_size} edits")
     pairs = untouched_pairs(untouched)
     known = [pq for pq, k in zip(pairs, known_mask(model, [p for p, _ in pairs], [a for _, a in pairs]))
              if k] if pairs else []
@@ -474,34 +493,88 @@ def evaluate_sequence(model: Model, records, *, method: str = "relation_rome", l
         own = Preserve(config=preserve.config)
         own.projectors, own.edited = dict(preserve.projectors), dict(preserve.edited)
         preserve = own
+    r = ranks()
+    state = _SequenceState(checkpoint, {
+        "workload": "evaluate_sequence", "method": method, "layers": list(layers), "batch_size": batch_size,
+        "config": dataclasses.asdict(config), "mom2_update_weight": mom2_update_weight, "marks": marks,
+        "stats": _stats_digest(stats), "preserve": _preserve_digest(preserve),
+        "untouched": fingerprint([list(p) for p in known])}, model, records, r) if checkpoint is not None else None
     prefixes = generate_prefixes(model, config)
     W0 = {l: mlp_out(model, l).detach().clone() for l in layers}
-    rows = [{"edits": 0, "applied": 0, **_rates(model, records), "untouched": _accuracy(model, known),
-             "w_change": 0.0}]
     edits, done = [], []
+    start, rows = 0, None
     try:
-        for i, rec in enumerate(tqdm(records, desc=f"sequence of {method}", disable=not progress), 1):
-            req = request_of(rec)
+        if state is not None:
+            start, rows, done = state.load(model, layers, preserve, records)
+        if rows is None:
+            rows = [{"edits": 0, "applied": 0, **_rates(model, records), "untouched": _accuracy(model, known),
+                     "w_change": 0.0}]
+        steps = [(s, e) for s, e in zip(range(0, len(records), batch_size), ends) if e > start]
+        for s, e in tqdm(steps, desc=f"sequence of {method}", disable=not (progress and r.is_main)):
+            chunk = records[s:e]
+            reqs = [request_of(rec) for rec in chunk]
             try:
-                upd = compute_edit(model, [req] if batch else req, method=method, stats=stats, config=config,
+                upd = compute_edit(model, reqs if batch else reqs[0], method=method, stats=stats, config=config,
                                    preserve=preserve, prefixes=prefixes, **options)
             except (EditError, SpanError):
                 upd = None
             if upd is not None:
                 edits.append(apply_edit(model, upd))
-                done.append(rec)
+                done += [s + j for j in range(len(chunk))]
                 if preserve is not None:
                     preserve.remember(upd)
-            if i in marks:
+            if e in marks:
                 change = (sum((mlp_out(model, l).detach() - W0[l]).norm() ** 2 for l in layers) ** 0.5
                           / sum(W0[l].norm() ** 2 for l in layers) ** 0.5).item()
-                rows.append({"edits": i, "applied": len(edits), **_rates(model, done),
+                rows.append({"edits": e, "applied": len(done), **_rates(model, [records[i] for i in done]),
                              "untouched": _accuracy(model, known), "w_change": change})
+            if state is not None:
+                state.save(model, layers, preserve, e, rows, done)
     finally:
-        for e in reversed(edits):
-            e.undo()
+        for ed in reversed(edits):
+            ed.undo()
+        if start > 0:  # the steps written before a restart: back to the unedited weights they started from
+            with torch.no_grad():
+                for l in layers:
+                    mlp_out(model, l).copy_(W0[l])
     restored = all(torch.equal(mlp_out(model, l).detach(), W0[l]) for l in layers)
     return SequenceResult(method=method, layers=tuple(layers), rows=tuple(rows), restored=restored,
                           n_untouched=len(known),
                           settings={"n_records": len(records), "mom2_update_weight": mom2_update_weight,
-                                    "alphaedit": preserve is not None, "checkpoints": marks})
+                                    "alphaedit": preserve is not None, "checkpoints": marks,
+                                    "batch_size": batch_size})
+
+
+class _SequenceState:
+    """The checkpoint of a sequence: the manifest (:class:`~relation_lens.distributed.Checkpoint`) and
+    ``state.pt``, the state after the last step written (replaced atomically, by rank 0)."""
+
+    def __init__(self, folder, description: dict[str, Any], model: Model, records: list[dict], r: Ranks):
+        self.ckpt = Checkpoint(folder, {**description, "model": model_fingerprint(model),
+                                        "records": fingerprint(records)}, r)
+        self.file = Path(folder) / "state.pt"
+        self.rank = r
+
+    def load(self, model: Model, layers, preserve: Preserve | None, records: list[dict]):
+        """``(edits done, rows, indices of applied records)`` of the last step written, with the model's
+        edited layers and ``preserve`` set to that step's (``(0, None, [])`` where none was)."""
+        if not self.file.is_file():
+            return 0, None, []
+        state = torch.load(self.file, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            for l in layers:
+                w = mlp_out(model, l)
+                w.copy_(state["weights"][l].to(w.device, w.dtype))
+        if preserve is not None:
+            preserve.edited = {int(k): v for k, v in state["edited"].items()}
+        return int(state["edits"]), list(nan_for_null(state["rows"])), list(state["done"])
+
+    def save(self, model: Model, layers, preserve: Preserve | None, edits: int, rows: list, done: list[int]) -> None:
+        if not self.rank.is_main:
+            return
+        state = {"edits": edits, "rows": rows, "done": done,
+                 "weights": {l: mlp_out(model, l).detach().cpu().clone() for l in layers},
+                 "edited": dict(preserve.edited) if preserve is not None else {}}
+        tmp = self.file.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.file)

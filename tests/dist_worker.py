@@ -55,3 +55,32 @@ def tune_workloads() -> dict:
                   space={"layer": [4, 0, 3], "v_weight_decay": (), "clamp_norm_factor": (), "v_steps": ()})
     return {name: [{k: v for k, v in t.items() if k != "seconds"} for t in r.trials] + [r.params]
             for name, r in (("single", single), ("batch", batch), ("sequence", seq))}
+
+
+def sequence_workloads() -> dict:
+    """A relation-MEMIT + AlphaEdit sequence of 4 edits in steps of 2 on the default model: its rows, and
+    how many z's this process optimised (each step's are shared over the ranks)."""
+    import relation_lens as rl
+    import relation_lens.editing.memit as memit
+    from relation_lens.data.counterfact import load_counterfactual
+    from relation_lens.key_statistics import default_corpus
+
+    model = rl.load_model()
+    stats = {l: rl.KeyStatistics.compute(model, l, default_corpus()[:100], n_texts=None, cache=False, progress=False)
+             for l in (3, 4)}
+    records = list(load_counterfactual())[400:404]
+    real, calls = memit.optimise_value, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    memit.optimise_value = counted
+    try:
+        seq = rl.evaluate_sequence(model, records, method="relation_memit", layers=(3, 4), stats=stats,
+                                   config=memit.memit_config(v_steps=4, prefix_lengths=((4, 2),)),
+                                   mom2_update_weight=30.0, preserve=rl.Preserve(threshold=2e-2, l2=0.1),
+                                   checkpoints=[2, 4], batch_size=2)
+    finally:
+        memit.optimise_value = real
+    return {"rows": list(seq.rows), "restored": seq.restored, "optimised": len(calls)}

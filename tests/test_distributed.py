@@ -78,6 +78,20 @@ def test_statistics_and_evaluation_on_two_processes_equal_one(tmp_path):
     assert len(single["evaluation"]["records"]) == 5
 
 
+
+def test_a_batched_sequence_on_two_processes_equals_one(tmp_path):
+    """Each step's z's are optimised half on each rank and gathered; every rank writes the same edits and
+    returns the one-process rows."""
+    from dist_worker import sequence_workloads
+
+    ranked = _on_two_ranks(tmp_path, "sequence_workloads")
+    single = sequence_workloads()
+    assert single["optimised"] == 4 and single["restored"]
+    for got in ranked:
+        assert got["optimised"] == 2 and got["restored"]
+        assert repr(got["rows"]) == repr(single["rows"])  # float reprs round-trip: equal bit for bit (NaN too)
+
+
 @pytest.mark.parametrize("pack, traced_by", [(1, "trace"), (2, "trace_packed")])
 def test_killed_dataset_trace_resumes_without_loss_or_duplicates(tiny_model, tmp_path, monkeypatch, pack, traced_by):
     """Killed after two prompts (prompt by prompt) or after one pack of two (packed)."""

@@ -304,3 +304,76 @@ def test_sequence_objective_is_the_harmonic_mean_of_score_and_untouched(small):
         s, u = 100 * seq.final["Score"], 100 * seq.final["untouched"]
         assert t["Score"] == pytest.approx(s) and t["untouched"] == pytest.approx(u)
         assert t["objective"] == pytest.approx(0.0 if min(s, u) <= 0 else 2 / (1 / s + 1 / u))
+
+
+def _memit_sequence_setup(small):
+    from relation_lens.editing.memit import memit_config
+
+    model, _, stats = small
+    recs = list(load_counterfactual())[400:404]
+    cfg = memit_config(v_steps=4, prefix_lengths=((4, 2),))
+    untouched = [(r["prompt"].format(r["subject"]), r["target_true"]) for r in list(load_counterfactual())[430:440]]
+    kw = dict(method="relation_memit", layers=(3, 4), stats={l: stats[l] for l in (3, 4)}, config=cfg,
+              mom2_update_weight=30.0, untouched=untouched, checkpoints=[2, 4], batch_size=2)
+    return model, recs, kw
+
+
+def test_a_batched_sequence_equals_batch_edits_written_one_after_another(small):
+    """batch_size=2 (AlphaEdit's protocol, at 2 instead of 100): each step one relation-MEMIT + AlphaEdit
+    batch edit computed on the weights the earlier steps wrote, its keys remembered."""
+    model, recs, kw = _memit_sequence_setup(small)
+    saved = {l: model.blocks[l].mlp.W_out.detach().clone() for l in (3, 4)}
+    seq = rl.evaluate_sequence(model, recs, preserve=rl.Preserve(threshold=2e-2, l2=0.1), **kw)
+    assert seq.restored and all(torch.equal(model.blocks[l].mlp.W_out, saved[l]) for l in (3, 4))
+    prefixes = rl.editing.generate_prefixes(model, kw["config"])
+    by_hand = rl.Preserve(threshold=2e-2, l2=0.1)
+    edits, rows = [], {}
+    for i in (2, 4):
+        reqs = [rl.editing.request_of(r) for r in recs[i - 2:i]]
+        upd = rl.compute_edit(model, reqs, method="relation_memit", layers=(3, 4), stats=kw["stats"],
+                              config=kw["config"], mom2_update_weight=30.0, preserve=by_hand, prefixes=prefixes)
+        edits.append(rl.apply_edit(model, upd))
+        by_hand.remember(upd)
+        per = records_metrics(model, recs[:i])
+        rows[i] = {k: sum(x[k] for x in per) / len(per) for k in ("ES", "PS", "NS")}
+    for e in reversed(edits):
+        e.undo()
+    assert [r["edits"] for r in seq.rows] == [0, 2, 4] and seq.final["applied"] == 4
+    for i in (2, 4):
+        for k in ("ES", "PS", "NS"):
+            assert seq.at(i)[k] == pytest.approx(rows[i][k], abs=1e-9), (i, k)
+    with pytest.raises(rl.DataError, match=r"checkpoints \[3\] do not end a step of 2 edits"):
+        rl.evaluate_sequence(model, recs, **{**kw, "checkpoints": [3]})
+    with pytest.raises(rl.EditError, match="batch_size must be"):
+        rl.evaluate_sequence(model, recs, method="relation_rome", layer=4, stats=kw["stats"][4], batch_size=2)
+
+
+def test_a_killed_sequence_resumes_after_its_last_step(small, tmp_path, monkeypatch):
+    """Killed during its second step, the model is left unedited; started again with the same checkpoint
+    folder it computes only the second step and returns the uninterrupted run's rows."""
+    import relation_lens.evaluation as ev
+
+    model, recs, kw = _memit_sequence_setup(small)
+    whole = rl.evaluate_sequence(model, recs, preserve=rl.Preserve(threshold=2e-2, l2=0.1), **kw)
+    saved = {l: model.blocks[l].mlp.W_out.detach().clone() for l in (3, 4)}
+    real, calls, killed = ev.compute_edit, [], []
+
+    def edit(*a, **k):
+        calls.append(len(calls))
+        if len(calls) == 2 and not killed:  # once
+            killed.append(True)
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "compute_edit", edit)
+    with pytest.raises(KeyboardInterrupt):
+        rl.evaluate_sequence(model, recs, preserve=rl.Preserve(threshold=2e-2, l2=0.1), checkpoint=tmp_path, **kw)
+    assert all(torch.equal(model.blocks[l].mlp.W_out, saved[l]) for l in (3, 4))
+    calls.clear()
+    resumed = rl.evaluate_sequence(model, recs, preserve=rl.Preserve(threshold=2e-2, l2=0.1), checkpoint=tmp_path,
+                                   **kw)
+    assert calls == [0]  # only the second step was computed
+    assert resumed.rows == whole.rows and resumed.restored
+    assert all(torch.equal(model.blocks[l].mlp.W_out, saved[l]) for l in (3, 4))
+    with pytest.raises(rl.ConfigError, match="differing"):
+        rl.evaluate_sequence(model, recs, preserve=rl.Preserve(threshold=2e-2, l2=1.0), checkpoint=tmp_path, **kw)

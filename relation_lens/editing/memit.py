@@ -30,12 +30,13 @@ import torch
 from torch import Tensor
 
 from relation_lens import presets
+from relation_lens.distributed import gather, ranks
 from relation_lens.editing.alphaedit import Preserve
 from relation_lens.editing.method import EditMethod
 from relation_lens.editing.prefixes import generate_prefixes, key_rows
 from relation_lens.editing.requests import EditConfig, EditRequest, check_editable
 from relation_lens.editing.updates import BatchUpdate
-from relation_lens.editing.value import optimise_value
+from relation_lens.editing.value import Value, optimise_value
 from relation_lens.errors import EditError
 from relation_lens.guards import model_lock
 from relation_lens.key_statistics import KeyStatistics
@@ -200,12 +201,18 @@ class ValueCache:
     ``cache_template``, which keeps them on disk by case id): pass the same cache as ``values=`` to
     :func:`compute_batch_edit` to edit batches of the same requests without optimising their values
     again, e.g. to compare batch sizes. A ``z`` depends on the weights it was optimised on: the cache
-    fingerprints them (a float64 sum of every parameter) and is emptied when they change."""
+    fingerprints them (a float64 sum of every parameter) and is emptied when they change.
 
-    def __init__(self):
+    ``spread=True``: under torch.distributed, the ``z``'s a call has to optimise are shared over the ranks
+    (request ``j`` by rank ``j % world_size``) and gathered, so that every rank holds all of them; every
+    rank must then make the same calls (as in :func:`relation_lens.evaluate_sequence`, where each rank
+    writes the same sequence of edits)."""
+
+    def __init__(self, spread: bool = False):
         self._found: dict = {}
         self._fingerprint: tuple | None = None
         self.hits = 0
+        self.spread = spread
 
     def __len__(self) -> int:
         return len(self._found)
@@ -214,15 +221,34 @@ class ValueCache:
         fingerprint = (id(model), tuple(p.detach().double().sum().item() for p in model.parameters()))
         if fingerprint != self._fingerprint:
             self._found, self._fingerprint = {}, fingerprint
-        out = []
-        for r in requests:
-            entry = (r, layer, key, config)
+        entries = [(r, layer, key, config) for r in requests]
+        missing: list = []
+        for entry in entries:
             if entry in self._found:
                 self.hits += 1
-            else:
-                self._found[entry] = optimise_value(model, r, layer, key, config, init="resid")
-            out.append(self._found[entry])
-        return out
+            elif entry not in missing:
+                missing.append(entry)
+        r = ranks() if self.spread and missing else None
+        if r is not None and r.world_size > 1:
+            mine = {j: _moved(_optimised(model, missing[j]), "cpu") for j in r.share(len(missing))}
+            device = model.cfg.device
+            for part in gather(mine, r):
+                for j, value in part.items():
+                    self._found[missing[j]] = _moved(value, device)
+        else:
+            for entry in missing:
+                self._found[entry] = _optimised(model, entry)
+        return [self._found[entry] for entry in entries]
+
+
+def _optimised(model: Model, entry: tuple) -> Value:
+    request, layer, key, config = entry
+    return optimise_value(model, request, layer, key, config, init="resid")
+
+
+def _moved(value: Value, device) -> Value:
+    """``value`` with its vectors on ``device`` (to gather it between ranks: NCCL gathers no CUDA objects)."""
+    return dataclasses.replace(value, target_init=value.target_init.to(device), delta=value.delta.to(device))
 
 
 class BatchMethod(EditMethod):
