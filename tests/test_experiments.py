@@ -164,3 +164,22 @@ def test_trace_real_quick(tmp_path):
     for source, rows in facts["known"].items():
         assert (f"- {source} (" in md) == bool(rows), source
     assert (tmp_path / "trace_relation_checkpoint" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_edit_real_quick(tmp_path):
+    variants = ["unedited", "ROME", "relation-ROME (paper's rule)", "relation-MEMIT + AlphaEdit"]
+    run("edit_real.py", "--model", "default", "--limit", "1", "--shared", str(SLICE), "--out", str(tmp_path),
+        "--datasets", "LRE counterfactual", "--variants", *variants, "--stats-texts", "200", "--sweep-layers", "0",
+        "--sweep-methods", "relation_rome")
+    md = (tmp_path / "edit_real.md").read_text()
+    assert "## LRE counterfactual: 1 records" in md
+    for label in variants:
+        assert f"| {label} |" in md, label
+    # the LRE records are facts the default model gets right, rewritten (build_counterfactual over the slice)
+    rec = json.loads((tmp_path / "edit_real" / "lre_counterfactual.jsonl").read_text().splitlines()[0])
+    assert rec["relation_id"] in ("landmark_in_country", "landmark_on_continent") and rec["target_new"] != rec["target_true"]
+    assert "| relation-ROME (paper's rule) − ROME | Score |" in md
+    assert "| relation_rome | 0 |" in md and (tmp_path / "edit_real_sweep.png").is_file()
+    # each variant's evaluation was checkpointed record by record
+    assert (tmp_path / "edit_real" / "lre_counterfactual" / "rome_checkpoint" / "items.rank0.jsonl").is_file()
