@@ -425,7 +425,8 @@ def evaluate_sequence(model: Model, records, *, method: str = "relation_rome", l
                       layers: Sequence[int] | None = None, config: EditConfig | None = None, stats=None,
                       mom2_update_weight: float | None = None, preserve: Preserve | None = None,
                       untouched=None, checkpoints: Sequence[int] | None = None, batch_size: int = 1,
-                      checkpoint: str | Path | None = None, progress: bool = False) -> SequenceResult:
+                      checkpoint: str | Path | None = None, fluency: int = 0,
+                      progress: bool = False) -> SequenceResult:
     """Sequential editing: the records' edits written one after another without undoing in between
     (one request per step; the batch methods ``batch_size`` requests a step, as AlphaEdit's protocol
     edits 100 at a time), measured at ``checkpoints`` (numbers of edits; default: the end) over the
@@ -442,6 +443,8 @@ def evaluate_sequence(model: Model, records, *, method: str = "relation_rome", l
         untouched: facts of subjects the sequence never edits, as ``(prompt, answer)`` pairs or dicts
             (:func:`untouched_pairs`); those the unedited model gets right (top-1) are measured.
         batch_size: requests per step (batch methods only); each of ``checkpoints`` must end a step.
+        fluency: at each checkpoint, ROME's fluency (``fluency`` in the row) of greedy generations from
+            the generation prompts of the first ``fluency`` records applied (0: not measured).
         checkpoint: a folder where the state after each step (the edited layers' weights, AlphaEdit's
             remembered keys, the rows so far) is written; a killed run started again with the same
             arguments on the same unedited model continues after the last step written and returns the
@@ -497,7 +500,7 @@ def evaluate_sequence(model: Model, records, *, method: str = "relation_rome", l
     state = _SequenceState(checkpoint, {
         "workload": "evaluate_sequence", "method": method, "layers": list(layers), "batch_size": batch_size,
         "config": dataclasses.asdict(config), "mom2_update_weight": mom2_update_weight, "marks": marks,
-        "stats": _stats_digest(stats), "preserve": _preserve_digest(preserve),
+        "stats": _stats_digest(stats), "preserve": _preserve_digest(preserve), "fluency": fluency,
         "untouched": fingerprint([list(p) for p in known])}, model, records, r) if checkpoint is not None else None
     prefixes = generate_prefixes(model, config)
     W0 = {l: mlp_out(model, l).detach().clone() for l in layers}
@@ -508,7 +511,7 @@ def evaluate_sequence(model: Model, records, *, method: str = "relation_rome", l
             start, rows, done = state.load(model, layers, preserve, records)
         if rows is None:
             rows = [{"edits": 0, "applied": 0, **_rates(model, records), "untouched": _accuracy(model, known),
-                     "w_change": 0.0}]
+                     "w_change": 0.0, **({"fluency": _mean_fluency(model, records[:fluency])} if fluency else {})}]
         steps = [(s, e) for s, e in zip(range(0, len(records), batch_size), ends) if e > start]
         for s, e in tqdm(steps, desc=f"sequence of {method}", disable=not (progress and r.is_main)):
             chunk = records[s:e]
@@ -527,7 +530,9 @@ def evaluate_sequence(model: Model, records, *, method: str = "relation_rome", l
                 change = (sum((mlp_out(model, l).detach() - W0[l]).norm() ** 2 for l in layers) ** 0.5
                           / sum(W0[l].norm() ** 2 for l in layers) ** 0.5).item()
                 rows.append({"edits": e, "applied": len(done), **_rates(model, [records[i] for i in done]),
-                             "untouched": _accuracy(model, known), "w_change": change})
+                             "untouched": _accuracy(model, known), "w_change": change,
+                             **({"fluency": _mean_fluency(model, [records[i] for i in done[:fluency]])}
+                                if fluency else {})})
             if state is not None:
                 state.save(model, layers, preserve, e, rows, done)
     finally:
@@ -544,6 +549,9 @@ def evaluate_sequence(model: Model, records, *, method: str = "relation_rome", l
                                     "alphaedit": preserve is not None, "checkpoints": marks,
                                     "batch_size": batch_size})
 
+
+def _mean_fluency(model: Model, records: list[dict]) -> float:
+    return sum(_fluency(model, rec) for rec in records) / len(records) if records else math.nan
 
 class _SequenceState:
     """The checkpoint of a sequence: the manifest (:class:`~relation_lens.distributed.Checkpoint`) and

@@ -321,10 +321,13 @@ def _memit_sequence_setup(small):
 def test_a_batched_sequence_equals_batch_edits_written_one_after_another(small):
     """batch_size=2 (AlphaEdit's protocol, at 2 instead of 100): each step one relation-MEMIT + AlphaEdit
     batch edit computed on the weights the earlier steps wrote, its keys remembered."""
+    import relation_lens.evaluation as ev
+
     model, recs, kw = _memit_sequence_setup(small)
     saved = {l: model.blocks[l].mlp.W_out.detach().clone() for l in (3, 4)}
-    seq = rl.evaluate_sequence(model, recs, preserve=rl.Preserve(threshold=2e-2, l2=0.1), **kw)
+    seq = rl.evaluate_sequence(model, recs, preserve=rl.Preserve(threshold=2e-2, l2=0.1), fluency=1, **kw)
     assert seq.restored and all(torch.equal(model.blocks[l].mlp.W_out, saved[l]) for l in (3, 4))
+    assert seq.rows[0]["fluency"] == pytest.approx(ev._fluency(model, recs[0]))  # unedited
     prefixes = rl.editing.generate_prefixes(model, kw["config"])
     by_hand = rl.Preserve(threshold=2e-2, l2=0.1)
     edits, rows = [], {}
@@ -336,11 +339,12 @@ def test_a_batched_sequence_equals_batch_edits_written_one_after_another(small):
         by_hand.remember(upd)
         per = records_metrics(model, recs[:i])
         rows[i] = {k: sum(x[k] for x in per) / len(per) for k in ("ES", "PS", "NS")}
+        rows[i]["fluency"] = ev._fluency(model, recs[0])  # the first record's generations, edited so far
     for e in reversed(edits):
         e.undo()
     assert [r["edits"] for r in seq.rows] == [0, 2, 4] and seq.final["applied"] == 4
     for i in (2, 4):
-        for k in ("ES", "PS", "NS"):
+        for k in ("ES", "PS", "NS", "fluency"):
             assert seq.at(i)[k] == pytest.approx(rows[i][k], abs=1e-9), (i, k)
     with pytest.raises(rl.DataError, match=r"checkpoints \[3\] do not end a step of 2 edits"):
         rl.evaluate_sequence(model, recs, **{**kw, "checkpoints": [3]})
