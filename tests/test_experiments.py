@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import SUBPROCESS_TIMEOUT_S
 
+import relation_lens as rl
+
 ROOT = Path(__file__).resolve().parents[1]
 SLICE = ROOT / "tests" / "data" / "shared_slice"  # the first records of ../shared/data's files
 
@@ -183,3 +185,15 @@ def test_edit_real_quick(tmp_path):
     assert "| relation_rome | 0 |" in md and (tmp_path / "edit_real_sweep.png").is_file()
     # each variant's evaluation was checkpointed record by record
     assert (tmp_path / "edit_real" / "lre_counterfactual" / "rome_checkpoint" / "items.rank0.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_sequence_real_quick(tmp_path):
+    run("sequence_real.py", "--model", "default", "--limit", "1", "--shared", str(SLICE), "--out", str(tmp_path),
+        "--variants", "relation_memit+alphaedit", "--stats-texts", "200")
+    md = (tmp_path / "sequence_real.md").read_text()
+    res = rl.SequenceResult.from_json(tmp_path / "sequence" / "relation_memit+alphaedit.json")
+    assert [row["edits"] for row in res.rows] == [0, 1, 2] and res.restored
+    assert res.settings["batch_size"] == 1 and res.settings["alphaedit"] and "fluency" in res.rows[-1]
+    assert "| relation_memit+alphaedit | 2 |" in md and "99.5 | 94.0 | 66.4" in md
+    assert (tmp_path / "sequence" / "relation_memit+alphaedit_checkpoint" / "state.pt").is_file()
