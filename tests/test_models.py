@@ -182,6 +182,10 @@ def _random_folder(tmp_path, tokenizer, arch):
            "llama": lambda: T.LlamaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                           num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64),
            "gptj": lambda: T.GPTJConfig(vocab_size=V, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=64),
+           # SmolLM2's kind: the unembedding is the embedding's transpose (one tensor)
+           "llama_tied": lambda: T.LlamaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                               num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                                               tie_word_embeddings=True),
            }[arch]()
     torch.manual_seed(0)
     hf = T.AutoModelForCausalLM.from_config(cfg).eval()
@@ -221,12 +225,13 @@ def _transformer_lens_reference(hf, folder, tokenizer, center=True):
 
 
 @TL3_ONLY
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "llama_tied"])
 @pytest.mark.parametrize("center", [True, False])
 def test_tensor_by_tensor_load_equals_transformer_lens_whole_dict_processing(tmp_path, tokenizer, arch, center):
     """Oracle: the block-by-block processing and the assignment of the processed tensors give
     TransformerLens' whole-dict ``load_and_process_state_dict`` result bit for bit (every parameter
-    and buffer, the normalisation modules, the logits)."""
+    and buffer, the normalisation modules, the logits). ``llama_tied``: the unembedding is the
+    embedding's transpose, as in SmolLM2."""
     from transformers import GPT2LMHeadModel
 
     import relation_lens as rl

@@ -113,7 +113,7 @@ def process_state_layerwise(state: dict, cfg, *, fold_ln: bool = True, center_wr
     for k, v in state.items():
         state[k] = v.detach()
     float64 = any(v.dtype == torch.float64 for v in state.values() if v.is_floating_point())
-    process = process_weights_float64 if float64 else ProcessWeights.process_weights
+    process = process_weights_stepwise if float64 else ProcessWeights.process_weights
     out = {}
     one = copy.copy(cfg)
     one.n_layers = 1
@@ -134,20 +134,39 @@ def process_state_layerwise(state: dict, cfg, *, fold_ln: bool = True, center_wr
     unembed = {k for k in state if k.startswith(("unembed.", "ln_final."))}
     for keys in ([k for k in state if k not in unembed], sorted(unembed)):
         others = {k: v for k, v in small.items() if k not in keys}
-        done = process({**others, **{k: state.pop(k) for k in keys}}, rest, **kw)
+        # step by step, each step's input freed as the next is made (an embedding-sized tensor a step), and
+        # the embeddings' phase without centring the unembedding (its placeholder there is not kept)
+        embeddings = bool(keys) and keys[0] not in unembed
+        given = {k: state.pop(k) for k in keys}
+        done = process_weights_stepwise([{**others, **given}], rest, **({**kw, "center_unembed": False} if embeddings
+                                                                     else kw))
+        if embeddings:  # a tensor the steps left as it was (an RMS model's W_E): the input, not the steps' copy
+            done.update({k: v for k, v in given.items() if _same(done.get(k), v)})
+        del given
         out.update({k: v for k, v in done.items() if k in keys})
         del done
         trim_memory()
     state.clear()
     return out
 
-def process_weights_float64(state: dict, cfg, *, fold_ln: bool, center_writing_weights: bool,
+def _same(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def process_weights_stepwise(state: dict | list, cfg, *, fold_ln: bool, center_writing_weights: bool,
                              center_unembed: bool, fold_value_biases: bool) -> dict:
     """``ProcessWeights.process_weights``'s steps in its order (TransformerLens 3.9, no adapter, no
-    refactoring of attention matrices), in float64: TransformerLens' own function casts every tensor
-    that is not float32 to float32 before processing and back after, which rounds a float64 model's
-    folded weights to float32 (W_in and W_Q moved by up to 3e-8, log-probs by 1e-6)."""
+    refactoring of attention matrices), in the tensors' own precision: TransformerLens' function casts
+    every tensor that is not float32 to float32 before processing and back after, which rounds a float64
+    model's folded weights to float32 (W_in and W_Q moved by up to 3e-8, log-probs by 1e-6).
+
+    Given a one-element list instead of a dict, it takes the dict out of the list: each TransformerLens
+    step copies every tensor it is given, and this way each step's input is freed as soon as its result
+    replaces it (a dict passed as an argument stays referenced by the caller until the call returns)."""
     from transformer_lens.weight_processing import ProcessWeights
+
+    if isinstance(state, list):
+        state = state.pop()
 
     norm = getattr(cfg, "normalization_type", "LN")
     if fold_ln and norm in ("LN", "LNPre"):

@@ -16,6 +16,7 @@ llama.cpp from source and are not needed to read the file).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
@@ -29,6 +30,7 @@ import torch
 from relation_lens.errors import ModelLoadError
 from relation_lens.key_statistics import cache_root
 from relation_lens.models import parity
+from relation_lens.models.conversion import trim_memory
 from relation_lens.models.devices import place
 from relation_lens.models.local import load_local
 
@@ -110,8 +112,7 @@ def gguf_folder(file: Path) -> Path:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del plain
-        with torch.no_grad():  # the reference in float64 (the dequantized weights are exact in float32)
-            logprobs = hf_model.double()(ids).logits.log_softmax(-1)[0]
+        logprobs = _float64_logprobs(hf_model, ids)
         del hf_model
         (tmp / "gguf_reference.json").write_text(json.dumps({
             "gguf_file": str(file), "text": parity.PARITY_TEXT, "ids": ids[0].tolist(),
@@ -123,8 +124,32 @@ def gguf_folder(file: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # a Hugging Face model sits in reference cycles: free the dequantized one now, before the folder is
+    # loaded (otherwise it stayed resident through the conversion: 2.26x the weights at the first load)
+    gc.collect()
+    trim_memory()
     return folder
 
+
+def _float64_logprobs(hf_model, ids: torch.Tensor) -> torch.Tensor:
+    """The log-probs of ``hf_model`` run in float64 (the dequantized weights are exact in float32), one
+    module in float64 at a time: each module with weights or buffers of its own is cast to float64 as it
+    is entered and back to float32 (exactly) as it is left, so the model never exists in float64 as a
+    whole (``hf_model.double()`` held twice the float32 weights beside them)."""
+    owners = [m for m in hf_model.modules()
+              if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))]
+    handles = []
+    for m in owners:
+        handles.append(m.register_forward_pre_hook(lambda mod, args: torch.nn.Module.double(mod) and None))
+        handles.append(m.register_forward_hook(lambda mod, args, out: torch.nn.Module.float(mod) and None))
+    try:
+        with torch.no_grad():
+            return hf_model(ids).logits[0].double().log_softmax(-1)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in owners:  # (a model transformers loaded quantized refuses its own .float())
+            torch.nn.Module.float(m)
 
 def _top(logprobs: torch.Tensor, k: int = 64) -> list:
     """Per position, the ``k`` most likely token ids and their log-probs (what the check compares)."""
