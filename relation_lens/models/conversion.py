@@ -153,7 +153,7 @@ def _same(a, b) -> bool:
     return isinstance(a, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
 
 
-def process_weights_stepwise(state: dict | list, cfg, *, fold_ln: bool, center_writing_weights: bool,
+def process_weights_stepwise(given: dict | list, cfg, *, fold_ln: bool, center_writing_weights: bool,
                              center_unembed: bool, fold_value_biases: bool) -> dict:
     """``ProcessWeights.process_weights``'s steps in its order (TransformerLens 3.9, no adapter, no
     refactoring of attention matrices), in the tensors' own precision: TransformerLens' function casts
@@ -165,8 +165,8 @@ def process_weights_stepwise(state: dict | list, cfg, *, fold_ln: bool, center_w
     replaces it (a dict passed as an argument stays referenced by the caller until the call returns)."""
     from transformer_lens.weight_processing import ProcessWeights
 
-    if isinstance(state, list):
-        state = state.pop()
+    state: dict = given.pop() if isinstance(given, list) else given
+    del given
 
     norm = getattr(cfg, "normalization_type", "LN")
     if fold_ln and norm in ("LN", "LNPre"):
