@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from relation_lens.data import Fact, Relation, World
 from relation_lens.data.io import read_json
 from relation_lens.errors import DataError, shorten
 
@@ -152,8 +153,6 @@ def load_lre_world(folder: str | Path, relations: list[str] | None = None):
     training templates (the first makes a record's prompt), its ``prompt_templates_zs`` the held-out
     ones (a record's paraphrases; those among the training templates left out), each sample a fact; relation ids are the file names. ``relations``:
     only these (file names without ``.json``)."""
-    from relation_lens.data import Fact, Relation, World
-
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{str(root)!r} is not a folder of LRE relation files")
