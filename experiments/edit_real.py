@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from smollm2_preset import write  # noqa: E402  (the experiments' atomic JSON writer)
+from smollm2_preset import machine, write  # noqa: E402  (the experiments' run-file helpers)
 
 import relation_lens as rl  # noqa: E402
 from relation_lens import presets  # noqa: E402
@@ -278,7 +277,7 @@ def main(argv=None) -> None:
     r = ranks()
     if r.is_main:
         write(out / "edit_real" / "run.json", {
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            "machine": machine(),
             "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "world_size": r.world_size,
             "args": {k: str(v) for k, v in vars(args).items()}})
     data = {"CounterFact": counterfact_records(model, out, args.shared, n, args.candidates or (400 if args.limit else None),

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from smollm2_preset import write  # noqa: E402  (the experiments' atomic JSON writer)
+from smollm2_preset import machine, write  # noqa: E402  (the experiments' run-file helpers)
 
 import relation_lens as rl  # noqa: E402
 from relation_lens import presets  # noqa: E402
@@ -135,7 +134,7 @@ def main(argv=None) -> None:
     folder = out / "sequence"
     if r.is_main:
         write(folder / "run.json", {
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            "machine": machine(),
             "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "world_size": r.world_size,
             "args": {k: str(v) for k, v in vars(args).items()}, "n_untouched": len(untouched)})
     for variant in args.variants:

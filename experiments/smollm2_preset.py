@@ -55,6 +55,11 @@ def write(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def machine() -> str:
+    """The machine a result was made on, as the experiments' run files record it."""
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
+
+
 def step(path: Path, make):
     """``path``'s content, made by ``make()`` (and written) when the file is not there yet."""
     if path.is_file():
@@ -195,7 +200,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = rl.load_model("smollm2-135m")
     out = args.out
-    write(out / "run.json", {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+    write(out / "run.json", {"machine": machine(),
                              "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
                              "args": {k: str(v) for k, v in vars(args).items()}})
     kc = step(out / "known_counterfact.json", lambda: known_counterfact(model, args.limit and 300))
